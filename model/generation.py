@@ -1,0 +1,414 @@
+"""Sampling and the generation loop behind `LanguageModel.generate`/`.stream`, the CLI and REPL.
+
+The samplers are small pure functions on a (B, V) logits tensor. `stream` validates its arguments
+at once, then returns a generator that yields the next token of every row, one (B,) tensor per
+step; `generate` collects that stream into a (B, T) tensor that includes the prompt.
+
+Batches. A prompt may be one sequence (1-D tensor, list of ints or a str) or many of different
+lengths (a list of them, or a 2-D tensor). Rows are left-padded inside, with an attention mask and
+per-row position ids, so each row gets the continuation it gets alone. A 2-D tensor is read as the
+guide's batch example builds it: with more than one row, trailing `pad_token_id` (default
+`model.end_token`) ids are right padding, not prompt (pass `attention_mask` to say exactly which
+tokens are real). The output
+row is that row's prompt, then its new tokens, right-padded with `pad_token_id` (default
+`end_token`, else 0) to the batch's width.
+
+Sliding window. The KV cache holds `W = max_seq_len` positions. When it is full and another token
+must be fed, the model keeps the most recent `keep = W - W // 4` tokens (the new one included),
+recomputes their keys and values at positions 0..keep-1, and decodes on from there. So a token is
+predicted from the last `n` tokens, where `n` grows from `keep` to `W`, then drops back to `keep`:
+for a sequence of `L` tokens so far (L > W), `n = keep + (L - W - 1) % (W - keep + 1)`. The
+recomputation happens once every `W - keep + 1` tokens, so decoding past the window stays fast.
+In a ragged batch the window moves for all rows at once, so beyond `W` a short row's context can
+differ from the one it would have alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# -- samplers -------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float
+                             ) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al., 2019) on tokens already in the sequence.
+
+    A seen token's logit is divided by `penalty` when positive and multiplied when negative, so
+    `penalty > 1` makes repeats less likely.
+
+    Args:
+        logits: (B, V) float logits.
+        seen: (B, V) bool, True for tokens present in the row (prompt and generated).
+        penalty: the penalty, > 0; 1.0 changes nothing.
+    """
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+                  ) -> torch.Tensor:
+    """Keep the `top_k` most likely tokens, then the top-p nucleus of those; others get -inf.
+
+    Top-k keeps exactly k tokens (ties broken by index). Top-p keeps the smallest set of most
+    likely tokens whose probability sums to at least `top_p` (always at least one token).
+    """
+    V = logits.size(-1)
+    use_k = top_k is not None and top_k < V
+    use_p = top_p is not None and top_p < 1.0
+    if not (use_k or use_p):
+        return logits
+    if use_k:
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
+    else:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    if use_p:
+        probs = F.softmax(vals, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly likelier tokens
+        vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # first token: mass 0 < p
+    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from (B, V) logits; `temperature == 0` is greedy (argmax).
+
+    Order: temperature, then top-k, then top-p, then a draw from the softmax.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = F.softmax(logits, dim=-1)
+    # argmax(p_i / E_i) with E_i ~ Exp(1) draws i with probability p_i, like torch.multinomial,
+    # but without a host-device sync on CUDA.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+# -- argument handling ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    rows: list[torch.Tensor]  # 1-D CPU prompts, padding removed
+    budgets: list[int]  # new tokens allowed per row
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    repetition_penalty: float
+    generator: torch.Generator | None
+    end_token: int | None
+    pad_id: int
+    compile: bool
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _encode_strings(model, texts: Sequence[str]) -> list[torch.Tensor]:
+    tok = model.tokenizer
+    if tok is None:
+        from model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer()
+    return [torch.tensor(tok.encode(t), dtype=torch.long) for t in texts]
+
+
+def _as_row(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.dtype == torch.bool or x.dtype.is_floating_point or x.dtype.is_complex:
+            raise ValueError(f"prompt must hold integer token ids, got dtype {x.dtype}")
+        if x.dim() != 1:
+            raise ValueError(f"each prompt of a list must be 1-D, got shape {tuple(x.shape)}")
+        return x.detach().to("cpu", torch.long)
+    if isinstance(x, (list, tuple)) and all(_is_int(t) for t in x):
+        return torch.tensor([int(t) for t in x], dtype=torch.long)
+    raise ValueError("prompt must be token ids (tensor or list of ints), a str, or a list of them")
+
+
+def _prompt_rows(model, prompt: Any, pad_id: int | None, attention_mask: Any) -> list[torch.Tensor]:
+    if isinstance(prompt, str):
+        return _encode_strings(model, [prompt])
+    if isinstance(prompt, (list, tuple)):
+        if len(prompt) == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if all(isinstance(p, str) for p in prompt):
+            return _encode_strings(model, prompt)
+        if all(_is_int(t) for t in prompt):
+            return [_as_row(prompt)]
+        return [_as_row(p) for p in prompt]
+    if not isinstance(prompt, torch.Tensor):
+        raise ValueError(f"prompt must be a tensor, a list of token ids or a str, not "
+                         f"{type(prompt).__name__}")
+    if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
+        raise ValueError(f"prompt must hold integer token ids (torch.long), got {prompt.dtype}")
+    if prompt.dim() == 1:
+        return [prompt.detach().to("cpu", torch.long)]
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must be 1-D (T,) or 2-D (B, T), got shape {tuple(prompt.shape)}")
+    batch = prompt.detach().to("cpu", torch.long)
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask).to("cpu").bool()
+        if mask.shape != batch.shape:
+            raise ValueError(f"attention_mask shape {tuple(mask.shape)} != prompt shape "
+                             f"{tuple(batch.shape)}")
+        return [row[m] for row, m in zip(batch, mask, strict=True)]
+    rows = list(batch)
+    if pad_id is not None and len(rows) > 1:  # right padding, as in the guide's batch example
+        for i, row in enumerate(rows):
+            n = row.numel()
+            while n > 1 and int(row[n - 1]) == pad_id:
+                n -= 1
+            rows[i] = row[:n]
+    return rows
+
+
+def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
+          repetition_penalty, seed, generator, pad_token_id, attention_mask, compile) -> _Plan:
+    if not _is_real(temperature) or math.isnan(temperature) or temperature < 0 \
+            or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not (0.0 < top_p <= 1.0)):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if not _is_real(repetition_penalty) or not (0.0 < repetition_penalty < math.inf):
+        raise ValueError(f"repetition_penalty must be a number > 0 (1.0 = off), got "
+                         f"{repetition_penalty!r}")
+    if max_new_tokens is not None and (not _is_int(max_new_tokens) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens is None and not _is_int(max_length):
+        raise ValueError(f"max_length must be an integer, got {max_length!r}")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+    end_token = model.end_token
+    pad_id = pad_token_id if pad_token_id is not None else end_token
+    rows = _prompt_rows(model, prompt, pad_id, attention_mask)
+    V, W = model.config.vocab_size, model.max_seq_len
+    for row in rows:
+        if row.numel() == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if row.numel() > W:
+            raise ValueError(f"prompt has {row.numel()} tokens but the model's context "
+                             f"(max_seq_len) is {W}: keep the last {W} or fewer tokens")
+        lo, hi = int(row.min()), int(row.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"prompt token ids must be in [0, {V}), got {lo if lo < 0 else hi}")
+    longest = max(r.numel() for r in rows)
+    if max_new_tokens is not None:
+        budgets = [int(max_new_tokens)] * len(rows)
+    else:
+        if max_length <= longest:
+            raise ValueError(f"max_length ({max_length}) must be greater than the prompt length "
+                             f"({longest} tokens); it counts prompt plus generated tokens")
+        budgets = [int(max_length) - r.numel() for r in rows]
+
+    device = model.device
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError("generator must be a torch.Generator")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+    elif seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    greedy = temperature == 0 or not do_sample
+    return _Plan(rows, budgets, 0.0 if greedy else float(temperature), top_k, top_p,
+                 float(repetition_penalty), generator, end_token,
+                 pad_id if pad_id is not None else 0, bool(compile))
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def _prefill_mask(real: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) mask for a left-padded prefill: causal, real keys only, pads see themselves."""
+    T = real.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+    mask = causal & real[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=real.device)  # no all-False row (NaN)
+
+
+def _positions(real: torch.Tensor) -> torch.Tensor:
+    """Per-row positions counting real tokens only: (B, T)."""
+    return (real.long().cumsum(dim=1) - 1).clamp_(min=0)
+
+
+def _static_step(model, tok, input_pos, position_ids, attn_mask):
+    """One decode step with static shapes (whole cache, masked): the function we compile."""
+    return model.forward_cached(tok, input_pos=input_pos, position_ids=position_ids,
+                                attn_mask=attn_mask, last_only=True)[:, -1]
+
+
+@torch.no_grad()
+def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
+    device, W = model.device, model.max_seq_len
+    keep = max(1, W - W // 4)
+    B = len(plan.rows)
+    lens = [r.numel() for r in plan.rows]
+    P = max(lens)
+    pads = [P - n for n in lens]  # left padding per row, tracked on the host (no syncs)
+
+    ctx = torch.full((B, W), plan.pad_id, dtype=torch.long)  # the tokens held in the cache
+    real = torch.zeros((B, W), dtype=torch.bool)
+    for b, row in enumerate(plan.rows):
+        ctx[b, pads[b]:P] = row
+        real[b, pads[b]:P] = True
+    seen = None
+    if plan.repetition_penalty != 1.0:
+        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool)
+        for b, row in enumerate(plan.rows):
+            seen[b, row] = True
+        seen = seen.to(device)
+    ctx, real = ctx.to(device), real.to(device)
+    budgets = torch.tensor(plan.budgets, device=device)
+    steps = max(plan.budgets)
+    stops_early = plan.end_token is not None or min(plan.budgets) != steps
+
+    step_fn = None
+    if plan.compile:
+        step_fn = getattr(model, "_compiled_step", None)
+        if step_fn is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            step_fn = torch.compile(_static_step, mode=mode, fullgraph=True)
+            model._compiled_step = step_fn
+
+    def prefill(T: int) -> torch.Tensor:
+        padded = any(p > 0 for p in pads)
+        return model.forward_cached(
+            ctx[:, :T], input_pos=0,
+            position_ids=_positions(real[:, :T]) if padded else None,
+            attn_mask=_prefill_mask(real[:, :T]) if padded else None, last_only=True)[:, -1]
+
+    was_training = model.training
+    owns_cache = not model.has_cache()
+    model.eval()
+    try:
+        model.setup_cache(B)
+        logits = prefill(P)
+        f = P  # tokens in the cache frame
+        next_pos = real.sum(dim=1, keepdim=True)  # (B, 1) position of the next token per row
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(steps):
+            logits = logits.float()
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, plan.repetition_penalty)
+            tok = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
+            if stops_early:
+                tok = tok.masked_fill(finished, plan.pad_id)
+                finished |= budgets <= step + 1
+                if plan.end_token is not None:
+                    finished |= tok == plan.end_token
+            yield tok
+            if step == steps - 1:
+                break
+            if stops_early and (step + 1) % check_every == 0 and bool(finished.all()):
+                break
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            if f == W:  # the window is full: keep the most recent tokens, recompute their cache
+                ctx[:, :keep - 1] = ctx[:, W - keep + 1:].clone()
+                real[:, :keep - 1] = real[:, W - keep + 1:].clone()
+                ctx[:, keep - 1], real[:, keep - 1] = tok, True
+                real[:, keep:] = False
+                pads = [max(0, p - (W - keep + 1)) for p in pads]
+                logits = prefill(keep)
+                f = keep
+                next_pos = real.sum(dim=1, keepdim=True)
+                continue
+            ctx[:, f], real[:, f] = tok, True
+            if step_fn is not None:
+                input_pos = torch.tensor([f], device=device)
+                logits = step_fn(model, tok[:, None], input_pos, next_pos,
+                                 real[:, None, None, :])
+            else:
+                padded = any(p > 0 for p in pads)
+                logits = model.forward_cached(
+                    tok[:, None], input_pos=f, position_ids=next_pos if padded else None,
+                    attn_mask=real[:, None, None, :f + 1] if padded else None,
+                    last_only=True)[:, -1]
+            f += 1
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+        if owns_cache:
+            model.clear_cache()
+
+
+def stream(model, prompt: Any, max_length: int = 100, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, *,
+           max_new_tokens: int | None = None, do_sample: bool = True,
+           repetition_penalty: float = 1.0, seed: int | None = None,
+           generator: torch.Generator | None = None, pad_token_id: int | None = None,
+           attention_mask: Any = None, compile: bool = False) -> Iterator[torch.Tensor]:
+    """Validate the arguments now; return an iterator of (B,) next-token tensors, one per step.
+
+    Rows that have finished (sampled `model.end_token`, or used their budget) yield the pad id.
+    The iterator ends when every row has finished. Arguments as in `generate`.
+    """
+    plan = _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
+                 repetition_penalty, seed, generator, pad_token_id, attention_mask, compile)
+    return _loop(model, plan, check_every=1)
+
+
+def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, *,
+             max_new_tokens: int | None = None, do_sample: bool = True,
+             repetition_penalty: float = 1.0, seed: int | None = None,
+             generator: torch.Generator | None = None, pad_token_id: int | None = None,
+             attention_mask: Any = None, compile: bool = False) -> torch.Tensor:
+    """Generate continuations; returns (B, T) token ids on the model's device, prompt included.
+
+    Args:
+        model: a `LanguageModel`.
+        prompt: a 1-D tensor / list of ids / str (one row), or a 2-D tensor / list of those.
+        max_length: prompt plus generated tokens per row (ignored if `max_new_tokens` is set).
+        temperature: divides the logits; 0 means greedy.
+        top_k: keep the k most likely tokens (None: all).
+        top_p: keep the smallest set of tokens with probability >= top_p (None: all).
+        max_new_tokens: new tokens per row, instead of `max_length`.
+        do_sample: False for greedy decoding whatever the temperature.
+        repetition_penalty: CTRL's penalty on tokens already present (1.0: off).
+        seed: seed for a fresh generator on the model's device, for reproducible samples.
+        generator: a `torch.Generator` to draw from (wins over `seed`).
+        pad_token_id: id of padding, in a 2-D prompt and in the output (default: end_token, else 0).
+        attention_mask: for a 2-D prompt, 1 where a token is real (default: strip right padding).
+        compile: decode with a static-shape step compiled by `torch.compile` (CUDA graphs on
+            CUDA); worth it for long generations on a GPU.
+
+    Raises:
+        ValueError: naming the argument, for any invalid value or prompt.
+    """
+    plan = _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
+                 repetition_penalty, seed, generator, pad_token_id, attention_mask, compile)
+    check_every = 1 if model.device.type == "cpu" else 8  # each check is a device sync
+    new = list(_loop(model, plan, check_every))
+    gen = torch.stack(new, dim=1).cpu()  # (B, n)
+    lens, n = [r.numel() for r in plan.rows], gen.size(1)
+    used = []
+    for b in range(len(plan.rows)):
+        k = min(plan.budgets[b], n)
+        if plan.end_token is not None:
+            hits = (gen[b, :k] == plan.end_token).nonzero()
+            if hits.numel():
+                k = int(hits[0]) + 1  # the end token is part of the output
+        used.append(k)
+    width = max(length + k for length, k in zip(lens, used, strict=True))
+    out = torch.full((len(plan.rows), width), plan.pad_id, dtype=torch.long)
+    for b, row in enumerate(plan.rows):
+        out[b, :lens[b]] = row
+        out[b, lens[b]:lens[b] + used[b]] = gen[b, :used[b]]
+    return out.to(model.device)

@@ -1,0 +1,349 @@
+"""A GPT-2-compatible decoder-only Transformer language model.
+
+One readable file: the config, the KV cache, the blocks and the model. Sampling and the
+generation loop live in `model/generation.py`; `LanguageModel.generate` and `.stream` call it.
+
+Vocabulary (nanoGPT's): B batch, T sequence length, C = d_model, H heads, D = C // H head size,
+V vocab size, S cached key/value length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LMConfig:
+    """Hyper-parameters of `LanguageModel`; stored in checkpoints as a plain dict (`to_dict`)."""
+
+    vocab_size: int = 50257
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 4
+    d_ff: int = 512
+    max_seq_len: int = 256
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            setattr(self, name, int(value))
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, Real) or not (0.0 <= p < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+        self.dropout = float(p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor's keyword arguments as a plain dict (safe for `weights_only` loads)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LMConfig:
+        """Build a config from a dict with exactly the constructor's keys.
+
+        Raises:
+            ValueError: naming unknown or missing keys, or an invalid value.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"model_config must be a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown or missing:
+            raise ValueError(
+                f"model_config keys do not match: unknown {unknown}, missing {missing}"
+            )
+        return cls(**d)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer, written in place at `input_pos`.
+
+    The buffers are non-persistent, so they never appear in `state_dict`.
+    """
+
+    def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, num_heads, max_len, head_dim)  # (B, H, S, D)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at `input_pos`; return the keys and values to attend to.
+
+        An int position (eager decoding) returns the filled prefix `[:input_pos + T]`; a tensor of
+        positions (static-shape, compiled decoding) returns the whole buffer, to be masked.
+        """
+        B, T = k.size(0), k.size(2)
+        if isinstance(input_pos, int):
+            self.k[:B, :, input_pos:input_pos + T] = k
+            self.v[:B, :, input_pos:input_pos + T] = v
+            return self.k[:B, :, :input_pos + T], self.v[:B, :, :input_pos + T]
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
+        q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, H, S, D)
+        # Without a mask: a fresh sequence is plainly causal; one new token sees every cached key.
+        is_causal = attn_mask is None and T > 1
+        if is_causal and k.size(2) != T:
+            raise ValueError("a multi-token step after a cached prefix needs an attention mask")
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's GELU is the tanh approximation ("gelu_new" in Hugging Face).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, input_pos=None, attn_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LanguageModel(nn.Module):
+    """GPT-2-style language model; loads GPT-2 weights (`from_hf_gpt2`) and generates text.
+
+    Use `with model:` for a block of generation calls: inside, the model is in eval mode with
+    gradients off and its KV cache allocated; on exit the previous mode and grad state return and
+    the cache is freed. `generate`/`stream` also work outside such a block.
+
+    Attributes:
+        config: the `LMConfig` the model was built from.
+        end_token: a token id that ends a row of generation (None: generate to the length limit).
+        tokenizer: used to encode `str` prompts (None: the bundled GPT-2 tokenizer).
+    """
+
+    def __init__(self, vocab_size: int = 50257, d_model: int = 256, num_heads: int = 4,
+                 num_layers: int = 4, d_ff: int = 512, max_seq_len: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        cfg = LMConfig(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout)
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
+            wpe=nn.Embedding(cfg.max_seq_len, cfg.d_model),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers)),
+            ln_f=nn.LayerNorm(cfg.d_model, eps=1e-5),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.end_token: int | None = None
+        self.tokenizer = None
+        self._with_stack: list[tuple[bool, bool]] = []
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * num_layers) at init.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_config(cls, config: LMConfig | dict[str, Any]) -> LanguageModel:
+        """Build a model from an `LMConfig` or a checkpoint's `model_config` dict."""
+        cfg = config if isinstance(config, LMConfig) else LMConfig.from_dict(config)
+        return cls(**cfg.to_dict())
+
+    @classmethod
+    def from_hf_gpt2(cls, model_or_dir: Any) -> LanguageModel:
+        """Convert a Hugging Face `GPT2LMHeadModel` (or a local folder holding one)."""
+        from model.hf_interop import load_hf_gpt2
+
+        return load_hf_gpt2(model_or_dir)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings excluded by default (token ones are the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits for every position; with `targets`, also the mean cross-entropy loss.
+
+        Args:
+            idx: token ids, (B, T) with T <= max_seq_len.
+            targets: next-token ids (B, T); -100 marks positions to ignore.
+
+        Returns:
+            logits (B, T, V) when `targets` is None, else `(logits, loss)`.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+        if idx.size(1) > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {idx.size(1)} tokens exceeds max_seq_len ({self.max_seq_len})"
+            )
+        logits = self.forward_cached(idx)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100)
+        return logits, loss
+
+    def forward_cached(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None,
+                       last_only: bool = False) -> torch.Tensor:
+        """The network itself, with optional KV cache use (the generation loop's entry point).
+
+        Args:
+            idx: (B, T) token ids.
+            input_pos: where these tokens go in the KV cache (int, or a (T,) tensor for a
+                static-shape step); None runs without the cache.
+            position_ids: (B, T) positions for the position embedding; default
+                `input_pos + arange(T)` (or `arange(T)` without a cache).
+            attn_mask: boolean (B, 1, T, S) mask, True where a query may attend a key.
+            last_only: compute logits for the last position only (decoding needs no more).
+
+        Returns:
+            logits (B, T, V), or (B, 1, V) with `last_only`.
+        """
+        B, T = idx.size()
+        if position_ids is None:
+            start = input_pos if isinstance(input_pos, int) else 0
+            position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        for block in self.transformer.h:
+            x = block(x, input_pos, attn_mask)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
+        return self.lm_head(x)
+
+    # -- KV cache and the `with model:` block --------------------------------------------------
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate (or keep, when big enough) a KV cache of max_seq_len positions per row."""
+        device = self.device
+        if dtype is None:
+            dev_type = device.type
+            if torch.is_autocast_enabled(dev_type):
+                dtype = torch.get_autocast_dtype(dev_type)
+            else:
+                dtype = self.transformer.wte.weight.dtype
+        C, H = self.config.d_model, self.config.num_heads
+        for block in self.transformer.h:
+            old = block.attn.kv_cache
+            if (old is not None and old.k.size(0) >= batch_size and old.k.dtype == dtype
+                    and old.k.device == device):
+                continue
+            block.attn.kv_cache = KVCache(batch_size, H, self.max_seq_len, C // H, device, dtype)
+
+    def clear_cache(self) -> None:
+        """Free the KV cache."""
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def has_cache(self) -> bool:
+        return self.transformer.h[0].attn.kv_cache is not None
+
+    def __enter__(self) -> LanguageModel:
+        self._with_stack.append((self.training, torch.is_grad_enabled()))
+        self.eval()
+        torch.set_grad_enabled(False)
+        self.setup_cache(batch_size=1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        training, grad_enabled = self._with_stack.pop()
+        self.train(training)
+        torch.set_grad_enabled(grad_enabled)
+        if not self._with_stack:
+            self.clear_cache()
+
+    # -- generation (model/generation.py holds the loop and the samplers) ----------------------
+
+    def stream(self, prompt: Any, max_length: int = 100, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, **kwargs: Any
+               ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, a (B,) tensor per step; see `generate`."""
+        from model.generation import stream
+
+        return stream(self, prompt, max_length=max_length, temperature=temperature,
+                      top_k=top_k, top_p=top_p, **kwargs)
+
+    def generate(self, prompt: Any, max_length: int = 100, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, **kwargs: Any
+                 ) -> torch.Tensor:
+        """Generate a continuation of `prompt`; returns (B, T) ids including the prompt.
+
+        See `model.generation.generate` for every argument, the batching and the sliding-window
+        policy. Extra keywords: max_new_tokens, do_sample, repetition_penalty, seed, generator,
+        pad_token_id.
+        """
+        from model.generation import generate
+
+        return generate(self, prompt, max_length=max_length, temperature=temperature,
+                        top_k=top_k, top_p=top_p, **kwargs)

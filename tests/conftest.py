@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random-weight checkpoint and an offline Hugging Face cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.lm import LanguageModel
+from model.tokenizer import BUNDLED_GPT2_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_CONFIG = dict(vocab_size=50257, d_model=32, num_heads=2, num_layers=2, d_ff=64,
+                   max_seq_len=32, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    """Constructor arguments of a tiny model with the GPT-2 vocabulary."""
+    return dict(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint file in the trainer's format holding a random-weight tiny model."""
+    torch.manual_seed(1234)
+    model = LanguageModel(**TINY_CONFIG)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({
+        "model_config": model.config.to_dict(),
+        "model_state_dict": model.state_dict(),
+        "step": 10, "epoch": 0, "val_loss": 10.5, "val_ppl": 36315.5, "best_val_loss": 10.5,
+        "tokenizer": "gpt2",
+    }, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory) -> Path:
+    """An HF_HOME holding only the 'gpt2' tokenizer, built from the bundled files.
+
+    Point HF_HOME at it (with HF_HUB_OFFLINE=1) so `GPT2Tokenizer.from_pretrained("gpt2")` works
+    offline; nothing is set globally.
+    """
+    home = tmp_path_factory.mktemp("hf-home")
+    commit = "0" * 40
+    repo = home / "hub" / "models--gpt2"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(BUNDLED_GPT2_DIR / name, snap / name)
+    (snap / "config.json").write_text(
+        '{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, '
+        '"n_layer": 12, "n_head": 12, "eos_token_id": 50256, "bos_token_id": 50256}'
+    )
+    return home
