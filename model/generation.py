@@ -53,27 +53,64 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
-                  ) -> torch.Tensor:
-    """Keep the `top_k` most likely tokens, then the top-p nucleus of those; others get -inf.
+def _nucleus_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep mask for logits sorted in descending order: the smallest prefix with mass >= top_p."""
+    probs = F.softmax(vals.double(), dim=-1)  # float64: the boundary must not hinge on rounding
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly likelier tokens
+    return mass_before < top_p  # the first token has mass 0 before it: always kept
+
+
+def _nucleus_bucketed(logits: torch.Tensor, top_p: float, n_buckets: int = 1024) -> torch.Tensor:
+    """Keep mask of the top-p nucleus without sorting the whole vocabulary (CPU fast path).
+
+    Tokens are binned by log-probability; whole bins above the one where the cumulative mass
+    crosses `top_p` are in, and only that boundary bin is sorted. Same set as a full sort.
+    """
+    logp = F.log_softmax(logits.double(), dim=-1)
+    probs = logp.exp()
+    gap = logp.max(dim=-1, keepdim=True).values - logp  # >= 0; 0 for the most likely token
+    span = gap.max(dim=-1, keepdim=True).values.clamp_(min=1e-12, max=40.0)
+    bucket = (gap * ((n_buckets - 1) / span)).long().clamp_(max=n_buckets - 1)  # 0 = likeliest
+    mass = torch.zeros(logits.size(0), n_buckets, dtype=probs.dtype, device=logits.device)
+    cum = mass.scatter_add_(1, bucket, probs).cumsum(dim=1)
+    boundary = (cum < top_p).sum(dim=1, keepdim=True).clamp_(max=n_buckets - 1)
+    before = cum.gather(1, boundary) - mass.gather(1, boundary)  # mass of the bins above it
+    keep = bucket < boundary
+    in_boundary = bucket == boundary
+    k = int(in_boundary.sum(dim=1).max())
+    vals, idx = probs.masked_fill(~in_boundary, -1.0).topk(k, dim=-1)  # boundary bin, sorted
+    inside = (vals >= 0) & (before + vals.cumsum(dim=-1) - vals < top_p)
+    return keep.scatter_(1, idx, inside | keep.gather(1, idx))
+
+
+def keep_mask(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+              ) -> torch.Tensor | None:
+    """Which tokens survive top-k then top-p filtering: a (B, V) bool mask, or None for all.
 
     Top-k keeps exactly k tokens (ties broken by index). Top-p keeps the smallest set of most
-    likely tokens whose probability sums to at least `top_p` (always at least one token).
+    likely tokens whose probability sums to at least `top_p` (always at least one token); after
+    top-k, the probabilities are those renormalised over the k survivors.
     """
     V = logits.size(-1)
     use_k = top_k is not None and top_k < V
     use_p = top_p is not None and top_p < 1.0
     if not (use_k or use_p):
-        return logits
-    if use_k:
-        vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
-    else:
-        vals, idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    if use_p:
-        probs = F.softmax(vals, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly likelier tokens
-        vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # first token: mass 0 < p
-    return torch.full_like(logits, float("-inf")).scatter_(-1, idx, vals)
+        return None
+    if use_k or logits.device.type != "cpu" or V < 4096:
+        if use_k:
+            vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
+        else:
+            vals, idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        inside = _nucleus_sorted(vals, top_p) if use_p else torch.ones_like(vals, dtype=torch.bool)
+        return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, inside)
+    return _nucleus_bucketed(logits, top_p)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+                  ) -> torch.Tensor:
+    """Set the logits of tokens outside top-k, then outside the top-p nucleus, to -inf."""
+    keep = keep_mask(logits, top_k, top_p)
+    return logits if keep is None else logits.masked_fill(~keep, float("-inf"))
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -153,7 +190,7 @@ def _prompt_rows(model, prompt: Any, pad_id: int | None, attention_mask: Any) ->
         raise ValueError(f"prompt must be a tensor, a list of token ids or a str, not "
                          f"{type(prompt).__name__}")
     if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
-        raise ValueError(f"prompt must hold integer token ids (torch.long), got {prompt.dtype}")
+        raise ValueError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
     if prompt.dim() == 1:
         return [prompt.detach().to("cpu", torch.long)]
     if prompt.dim() != 2:

@@ -280,7 +280,22 @@ class LanguageModel(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
+            if x.device.type == "cpu" and not torch.is_grad_enabled():
+                return x @ self._lm_head_t()
         return self.lm_head(x)
+
+    def _lm_head_t(self) -> torch.Tensor:
+        """The LM head as a contiguous (C, V) copy, refreshed whenever the weight changes.
+
+        On CPU a (1, C) x (C, V) product runs about 3x faster than the (V, C) layout's
+        matrix-vector kernel, and decoding spends most of its time in this product.
+        """
+        w = self.lm_head.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_head_t_key", None) != key:
+            self._head_t = w.detach().t().contiguous()
+            self._head_t_key = key
+        return self._head_t
 
     # -- KV cache and the `with model:` block --------------------------------------------------
 
@@ -302,9 +317,10 @@ class LanguageModel(nn.Module):
             block.attn.kv_cache = KVCache(batch_size, H, self.max_seq_len, C // H, device, dtype)
 
     def clear_cache(self) -> None:
-        """Free the KV cache."""
+        """Free the KV cache (and the decode-time copy of the LM head)."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
+        self._head_t = self._head_t_key = None
 
     def has_cache(self) -> bool:
         return self.transformer.h[0].attn.kv_cache is not None

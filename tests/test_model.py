@@ -412,3 +412,19 @@ def test_default_init_is_gpt2_like():
     assert abs(sd["transformer.h.0.attn.c_proj.weight"].std().item() - 0.02 / 4) < 5e-4
     assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
     assert (sd["transformer.h.0.mlp.c_fc.bias"] == 0).all()
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
+def test_bucketed_nucleus_equals_full_sort(scale):
+    from model.generation import _nucleus_bucketed, keep_mask
+
+    torch.manual_seed(int(scale * 100))
+    for _ in range(20):
+        logits = torch.randn(3, 50257) * scale
+        p = float(torch.rand(1)) * 0.98 + 0.01
+        vals, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = vals.double().softmax(-1)
+        ref = torch.zeros_like(logits, dtype=torch.bool).scatter_(
+            -1, idx, (probs.cumsum(-1) - probs) < p)
+        assert torch.equal(_nucleus_bucketed(logits, p), ref)
+        assert torch.equal(keep_mask(logits, top_p=p), ref)
