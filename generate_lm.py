@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Generate text with a trained language model: one prompt, or an interactive prompt.
+
+    python generate_lm.py --checkpoint lm_wikitext/snapshots/latest.pt \\
+        --prompt "The history of artificial intelligence" --temperature 0.8 --top_p 0.9
+    python generate_lm.py --checkpoint lm_wikitext/snapshots/latest.pt --interactive
+
+Text streams to stdout as it is generated; messages go to stderr. Bad input exits with status 2
+and a one-line `error: ...`. See GENERATION_GUIDE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from typing import Any, NoReturn
+
+EXAMPLES = """\
+examples:
+  python generate_lm.py --checkpoint lm_wikitext/snapshots/latest.pt --prompt "In the year 2050,"
+  python generate_lm.py --checkpoint lm_shakespeare --prompt "ROMEO:" --temperature 0.8 --top_p 0.9
+  echo "Once upon a time" | python generate_lm.py --prompt - --max_new_tokens 50 --seed 1
+  python generate_lm.py --checkpoint lm_wikitext --interactive --temperature 0.8 --top_p 0.9
+
+--checkpoint accepts a snapshot file, latest.pt, a run directory (lm_x/) or its snapshots/
+directory (the snapshot with the highest step is used), or a .safetensors export.
+"""
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _number(flag: str, low: float | None = None, high: float | None = None, *,
+            low_open: bool = False, cast=float):
+    """An argparse type that checks a range and names the flag in its message."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            kind = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if cast is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if high is not None:
+            rng = f"in {'(' if low_open else '['}{low}, {high}]"
+        else:
+            rng = f"> {low}" if low_open else f">= {low}"
+        if (low is not None and (value <= low if low_open else value < low)) or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
+        return value
+
+    parse.__name__ = flag  # argparse shows this name in its own messages
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no heavy imports, so `--help` and usage errors are instant)."""
+    p = _Parser(
+        prog="generate_lm.py",
+        description="Generate text with a language model trained by training/train_lm.py.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="checkpoint file (.pt or .safetensors), run directory or snapshots "
+                        "directory (default: the most recently trained lm_*/ run in the "
+                        "current directory)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--prompt", metavar="TEXT",
+                      help='generate from one prompt; "-" reads it from stdin; "" samples '
+                           "unconditionally (from the end-of-text token)")
+    mode.add_argument("--interactive", action="store_true",
+                      help="interactive prompt: each line is a prompt; /help lists commands")
+
+    g = p.add_argument_group("generation parameters")
+    g.add_argument("--max_length", type=_number("--max_length", 1, cast=int), default=100,
+                   metavar="N", help="maximum total length, prompt plus new tokens (default: 100)")
+    g.add_argument("--max_new_tokens", type=_number("--max_new_tokens", 1, cast=int),
+                   metavar="N", help="number of new tokens; replaces --max_length (default: none)")
+    g.add_argument("--temperature", type=_number("--temperature", 0.0), default=1.0,
+                   metavar="T", help="sampling temperature; 0 is greedy (default: 1.0)")
+    g.add_argument("--top_k", type=_number("--top_k", 1, cast=int), metavar="K",
+                   help="sample from the K most likely tokens only (default: none)")
+    g.add_argument("--top_p", type=_number("--top_p", 0.0, 1.0, low_open=True), metavar="P",
+                   help="nucleus sampling: the most likely tokens holding probability P, "
+                        "in (0, 1] (default: none)")
+    g.add_argument("--repetition_penalty", type=_number("--repetition_penalty", 0.0,
+                                                        low_open=True),
+                   default=1.0, metavar="R",
+                   help="CTRL repetition penalty; > 1 discourages repeats (default: 1.0, off)")
+    g.add_argument("--seed", type=_number("--seed", 0, 2**63 - 1, cast=int), metavar="S",
+                   help="random seed for reproducible samples; sample i uses S+i "
+                        "(default: random, shown by --verbose)")
+    g.add_argument("--num_samples", type=_number("--num_samples", 1, cast=int), default=1,
+                   metavar="N", help="number of samples for the prompt (default: 1)")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the generated text contains STR (not printed); repeatable; "
+                        r"\n, \t and \\ are understood (default: none; generation always "
+                        "stops at the end-of-text token)")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", metavar="DEV",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
+    r.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype: float32, or bfloat16/float16 autocast (weights stay "
+                        "float32; pays off for large models on GPUs) (default: float32)")
+    r.add_argument("--tokenizer", metavar="NAME",
+                   help="gpt2 (the bundled copy), a local tokenizer folder or a hub name "
+                        "(default: the checkpoint's tokenizer, else gpt2)")
+    r.add_argument("--no_stream", action="store_true",
+                   help="print each sample when it is complete instead of token by token "
+                        "(same text for the same --seed)")
+    r.add_argument("--verbose", "-v", action="store_true",
+                   help="print load time, seed and generation speed on stderr")
+    return p
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def _read_stdin_prompt() -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        _fail("--prompt - reads the prompt from stdin, but stdin is a terminal; pipe text in, "
+              "e.g. echo 'Once upon a time' | python generate_lm.py --prompt -")
+    data = sys.stdin.buffer.read()
+    text = data.decode("utf-8", errors="replace")
+    if text != data.decode("utf-8", errors="ignore"):
+        sys.stderr.write("note: stdin was not valid UTF-8; undecodable bytes became U+FFFD\n")
+    text = text.rstrip("\r\n")  # like $(...) in a shell: the echo's newline is not prompt
+    if not text:
+        _fail("--prompt -: stdin was empty; pipe a prompt in, or pass --prompt TEXT")
+    return text
+
+
+def _autocast_dtype(name: str, device: Any):
+    """The autocast dtype for --dtype, or None for plain float32."""
+    import torch
+
+    if name == "float32":
+        return None
+    dtype = getattr(torch, name)
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        _fail(f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name(device)}) does not "
+              "support it; use float16 or float32")
+    return dtype
+
+
+def _compute_context(model: Any, amp_dtype: Any):
+    """Autocast for --dtype bfloat16/float16, nothing for float32."""
+    import contextlib
+
+    import torch
+
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model.device.type, dtype=amp_dtype)
+
+
+def _describe(ckpt: dict, model: Any, device: Any, dtype: Any) -> str:
+    bits = [f"step {ckpt['step']}" if "step" in ckpt else None,
+            f"val_loss {ckpt['val_loss']:.4g}" if isinstance(ckpt.get("val_loss"), float)
+            else None,
+            f"{model.num_params() / 1e6:.2f}M params",
+            f"context {model.max_seq_len}",
+            f"{device}, " + ("float32" if dtype is None
+                             else f"{str(dtype).replace('torch.', '')} autocast")]
+    return f"loaded {ckpt['_path']} (" + ", ".join(b for b in bits if b) + ")"
+
+
+def _load(args: argparse.Namespace):
+    """Device, checkpoint, tokenizer, model — each failure is a one-line exit 2."""
+    import torch  # noqa: F401 - imported here so that usage errors stay fast
+
+    from model.checkpoint import (
+        CheckpointError,
+        DeviceError,
+        build_model,
+        find_default_checkpoint,
+        pick_device,
+        read_checkpoint,
+    )
+    from model.tokenizer import TokenizerLoadError, load_tokenizer
+
+    try:
+        device = pick_device(args.device)
+    except DeviceError as exc:
+        _fail(f"--device: {exc}")
+    amp_dtype = _autocast_dtype(args.dtype, device)
+    path = args.checkpoint
+    if path is None:
+        path = find_default_checkpoint(".")
+        if path is None:
+            _fail(f"no --checkpoint given and no trained run (lm_*/snapshots/) in {os.getcwd()}; "
+                  "train one with: python training/train_lm.py, or pass --checkpoint PATH")
+    t0 = time.perf_counter()
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as exc:
+        _fail(str(exc))
+    name = args.tokenizer
+    if name is None:
+        stored = ckpt.get("tokenizer")
+        name = stored if isinstance(stored, str) and stored else "gpt2"
+    try:
+        tokenizer = load_tokenizer(name)
+    except TokenizerLoadError as exc:
+        origin = "--tokenizer" if args.tokenizer else "the checkpoint's tokenizer (--tokenizer)"
+        _fail(f"{origin}: {exc}")
+    try:
+        model = build_model(ckpt, device, tokenizer)
+    except (CheckpointError, DeviceError) as exc:
+        _fail(str(exc))
+    sys.stderr.write(_describe(ckpt, model, device, amp_dtype) + "\n")
+    if args.verbose:
+        sys.stderr.write(f"loaded in {time.perf_counter() - t0:.2f} s; tokenizer {name}\n")
+    return model, tokenizer, ckpt, amp_dtype
+
+
+def _settings(args: argparse.Namespace):
+    from model.textstream import GenerationSettings
+
+    return GenerationSettings(
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=tuple(unescape(s) for s in args.stop),
+    )
+
+
+def unescape(text: str) -> str:
+    r"""Shell-friendly escapes in --stop: \n, \t, \r and \\ (`--stop '\n'` ends at a newline)."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m[1], "\\"),
+                  text)
+
+
+def _prompt_ids(model: Any, tokenizer: Any, prompt: str) -> list[int]:
+    if prompt == "":  # unconditional sampling starts from end-of-text, as GPT-2 does
+        if tokenizer.eos_token_id is None:
+            _fail("--prompt is empty and the tokenizer has no end-of-text token to start from")
+        return [tokenizer.eos_token_id]
+    ids = tokenizer.encode(prompt)
+    if len(ids) > model.max_seq_len:
+        sys.stderr.write(f"note: the prompt is {len(ids)} tokens; using its last "
+                         f"{model.max_seq_len} (the model's context, max_seq_len)\n")
+        ids = ids[-model.max_seq_len:]
+    return ids
+
+
+def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str) -> int:
+    from model.textstream import TextGeneration
+
+    settings = _settings(args)
+    ids = _prompt_ids(model, tokenizer, prompt)
+    if settings.max_new_tokens is None and settings.max_length <= len(ids):
+        _fail(f"--max_length {settings.max_length} must be greater than the prompt's {len(ids)} "
+              "tokens (it counts prompt plus new tokens); raise it or use --max_new_tokens")
+    base_seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    if args.verbose and args.seed is None:
+        sys.stderr.write(f"seed {base_seed} (pass --seed {base_seed} to reproduce)\n")
+    out = sys.stdout
+    with model:
+        for i in range(args.num_samples):
+            settings.seed = base_seed + i
+            try:
+                gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream)
+                pieces = iter(gen)
+            except ValueError as exc:
+                _fail(str(exc))
+            if args.num_samples > 1:
+                sep = "\n" if i else ""
+                out.write(f"{sep}--- sample {i + 1}/{args.num_samples} ---\n")
+            out.write(prompt)
+            out.flush()
+            if args.no_stream:
+                out.write("".join(pieces))
+            else:
+                for piece in pieces:
+                    out.write(piece)
+                    out.flush()
+            out.write("\n")
+            out.flush()
+            if args.verbose:
+                tag = f"sample {i + 1}: " if args.num_samples > 1 else ""
+                sys.stderr.write(f"{tag}{gen.summary()}\n")
+    return 0
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.interactive and args.prompt is None:
+        _fail("give --prompt TEXT (or --prompt - to read stdin) or --interactive")
+    if args.interactive and args.num_samples != 1:
+        _fail("--num_samples applies to --prompt; in --interactive use /regen for another sample")
+    # Cheap checks before torch is imported (seconds), so typos fail at once.
+    if not _DEVICE_RE.match(args.device.strip().lower()):
+        _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
+        _fail(f"--checkpoint: not found: {args.checkpoint}")
+    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
+    if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
+    model, tokenizer, ckpt, amp_dtype = _load(args)
+    if not args.interactive:
+        with _compute_context(model, amp_dtype):
+            return _generate(args, model, tokenizer, prompt)
+
+    from model.repl import Repl
+
+    settings = _settings(args)
+    if args.seed is None:
+        settings.seed = None  # fresh samples each time; /set seed N makes them repeatable
+    info = _describe(ckpt, model, model.device, amp_dtype)
+    if sys.stdin.isatty() and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # the REPL reports undecodable bytes
+    with _compute_context(model, amp_dtype):
+        return Repl(model, tokenizer, settings, stream=not args.no_stream,
+                    verbose=args.verbose, info=info).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep Python's exit-time flush
+        # of stdout from raising again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The interactive prompt of `generate_lm.py --interactive`.
+
+Every line is a prompt, answered by streaming the model's continuation; lines starting with "/"
+are commands (`/help`). Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt leaves. With
+stdin not a terminal (`generate_lm.py --interactive < prompts.txt`) it answers one prompt per
+line, printing prompt plus continuation and no decoration.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from model.textstream import GenerationSettings, TextGeneration
+
+HISTORY_ENV = "GENERATE_LM_HISTORY"  # where readline history is kept; "" turns it off
+DEFAULT_HISTORY = "~/.generate_lm_history"
+SETTABLE = ("temperature", "top_k", "top_p", "max_length", "max_new_tokens", "seed",
+            "repetition_penalty")
+
+HELP = """\
+Type a prompt and press Enter; the model continues it. Commands:
+  /set NAME VALUE   change a setting: temperature, top_k, top_p, max_length, max_new_tokens,
+                    seed, repetition_penalty ("/set top_k none" clears an optional one)
+  /show             show the current settings
+  /regen            generate again for the last prompt
+  /help             this help
+  /quit             leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+Ctrl-C while the model writes stops that answer. Start a prompt with "//" to begin it with "/".
+max_length counts prompt plus new tokens; max_new_tokens, when set, replaces it."""
+
+
+class Repl:
+    """A read-generate-print loop over one loaded model.
+
+    Args:
+        model: a `LanguageModel` with `tokenizer` and `end_token` set (see `model.checkpoint`).
+        tokenizer: the model's tokenizer.
+        settings: initial sampling settings (changed by `/set`).
+        stream: stream tokens (True) or print each answer at once.
+        verbose: print timing after each answer, on stderr.
+        info: a description of the loaded model for the banner and `/show`.
+        stdin, stdout, stderr: streams (defaults: the process's).
+        interactive: prompt decoration, readline and colours; default: stdin is a terminal.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings, *,
+                 stream: bool = True, verbose: bool = False, info: str = "",
+                 stdin: TextIO | None = None, stdout: TextIO | None = None,
+                 stderr: TextIO | None = None, interactive: bool | None = None) -> None:
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.stream, self.verbose, self.info = stream, verbose, info
+        self.stdin = stdin or sys.stdin
+        self.out = stdout or sys.stdout
+        self.err = stderr or sys.stderr
+        self.tty = self.stdin.isatty() if interactive is None else interactive
+        self.color = (self.tty and self.out.isatty() and "NO_COLOR" not in os.environ
+                      and os.environ.get("TERM") != "dumb")
+        self.last_prompt: str | None = None
+        self._readline: Any = None
+        self._history: Path | None = None
+        self._typed = ""
+
+    # -- output helpers ------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        """Answers to commands (/show, /help): stdout."""
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _note(self, text: str) -> None:
+        """Notices and errors: stderr, so piped answers stay clean."""
+        self.out.flush()
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def _dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def _setup_readline(self) -> None:
+        try:
+            import readline
+        except ImportError:  # e.g. Windows without pyreadline: plain input() still works
+            return
+        self._readline = readline
+        path = os.environ.get(HISTORY_ENV, DEFAULT_HISTORY)
+        self._history = Path(path).expanduser() if path else None
+        readline.set_history_length(1000)
+        if self._history is not None and self._history.is_file():
+            try:
+                readline.read_history_file(self._history)
+            except OSError:
+                pass
+
+    def _save_history(self) -> None:
+        if self._readline is None or self._history is None:
+            return
+        try:
+            self._readline.write_history_file(self._history)
+        except OSError:
+            pass  # history is a convenience; never fail the session for it
+
+    def _input(self, prompt: str) -> str:
+        """`input()`, remembering in `self._typed` what was on the line when Ctrl-C came."""
+        self._typed = ""
+        if self._readline is None:
+            return input(prompt)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            # Runs inside readline's wait, before it throws the half-typed line away.
+            self._typed = self._readline.get_line_buffer()
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return input(prompt)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _read_line(self) -> str | None:
+        """One input line, None at end of input. Raises KeyboardInterrupt on Ctrl-C."""
+        if self.tty:
+            try:
+                line = self._input("> ")
+            except EOFError:
+                return None
+        else:
+            raw = self.stdin.buffer.readline() if hasattr(self.stdin, "buffer") else None
+            if raw is None:
+                line = self.stdin.readline()
+                if not line:
+                    return None
+            else:
+                if not raw:
+                    return None
+                line = raw.decode("utf-8", errors="surrogateescape")
+        line = line.rstrip("\r\n")
+        # Undecodable bytes arrive as lone surrogates (surrogateescape): replace them, say so.
+        fixed = line.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+        if fixed != line:
+            self._note("note: the line was not valid UTF-8; undecodable bytes became U+FFFD")
+        return fixed
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _show(self) -> None:
+        self._say(self.info + "\n" + self.settings.describe() if self.info
+                  else self.settings.describe())
+
+    def _set(self, args: str) -> None:
+        parts = args.split(None, 1)
+        if len(parts) != 2:
+            self._note("usage: /set NAME VALUE  (NAME: " + ", ".join(SETTABLE) + ")")
+            return
+        name, value = parts[0].lower(), parts[1]
+        if name not in SETTABLE:
+            self._note(f"error: unknown setting {name!r}; one of: {', '.join(SETTABLE)}")
+            return
+        old = getattr(self.settings, name)
+        try:
+            self.settings.set_from_text(name, value)
+        except ValueError as exc:
+            self._note(f"error: {exc}; {name} stays {'none' if old is None else old}")
+            return
+        new = getattr(self.settings, name)
+        self._say(f"{name} = {'none' if new is None else new}")
+
+    def _command(self, line: str) -> bool:
+        """Run a /command; return False to leave the loop."""
+        cmd, _, args = line[1:].partition(" ")
+        cmd = cmd.lower()
+        if cmd in ("quit", "exit", "q"):
+            return False
+        if cmd in ("help", "h", "?"):
+            self._say(HELP)
+        elif cmd == "show":
+            self._show()
+        elif cmd == "set":
+            self._set(args.strip())
+        elif cmd == "regen":
+            if self.last_prompt is None:
+                self._note("nothing to regenerate yet: type a prompt first")
+            else:
+                self._answer(self.last_prompt)
+        else:
+            self._note(f"unknown command /{cmd}; type /help for the list")
+        return True
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _answer(self, prompt: str) -> None:
+        self.last_prompt = prompt
+        ids = self.tokenizer.encode(prompt)
+        limit = self.model.max_seq_len
+        if len(ids) > limit:
+            self._note(f"note: the prompt is {len(ids)} tokens; using its last {limit} "
+                       "(the model's context)")
+            ids = ids[-limit:]
+        s = self.settings
+        if s.max_new_tokens is None and s.max_length <= len(ids):
+            self._note(f"max_length {s.max_length} leaves no room after the {len(ids)}-token "
+                       "prompt; /set max_new_tokens N (or a larger max_length)")
+            return
+        try:
+            gen = TextGeneration(self.model, self.tokenizer, ids, s, stream=self.stream)
+            pieces = iter(gen)
+        except ValueError as exc:
+            self._note(f"error: {exc}")
+            return
+        self.out.write(self._dim(prompt) if self.tty else prompt)
+        self.out.flush()
+        try:
+            for piece in pieces:
+                self.out.write(piece)
+                self.out.flush()
+        finally:
+            pieces.close()  # on Ctrl-C too: ends the model's stream and frees its cache
+        self.out.write("\n")
+        self.out.flush()
+        if self.verbose:
+            self._note(gen.summary())
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Read prompts until /quit, end of input or Ctrl-C at an empty prompt; return 0."""
+        if self.tty:
+            self._setup_readline()
+            self._say(self._dim("Type a prompt, or /help. Ctrl-D or /quit to leave."))
+        try:
+            with self.model:
+                while True:
+                    try:
+                        line = self._read_line()
+                    except KeyboardInterrupt:
+                        if not self.tty:
+                            raise
+                        self.out.write("\n")
+                        if self._typed:
+                            continue  # like a shell: Ctrl-C drops the line being typed
+                        return 0
+                    if line is None:
+                        if self.tty:
+                            self.out.write("\n")
+                        return 0
+                    if not line.strip():
+                        continue
+                    if line.startswith("//"):
+                        line = line[1:]
+                    elif line.startswith("/"):
+                        if not self._command(line.strip()):
+                            return 0
+                        continue
+                    try:
+                        self._answer(line)
+                    except KeyboardInterrupt:
+                        if not self.tty:
+                            raise  # piped input: Ctrl-C ends the whole run
+                        self.out.write("\n")
+                        self._note(self._dim("[stopped]"))
+                    except BrokenPipeError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the REPL outlives a failed answer
+                        self._note(f"error: {type(exc).__name__}: {exc}")
+        finally:
+            self.out.flush()
+            self._save_history()
