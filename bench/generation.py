@@ -62,10 +62,10 @@ def build(cfg: LMConfig, device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def nanogpt_style(model: LanguageModel, prompt: torch.Tensor, n: int, gen) -> torch.Tensor:
-    """The uncached reference: crop to the context, full forward, sample the last position."""
+    """The uncached reference: crop to the context, full forward, LM head on the last position."""
     idx = prompt
     for _ in range(n):
-        logits = model(idx[:, -model.max_seq_len:])[:, -1].float()
+        logits = model.forward_cached(idx[:, -model.max_seq_len:], last_only=True)[:, -1].float()
         idx = torch.cat([idx, sample(logits, 1.0, None, 0.9, gen)[:, None]], dim=1)
     return idx
 

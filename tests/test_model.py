@@ -428,3 +428,14 @@ def test_bucketed_nucleus_equals_full_sort(scale):
             -1, idx, (probs.cumsum(-1) - probs) < p)
         assert torch.equal(_nucleus_bucketed(logits, p), ref)
         assert torch.equal(keep_mask(logits, top_p=p), ref)
+
+
+def test_sampling_never_draws_filtered_tokens():
+    from model.generation import sample
+
+    logits = torch.full((4000, 50), -5.0)
+    logits[:, 0] = float("-inf")  # token 0 filtered out, as top-k/top-p do
+    logits[:, 7] = 3.0
+    logits[:, 49] = 3.0
+    draws = sample(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(1))
+    assert set(draws.tolist()) == {7, 49}

@@ -1,0 +1,448 @@
+#!/usr/bin/env python
+"""Move weights between this repo and Hugging Face.
+
+    # A local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
+    # -> one of our checkpoints, loadable by generate_lm.py and the guide's code:
+    python convert.py --from_hf path/to/gpt2 --out gpt2.pt
+
+    # Our checkpoint -> a Hugging Face folder (config.json, model.safetensors, tokenizer files)
+    # that GPT2LMHeadModel / AutoTokenizer.from_pretrained load offline (lm-eval, HF generate):
+    python convert.py --to_hf hf_model --checkpoint lm_shakespeare/snapshots/latest.pt
+
+    # Our checkpoint -> weights-only safetensors, config in the metadata ("model_config"):
+    python convert.py --to_safetensors model.safetensors --checkpoint latest.pt
+
+Every conversion checks its result: the converted model's logits must match the source's on a
+random input (skip with --no_verify). Nothing is unpickled beyond tensors (`weights_only=True`),
+and outputs are written atomically; an existing output is replaced only with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+from training.fileio import atomic_write, fsync_dir
+
+# Weight files of a Hugging Face folder, in the order we look for them.
+_SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+_BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks saved by old transformers
+
+
+class ConvertError(ValueError):
+    """A conversion cannot be done; the message is one actionable line."""
+
+
+# -- reading a Hugging Face folder ---------------------------------------------------------------
+
+
+def read_hf_folder(src: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read `config.json` and the weights of a local Hugging Face GPT-2 folder.
+
+    Returns:
+        (config dict, state dict as saved by Hugging Face, on the CPU).
+
+    Raises:
+        ConvertError: missing/invalid config or weight files.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model folder")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConvertError(f"no config.json in {src}: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"could not read {config_path}: {_first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{config_path} does not hold a JSON object")
+    return config, _read_weights(src)
+
+
+def _read_weights(src: Path) -> dict[str, Any]:
+    if (src / _SAFETENSORS).is_file():
+        return _load_safetensors(src / _SAFETENSORS)
+    if (src / _SAFETENSORS_INDEX).is_file():
+        return _load_shards(src / _SAFETENSORS_INDEX, _load_safetensors)
+    if (src / _BIN).is_file():
+        return _load_bin(src / _BIN)
+    if (src / _BIN_INDEX).is_file():
+        return _load_shards(src / _BIN_INDEX, _load_bin)
+    raise ConvertError(f"no {_SAFETENSORS} or {_BIN} in {src}; nothing to convert")
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise ConvertError(f"could not read {path}: {_first_line(exc)}") from None
+
+
+def _load_bin(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f" ({found.group(1)})" if found else ""
+            raise ConvertError(
+                f"refusing to load {path}: it holds Python objects{what} that a safe "
+                "weights_only load does not allow (unpickling them could run code); use "
+                "model.safetensors instead"
+            ) from None
+        raise ConvertError(f"could not read {path}: {_first_line(exc)}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConvertError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def _load_shards(index_path: Path, load) -> dict[str, Any]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConvertError(f"could not read {index_path}: {_first_line(exc)}") from None
+    sd: dict[str, Any] = {}
+    for shard in shards:
+        path = index_path.parent / shard
+        if not path.is_file():
+            raise ConvertError(f"{index_path.name} lists {shard}, which is missing")
+        sd.update(load(path))
+    return sd
+
+
+# -- checks shared by every direction ------------------------------------------------------------
+
+
+def load_weights_strict(model, state_dict: dict[str, Any]) -> None:
+    """`model.load_state_dict(strict=True)` with a one-line error naming the first problem."""
+    expected = model.state_dict()
+    for name, value in state_dict.items():
+        if name not in expected:
+            raise ConvertError(f"unexpected weight {name!r}: not a GPT-2 language model?")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ConvertError(
+                f"shape mismatch for {name}: the weights have {tuple(value.shape)} but the "
+                f"config needs {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise ConvertError(f"missing weight {missing[0]!r} ({len(missing)} missing in all)")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
+    """Compare our model's logits with a Hugging Face model's on one random batch (fp32, CPU).
+
+    Returns:
+        The max absolute difference.
+
+    Raises:
+        RuntimeError: when the logits differ by more than float32 noise.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, vocab_size, (2, min(seq_len, 16)), generator=gen)
+    was = ours.training, hf.training
+    ours.eval()
+    hf.eval()
+    try:
+        with torch.no_grad():
+            a = ours(idx).float()
+            b = hf(input_ids=idx).logits.float()
+    finally:
+        ours.train(was[0])
+        hf.train(was[1])
+    diff = float((a - b).abs().max())
+    # Same network, same fp32 weights: only summation order differs. A mapping error (a
+    # transposed or misplaced matrix) gives differences of the order of the logits themselves.
+    tolerance = 1e-4 * (1.0 + float(b.abs().max()))
+    if not diff <= tolerance:
+        raise RuntimeError(
+            f"{label}: logits differ by {diff:.3g} (> {tolerance:.3g}); the conversion is wrong"
+        )
+    return diff
+
+
+def hf_state_dict_for_model(sd: dict[str, Any]) -> dict[str, Any]:
+    """Keys of a `GPT2LMHeadModel` for weights saved by `GPT2LMHeadModel` or `GPT2Model`."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(_HF_BUFFERS):
+            continue
+        out[key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key] = value
+    return out
+
+
+# -- the three directions ------------------------------------------------------------------------
+
+
+def from_hf(
+    src: str | Path, out: str | Path, *, tokenizer: str = "gpt2", force: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Convert a local Hugging Face GPT-2 folder into one of our checkpoints.
+
+    Args:
+        src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded).
+        out: the checkpoint to write (.pt).
+        tokenizer: tokenizer name recorded in the checkpoint.
+        force: replace an existing `out`.
+        verify: check our logits against `GPT2LMHeadModel` on the same weights.
+
+    Returns:
+        The path written.
+    """
+    from model.hf_interop import config_from_hf, state_dict_from_hf
+    from model.lm import LanguageModel
+
+    out = _check_output(out, force)
+    hf_config, hf_sd = read_hf_folder(src)
+    try:
+        cfg = config_from_hf(hf_config)
+    except KeyError as exc:
+        raise ConvertError(f"config.json lacks {exc.args[0]!r}; not a GPT-2 config") from None
+    if "transformer.wte.weight" not in hf_state_dict_for_model(hf_sd):
+        raise ConvertError(f"no token embedding (wte.weight) in the weights of {src}")
+    model = LanguageModel.from_config(cfg)
+    load_weights_strict(model, state_dict_from_hf(hf_sd))
+    if verify:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
+        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
+        verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--from_hf {src}")
+    checkpoint = {
+        "model_config": cfg.to_dict(),
+        "model_state_dict": model.state_dict(),
+        "tokenizer": tokenizer,
+        "step": 0,
+        "epoch": 0,
+        "val_loss": None,
+        "source": f"converted from Hugging Face folder {Path(src).name}",
+    }
+    import torch
+
+    with atomic_write(out) as fh:
+        torch.save(checkpoint, fh)
+    return out
+
+
+def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
+          verify: bool = True) -> Path:
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) for a checkpoint.
+
+    Args:
+        checkpoint: one of our checkpoints (anything `model.checkpoint.load_model` accepts).
+        out_dir: the folder to create.
+        force: replace an existing, non-empty `out_dir`.
+        verify: check `GPT2LMHeadModel`'s logits against ours on the same weights.
+
+    Returns:
+        The folder written.
+    """
+    from transformers import GPT2LMHeadModel
+
+    from model.checkpoint import load_model
+    from model.hf_interop import config_to_hf, state_dict_to_hf
+
+    out_dir = _check_output(out_dir, force, folder=True)
+    model, ckpt = load_model(checkpoint, device="cpu")
+    cfg = model.config
+    hf = GPT2LMHeadModel(config_to_hf(cfg))
+    hf.load_state_dict(state_dict_to_hf(model.state_dict()), strict=True)
+    if verify:
+        verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--to_hf {checkpoint}")
+    tokenizer = _tokenizer_name(ckpt)
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp), safe_serialization=True)
+        _save_tokenizer(tokenizer, tmp, cfg.max_seq_len)
+
+    _atomic_folder(out_dir, write)
+    return out_dir
+
+
+def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """Write a checkpoint's weights as safetensors, with its config in the metadata.
+
+    The metadata holds "model_config" (the JSON of our config dict) and "tokenizer".
+    `lm_head.weight` is left out: it is the token embedding (tied), as in Hugging Face files.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save
+
+    from model.checkpoint import load_model
+
+    out = _check_output(out, force)
+    model, ckpt = load_model(checkpoint, device="cpu")
+    tensors = {
+        k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }
+    metadata = {
+        "format": "pt",
+        "model_config": json.dumps(model.config.to_dict()),
+        "tokenizer": _tokenizer_name(ckpt),
+    }
+    with atomic_write(out) as fh:
+        fh.write(save(tensors, metadata=metadata))
+    return out
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _tokenizer_name(ckpt: Any) -> str:
+    name = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
+    return name if isinstance(name, str) and name else "gpt2"
+
+
+def _save_tokenizer(name: str, folder: Path, max_seq_len: int) -> None:
+    """Put tokenizer files into `folder`: the bundled GPT-2 files, or the named tokenizer's."""
+    from model.tokenizer import BUNDLED_GPT2_DIR, load_tokenizer
+
+    if name == "gpt2":
+        for path in BUNDLED_GPT2_DIR.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, folder / path.name)
+    else:
+        load_tokenizer(name).save_pretrained(str(folder))
+    # The tokenizer should not claim a longer context than this model has.
+    config_path = folder / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    tok_config["model_max_length"] = max_seq_len
+    config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
+def _check_output(path: str | Path, force: bool, folder: bool = False) -> Path:
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise ConvertError(f"{path} exists and is not a folder")
+        if path.is_dir() and any(path.iterdir()) and not force:
+            raise ConvertError(f"{path} exists and is not empty; pass --force to replace it")
+    else:
+        if path.is_dir():
+            raise ConvertError(f"{path} is a folder; give a file path")
+        if path.exists() and not force:
+            raise ConvertError(f"{path} exists; pass --force to replace it")
+    return path
+
+
+def _atomic_folder(path: Path, write) -> None:
+    """Fill a temporary sibling folder, then rename it into place: no half-written outputs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
+    try:
+        write(tmp)
+        if path.exists():  # --force: move the old folder aside first, delete it last
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)  # put the old folder back
+                raise
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="convert.py",
+        description="Convert weights between this repo's checkpoints and Hugging Face GPT-2.",
+        epilog="Examples: --from_hf hf_gpt2/ --out gpt2.pt | --to_hf hf_out/ --checkpoint "
+        "ckpt.pt | --to_safetensors model.safetensors --checkpoint ckpt.pt",
+    )
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--from_hf", metavar="DIR",
+                      help="local Hugging Face GPT-2 folder to convert into a checkpoint")
+    mode.add_argument("--to_hf", metavar="OUT_DIR",
+                      help="write --checkpoint as a Hugging Face folder")
+    mode.add_argument("--to_safetensors", metavar="OUT",
+                      help="write --checkpoint as safetensors with the config in its metadata")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="our checkpoint (for --to_hf and --to_safetensors)")
+    p.add_argument("--out", metavar="PATH",
+                   help="checkpoint to write with --from_hf (default: ./<DIR name>.pt)")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="tokenizer recorded in the --from_hf checkpoint (default: gpt2)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--no_verify", action="store_true",
+                   help="skip the logits check against transformers (saves memory on big models)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.from_hf is not None:
+        if args.checkpoint is not None:
+            parser.error("--checkpoint is for --to_hf/--to_safetensors; --from_hf reads DIR")
+    else:
+        if args.checkpoint is None:
+            flag = "--to_hf" if args.to_hf is not None else "--to_safetensors"
+            parser.error(f"{flag} needs --checkpoint PATH")
+        if args.out is not None:
+            parser.error("--out is for --from_hf; give the output path to the flag itself")
+    try:
+        if args.from_hf is not None:
+            out = args.out or f"{Path(args.from_hf).resolve().name}.pt"
+            path = from_hf(args.from_hf, out, tokenizer=args.tokenizer, force=args.force,
+                           verify=not args.no_verify)
+            print(f"wrote checkpoint {path}")
+        elif args.to_hf is not None:
+            path = to_hf(args.checkpoint, args.to_hf, force=args.force,
+                         verify=not args.no_verify)
+            print(f"wrote Hugging Face folder {path}")
+        else:
+            path = to_safetensors(args.checkpoint, args.to_safetensors, force=args.force)
+            print(f"wrote {path}")
+    except RuntimeError as exc:  # failed verification: not a usage error
+        print(f"convert.py: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:  # ConvertError, CheckpointError, config errors
+        print(f"convert.py: error: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

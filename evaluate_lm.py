@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Perplexity of a checkpoint on a dataset split or any text file.
+
+    python evaluate_lm.py --checkpoint lm_shakespeare/snapshots/latest.pt            # val split
+    python evaluate_lm.py --checkpoint lm_wikitext --dataset wikitext --data_dir wikitext-2 \
+        --split test --stride 128
+    python evaluate_lm.py --checkpoint latest.pt --file my_text.txt --json
+
+Windows follow Hugging Face's perplexity guide (see training/evaluation.py): `--stride` equal to
+the context length (the default) gives non-overlapping windows; a smaller stride scores every
+token once with up to `seq_len - stride` tokens of context, which lowers perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from training.data import DataError, add_data_args, describe_split, load_split
+
+SPLITS = ("train", "val", "test")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="evaluate_lm.py",
+        description="Perplexity, mean loss and bits per byte of a checkpoint, with sliding "
+        "windows as in Hugging Face's perplexity guide.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file, run folder (lm_x/) or .safetensors export")
+    add_data_args(p)
+    # The checkpoint's own tokenizer unless --tokenizer says otherwise.
+    p.set_defaults(tokenizer=None)
+    p._option_string_actions["--tokenizer"].help = (
+        "tokenizer name or folder (default: the one recorded in the checkpoint, else gpt2)"
+    )
+    p.add_argument("--file", metavar="PATH", default=None,
+                   help="evaluate this whole UTF-8 text file instead of a dataset split")
+    p.add_argument("--split", choices=SPLITS, default=None, help="dataset split (default: val)")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="window length in tokens (default: the model's max_seq_len)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: seq_len, no overlap)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="autocast dtype for the forward pass (the loss is summed in float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors found without loading anything (ValueError, one line)."""
+    for name in ("batch_size", "seq_len", "stride"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValueError("--seq_len must be at least 2 (a token needs context to be scored)")
+    if args.seq_len is not None and args.stride is not None and args.stride > args.seq_len:
+        raise ValueError(f"--stride {args.stride} is larger than --seq_len {args.seq_len}")
+    if args.file is not None:
+        clash = [f"--{n}" for n in ("split", "train_file", "val_file", "test_file", "data_dir")
+                 if getattr(args, n, None) is not None]
+        if clash:
+            raise ValueError(f"--file evaluates the whole file; drop {', '.join(clash)}")
+        if not Path(args.file).is_file():
+            raise ValueError(f"--file {args.file}: no such file")
+
+
+def read_text_file(path: str | Path, tokenizer) -> tuple:
+    """Tokenize a whole UTF-8 text file: (int64 token array, number of bytes)."""
+    import numpy as np
+
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--file {path} is not UTF-8 text (byte {exc.start}); convert it first") \
+            from None
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise ValueError(f"--file {path} holds {len(ids)} token(s); need at least 2 to evaluate")
+    return np.asarray(ids, dtype=np.int64), len(raw)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate as the parsed arguments say; returns the report as a dict."""
+    check_args(args)
+    from model.checkpoint import build_model, pick_device, read_checkpoint
+    from model.tokenizer import TokenizerLoadError, load_tokenizer
+    from training.evaluation import evaluate_tokens
+
+    device = pick_device(args.device)  # before reading a large file
+    checkpoint = read_checkpoint(args.checkpoint)
+    args.tokenizer = args.tokenizer or checkpoint.get("tokenizer") or "gpt2"
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except TokenizerLoadError as exc:
+        raise DataError(str(exc)) from None
+    # build_model checks that the tokenizer's vocabulary is the model's.
+    model = build_model(checkpoint, device, tokenizer)
+    if args.file is not None:
+        tokens, num_bytes = read_text_file(args.file, tokenizer)
+        data = f"file {args.file}"
+    else:
+        split = args.split or "val"
+        ckpt_path = Path(checkpoint["_path"])
+        if not args.cache_dir and ckpt_path.parent.name == "snapshots":
+            args.out_dir = str(ckpt_path.parent.parent)  # share the training run's token cache
+        tokens, num_bytes = load_split(args, split)
+        data = f"{describe_split(args, split)}, {split} split"
+    result = evaluate_tokens(
+        model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+        device=device, dtype=None if args.dtype == "float32" else args.dtype, progress=True,
+        num_bytes=num_bytes,
+    )
+    return {
+        "checkpoint": checkpoint["_path"],
+        "data": data,
+        "num_tokens": int(len(tokens)),
+        "num_bytes": int(num_bytes),
+        **result.to_dict(),
+        "device": str(device),
+        "dtype": args.dtype,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The human-readable report."""
+    lines = [
+        f"checkpoint:    {report['checkpoint']}",
+        f"data:          {report['data']} ({report['num_tokens']:,} tokens, "
+        f"{report['num_bytes']:,} bytes)",
+        f"windows:       {report['windows']:,} (seq_len {report['seq_len']}, "
+        f"stride {report['stride']})",
+        f"tokens scored: {report['tokens_scored']:,}",
+        f"loss:          {report['loss']:.4f} nats/token",
+        f"perplexity:    {report['perplexity']:.4f}",
+        f"bits per byte: {report['bits_per_byte']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except KeyboardInterrupt:
+        print("evaluate_lm.py: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # DataError, CheckpointError, DeviceError, bad values
+        text = str(exc).strip()
+        print(f"evaluate_lm.py: error: {text.splitlines()[0] if text else type(exc).__name__}",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        # An infinite perplexity is not valid JSON; write it as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in report.items()}
+        print(json.dumps(clean))
+    else:
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

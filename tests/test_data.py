@@ -1,0 +1,173 @@
+"""Data sources, the token cache and epoch batching (training/data.py, training/batches.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_train_helpers import REPO, write_text
+
+from model.tokenizer import load_tokenizer
+from training.batches import EpochBatches
+from training.data import DataError, add_data_args, load_split
+
+
+def _args(tmp_path, *argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_data_args(p)
+    return p.parse_args(["--cache_dir", str(tmp_path / "cache"), *argv])
+
+
+def test_shakespeare_split_matches_nanogpt(tmp_path):
+    args = _args(tmp_path)
+    train, train_bytes = load_split(args, "train")
+    val, val_bytes = load_split(args, "val")
+    assert (len(train), len(val)) == (301_966, 36_059)
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert train_bytes + val_bytes == 1_115_394  # Tiny Shakespeare is ASCII
+    # The cache holds exactly what the tokenizer gives for the tail 10% of the characters.
+    full = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tail = full[int(len(full) * 0.9):]
+    assert val.tolist() == load_tokenizer().encode(tail)
+    with pytest.raises(DataError, match="only train and val"):
+        load_split(args, "test")
+
+
+def test_cache_sidecar_and_rebuild_when_source_changes(tmp_path):
+    src = write_text(tmp_path / "a.txt", 300, seed=1)
+    args = _args(tmp_path, "--train_file", str(src))
+    tokens, nbytes = load_split(args, "train")
+    sidecar = json.loads(next((tmp_path / "cache").glob("custom.train.*.json")).read_text())
+    assert sidecar["tokenizer"] == "gpt2" and sidecar["num_tokens"] == len(tokens)
+    assert sidecar["num_bytes"] == nbytes == src.stat().st_size
+    assert sidecar["rule"] == "all"
+    expected = load_tokenizer().encode(src.read_text())
+    assert tokens.tolist() == expected
+
+    bin_path = next((tmp_path / "cache").glob("custom.train.*.bin"))
+    mtime = bin_path.stat().st_mtime_ns
+    load_split(args, "train")  # unchanged source: the cache is reused
+    assert bin_path.stat().st_mtime_ns == mtime
+
+    src.write_text("A different text entirely.\n", encoding="utf-8")
+    ids = load_split(args, "train")[0].tolist()
+    assert ids == load_tokenizer().encode("A different text entirely.\n")
+
+    bin_path = next((tmp_path / "cache").glob("custom.train.*.bin"))
+    bin_path.write_bytes(b"\x00")  # a damaged cache file is rebuilt too
+    assert load_split(args, "train")[0].tolist() == ids
+
+
+def test_train_file_without_val_file_holds_out_last_tenth(tmp_path):
+    src = write_text(tmp_path / "a.txt", 500, seed=2)
+    args = _args(tmp_path, "--train_file", str(src))
+    text = src.read_text()
+    cut = int(len(text) * 0.9)
+    train, _ = load_split(args, "train")
+    val, val_bytes = load_split(args, "val")
+    assert val.tolist() == load_tokenizer().encode(text[cut:])
+    assert len(train) > len(val) > 0 and val_bytes == len(text[cut:].encode())
+    with pytest.raises(DataError, match="--test_file"):
+        load_split(args, "test")
+
+
+def test_wikitext_dir_separates_articles_with_eos(tmp_path):
+    d = tmp_path / "wt"
+    d.mkdir()
+    article = " = {} = \n \n Some text about {} . \n \n = = Section = = \n \n More text . \n \n"
+    (d / "wiki.train.tokens").write_text(article.format("Alpha", "a") + article.format("Beta", "b"))
+    (d / "valid.txt").write_text(article.format("Gamma", "c"))
+    args = _args(tmp_path, "--dataset", "wikitext", "--data_dir", str(d))
+    train, _ = load_split(args, "train")
+    eos = load_tokenizer().eos_token_id
+    ids = train.tolist()
+    assert ids.count(eos) == 2  # one after each article, none at the section heading
+    first = ids[:ids.index(eos)]
+    assert first == load_tokenizer().encode(article.format("Alpha", "a"))
+    with pytest.raises(DataError, match="test.txt or wiki.test.tokens"):
+        load_split(args, "test")
+
+
+def test_unavailable_data_gives_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails: offline case
+    cases = [
+        (_args(tmp_path, "--dataset", "wikitext"), "train", "--data_dir"),
+        (_args(tmp_path, "--dataset", "wikitext103", "--data_dir", str(tmp_path)), "val",
+         "valid.txt"),
+        (_args(tmp_path, "--train_file", str(tmp_path / "missing.txt")), "train", "no such file"),
+        (_args(tmp_path, "--data_dir", str(tmp_path / "nope")), "train", "not a folder"),
+        (_args(tmp_path), "bogus", "unknown split"),
+    ]
+    for args, split, needle in cases:
+        with pytest.raises(DataError, match=needle) as info:
+            load_split(args, split)
+        assert "\n" not in str(info.value)
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no tokens"):
+        load_split(_args(tmp_path, "--train_file", str(tmp_path / "empty.txt")), "train")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_split(_args(tmp_path, "--train_file", str(tmp_path / "latin1.txt")), "train")
+
+
+def test_hugging_face_path_is_used_when_installed(tmp_path, monkeypatch):
+    """With `datasets` importable, WikiText comes from load_dataset and is cached as text."""
+    calls = []
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(name, config, split):
+            calls.append((name, config, split))
+            return {"text": [" = Title = \n", " body text . \n"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    args = _args(tmp_path, "--dataset", "wikitext")
+    val, nbytes = load_split(args, "val")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+    assert nbytes == len(" = Title = \n body text . \n")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # now offline: the cached text serves
+    assert load_split(args, "val")[0].tolist() == val.tolist() and len(calls) == 1
+
+
+def test_epoch_batches_cover_each_window_once_in_seeded_order():
+    tokens = np.arange(1000, dtype=np.uint16)
+    b = EpochBatches(tokens, seq_len=10, batch_size=3, grad_accum=2, world_size=1, seed=7)
+    assert b.num_windows == 99 and b.steps_per_epoch == 99 // 6
+    seen = []
+    for step in range(b.steps_per_epoch):
+        for micro in range(2):
+            x, y = b.get(0, step, micro)
+            assert x.shape == (3, 10) and x.dtype == torch.long
+            assert torch.equal(y, x + 1)  # targets are the inputs shifted by one
+            seen += x[:, 0].tolist()
+    assert len(set(seen)) == len(seen) == b.steps_per_epoch * 6
+    offsets = {s % 10 for s in seen}
+    assert len(offsets) == 1  # one grid per epoch ...
+    again = EpochBatches(tokens, 10, 3, 2, seed=7)
+    assert torch.equal(again.get(0, 3, 1)[0], b.get(0, 3, 1)[0])  # ... fixed by (seed, epoch)
+    assert not torch.equal(b.get(1, 0, 0)[0], b.get(0, 0, 0)[0])
+    assert not torch.equal(EpochBatches(tokens, 10, 3, 2, seed=8).get(0, 0, 0)[0],
+                           b.get(0, 0, 0)[0])
+
+
+def test_ranks_split_the_global_batch():
+    tokens = np.arange(2000, dtype=np.uint16)
+    single = EpochBatches(tokens, 16, batch_size=4, grad_accum=1, world_size=1, seed=3)
+    ranks = [EpochBatches(tokens, 16, batch_size=2, grad_accum=1, world_size=2, rank=r, seed=3)
+             for r in range(2)]
+    for step in range(3):
+        whole = single.get(0, step, 0)[0]
+        parts = torch.cat([r.get(0, step, 0)[0] for r in ranks])
+        assert torch.equal(whole, parts)
+
+
+def test_too_little_data_is_a_clear_error():
+    with pytest.raises(DataError, match="shorter than one training window"):
+        EpochBatches(np.arange(10, dtype=np.uint16), seq_len=32, batch_size=1)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        EpochBatches(np.arange(100, dtype=np.uint16), seq_len=32, batch_size=8)

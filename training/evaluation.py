@@ -1,0 +1,281 @@
+"""Windowed perplexity evaluation, shared by `evaluate_lm.py` and the trainer's validation.
+
+The windowing is Hugging Face's "perplexity of fixed-length models" loop. Windows of up to
+`seq_len` tokens start every `stride` tokens; each window scores only the tokens that no earlier
+window scored, so every token is scored once, with up to `seq_len - stride` tokens of context:
+
+    window k covers tokens [k*stride, min(k*stride + seq_len, N)) and scores the targets
+    t with prev_end <= t < end and t > begin (a token needs at least one token of context).
+
+With `stride == seq_len` (the default) the windows do not overlap and the first token of each
+window goes unscored, exactly as in Hugging Face's loop. The last window ends at the end of the
+data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_DTYPES = {
+    None: None,
+    "float32": None,
+    "fp32": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation measured.
+
+    Attributes:
+        tokens_scored: how many target tokens contributed to the loss.
+        loss: mean negative log-likelihood per scored token, in nats.
+        perplexity: exp(loss) (inf if that overflows).
+        bits_per_byte: total nats / ln 2 / bytes of the text scored; None without `num_bytes`.
+        windows: how many windows were evaluated.
+        seq_len: window length in tokens.
+        stride: step between window starts in tokens.
+    """
+
+    tokens_scored: int
+    loss: float
+    perplexity: float
+    bits_per_byte: float | None
+    windows: int = 0
+    seq_len: int = 0
+    stride: int = 0
+
+    def to_dict(self) -> dict:
+        """Return the result as a plain, JSON-serialisable dict."""
+        return asdict(self)
+
+
+def count_windows(num_tokens: int, seq_len: int, stride: int) -> int:
+    """Number of windows Hugging Face's loop visits over `num_tokens` tokens."""
+    if num_tokens <= seq_len:
+        return 1
+    return 1 + math.ceil((num_tokens - seq_len) / stride)
+
+
+def window_bounds(k: int, num_tokens: int, seq_len: int, stride: int) -> tuple[int, int, int]:
+    """Return (begin, end, first_scored) of window `k`: it scores targets first_scored..end-1."""
+    begin = k * stride
+    end = min(begin + seq_len, num_tokens)
+    prev_end = 0 if k == 0 else min(begin - stride + seq_len, num_tokens)
+    return begin, end, max(prev_end, begin + 1)
+
+
+def _select_windows(total: int, max_windows: int | None) -> list[int]:
+    """All window indices, or `max_windows` of them spread evenly over the data (deterministic)."""
+    if max_windows is None or max_windows >= total:
+        return list(range(total))
+    return sorted({int(round(x)) for x in np.linspace(0, total - 1, num=max_windows)})
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under torch.compile / DistributedDataParallel wrappers (for its attributes)."""
+    for attr in ("_orig_mod", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return _unwrap(inner)
+    return model
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16 (got {dtype!r})")
+    return _DTYPES[dtype]
+
+
+def _resolve_device(model: torch.nn.Module, device) -> torch.device:
+    model_device = next(model.parameters()).device
+    if device is None:
+        return model_device
+    want = torch.device(device)
+    same = want.type == model_device.type and want.index in (None, model_device.index)
+    if not same:
+        raise ValueError(f"device={str(want)!r} but the model is on {model_device}; move it first")
+    return model_device
+
+
+def _slice(tokens, begin: int, end: int) -> torch.Tensor:
+    """Tokens [begin, end) as int64 on the CPU; reads only that slice of a memmap."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens[begin:end].to("cpu", torch.long)
+    return torch.from_numpy(np.asarray(tokens[begin:end], dtype=np.int64))
+
+
+def _batches(
+    tokens, indices: list[int], num_tokens: int, seq_len: int, stride: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Yield (inputs [B, T], targets [B, T] with -100 where unscored, windows in batch)."""
+    for i in range(0, len(indices), batch_size):
+        rows = []
+        for k in indices[i : i + batch_size]:
+            begin, end, first = window_bounds(k, num_tokens, seq_len, stride)
+            window = _slice(tokens, begin, end)
+            # Feeding window[:-1] gives the same logits for window[1:] as feeding the whole window
+            # (causal attention), and saves one position.
+            x, y = window[:-1], window[1:].clone()
+            y[: first - begin - 1] = -100
+            rows.append((x, y))
+        width = max(len(x) for x, _ in rows)
+        inputs = torch.zeros(len(rows), width, dtype=torch.long)
+        targets = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (x, y) in enumerate(rows):
+            inputs[r, : len(x)] = x
+            targets[r, : len(y)] = y  # right padding: causal, so padding never affects real tokens
+        yield inputs, targets, len(rows)
+
+
+def evaluate_tokens(
+    model: torch.nn.Module,
+    tokens,
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    device=None,
+    dtype=None,
+    progress: bool = False,
+    num_bytes: int | None = None,
+) -> EvalResult:
+    """Score `tokens` with sliding windows, exactly as Hugging Face's perplexity guide does.
+
+    Args:
+        model: a language model whose `model(idx)` returns logits [B, T, V] (it may be wrapped
+            by torch.compile or DistributedDataParallel).
+        tokens: 1-D token ids: a numpy array or memmap (e.g. uint16) or a LongTensor.
+        seq_len: window length; defaults to (and may not exceed) `model.max_seq_len`.
+        stride: step between windows; defaults to `seq_len` (non-overlapping windows). Each
+            token is scored once, with up to `seq_len - stride` tokens of context.
+        batch_size: windows per forward pass.
+        max_windows: evaluate only this many windows, spread evenly over the data (for quick
+            validation during training); None evaluates all.
+        device: where the model is; defaults to the model's device (the model is never moved).
+        dtype: None/"float32" (no autocast), "bfloat16" or "float16" (autocast).
+        progress: show a tqdm bar over windows.
+        num_bytes: UTF-8 bytes of the text `tokens` encode, for bits per byte
+            (total nats / ln 2 / num_bytes). Tokens left unscored (the first of each
+            non-overlapping window) count no bits, so use a stride below seq_len for a figure
+            that covers every token. When `max_windows` evaluates a subset, the bytes are
+            scaled by the share of the tokens that a full evaluation would score.
+
+    Returns:
+        An EvalResult.
+
+    Raises:
+        ValueError: for bad arguments, too few tokens, or token ids outside the vocabulary.
+    """
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            raise ValueError("tokens must be a 1-D integer tensor")
+    else:
+        if getattr(tokens, "ndim", None) != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError("tokens must be a 1-D integer numpy array or LongTensor")
+    num_tokens = int(len(tokens))
+    base = _unwrap(model)
+    max_len = int(getattr(base, "max_seq_len", 0) or base.config.max_seq_len)
+    seq_len = max_len if seq_len is None else int(seq_len)
+    if not 2 <= seq_len <= max_len:
+        raise ValueError(
+            f"seq_len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}"
+        )
+    stride = seq_len if stride is None else int(stride)
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
+    if num_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to evaluate, got {num_tokens}")
+    if num_bytes is not None and num_bytes <= 0:
+        raise ValueError(f"num_bytes must be positive, got {num_bytes}")
+    amp_dtype = _resolve_dtype(dtype)
+    dev = _resolve_device(model, device)
+    vocab_size = int(base.config.vocab_size)
+
+    total = count_windows(num_tokens, seq_len, stride)
+    indices = _select_windows(total, max_windows)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), unit="window", desc="evaluating", dynamic_ncols=True)
+
+    was_training = model.training
+    model.eval()
+    nll_sum, scored = 0.0, 0
+    try:
+        with torch.no_grad():
+            for inputs, targets, n in _batches(
+                tokens, indices, num_tokens, seq_len, stride, batch_size
+            ):
+                if inputs.numel() == 0:  # a lone one-token last window: nothing to score
+                    if bar is not None:
+                        bar.update(n)
+                    continue
+                if int(inputs.max()) >= vocab_size:
+                    raise ValueError(
+                        f"token id {int(inputs.max())} is outside the model's vocabulary "
+                        f"({vocab_size}); was the data encoded with another tokenizer?"
+                    )
+                inputs, targets = inputs.to(dev), targets.to(dev)
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(inputs)
+                # Only the scored positions go through the (fp32) softmax: with a small stride
+                # that is a fraction of the window, and it keeps memory at one copy of the logits.
+                mask = targets != -100
+                picked = logits[mask].float()
+                nll_sum += F.cross_entropy(picked, targets[mask], reduction="sum").item()
+                scored += int(mask.sum())
+                if bar is not None:
+                    bar.update(n)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    if scored == 0:
+        raise ValueError("no tokens were scored (every window was a single token)")
+    loss = nll_sum / scored
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = float("inf")
+    bpb = None
+    if num_bytes is not None:
+        # A subset of windows covers roughly its share of the bytes.
+        share = 1.0 if len(indices) == total else scored / _scorable(num_tokens, seq_len, stride)
+        bpb = nll_sum / math.log(2) / (num_bytes * share)
+    return EvalResult(
+        tokens_scored=scored,
+        loss=loss,
+        perplexity=ppl,
+        bits_per_byte=bpb,
+        windows=len(indices),
+        seq_len=seq_len,
+        stride=stride,
+    )
+
+
+def _scorable(num_tokens: int, seq_len: int, stride: int) -> int:
+    """How many tokens a full evaluation scores (without running the model)."""
+    if stride < seq_len:
+        return num_tokens - 1  # overlapping windows: every token but the first
+    # Non-overlapping windows: each window's first token is unscored.
+    return num_tokens - count_windows(num_tokens, seq_len, stride)

@@ -1,0 +1,140 @@
+"""`train_lm.py --explain`: what a command would do, in plain English, without training."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model.lm import LMConfig
+from training.batches import EpochBatches
+
+
+def human(n: float) -> str:
+    """12345678 -> '12.3M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def human_time(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def memory_estimate(cfg: LMConfig, batch_size: int, seq_len: int, amp: torch.dtype,
+                    fused_loss: bool) -> tuple[int, int]:
+    """Rough bytes for (weights + gradients + AdamW state, activations of one micro-batch)."""
+    params = (cfg.vocab_size + cfg.max_seq_len) * cfg.d_model + cfg.num_layers * (
+        4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff + 9 * cfg.d_model + cfg.d_ff)
+    state = 16 * params  # fp32 weights, gradients, and AdamW's two moments
+    act_bytes = 4 if amp == torch.float32 else 2
+    tokens = batch_size * seq_len
+    # Saved per layer and token: ~10 d_model-wide and 3 d_ff-wide tensors (attention via SDPA).
+    per_layer = tokens * (10 * cfg.d_model + 3 * cfg.d_ff) * act_bytes
+    if fused_loss:
+        head = tokens * cfg.vocab_size * act_bytes + 2 * 128 * cfg.vocab_size * 4
+    else:
+        head = tokens * cfg.vocab_size * (act_bytes + 4 + 4)  # logits, fp32 copy, log-softmax
+    return state, cfg.num_layers * per_layer + head
+
+
+def resume_command(argv: list[str], world_size: int) -> str:
+    """The command line to continue this run."""
+    kept = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--explain":
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume="):
+            continue
+        kept.append(a)
+    launcher = (f"torchrun --nproc_per_node={world_size} " if world_size > 1 else "python ")
+    return launcher + shlex.join(["training/train_lm.py", *kept, "--resume", "auto"])
+
+
+def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: int,
+                      batches: EpochBatches, max_steps: int, stop_at: int, start_step: int,
+                      train_desc: str, val_desc: str, val_tokens: int, device: torch.device,
+                      amp: torch.dtype, world_size: int, resumed_from: Path | None,
+                      measure_step: Callable[[], tuple[float, float]], argv: list[str],
+                      existing_run: bool = False, out=None) -> None:
+    """Print the plan for these flags.
+
+    `measure_step` runs one training step and a little validation; it returns the seconds of one
+    step and of one whole evaluation.
+    """
+    out = out or sys.stdout
+    p = lambda s="": print(s, file=out)  # noqa: E731
+    snap_dir = Path(args.out_dir) / "snapshots"
+    tps = batches.tokens_per_step
+    steps_left = max(0, stop_at - start_step)
+    p("What this command would do:")
+    p(f"  Model: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, d_ff "
+      f"{cfg.d_ff}, context {cfg.max_seq_len} tokens, vocabulary {cfg.vocab_size:,}, dropout "
+      f"{cfg.dropout}: {num_params:,} parameters ({human(non_embedding)} besides the token and "
+      "position embeddings; the token embedding doubles as the output layer).")
+    p(f"  Data: training on {train_desc}: {len(batches.tokens):,} tokens, "
+      f"{batches.num_windows:,} windows of {batches.seq_len} tokens. Validation on {val_desc}: "
+      f"{val_tokens:,} tokens" + (f", {args.eval_windows} windows per evaluation."
+                                  if args.eval_windows else ", all of it each time."))
+    p(f"  Each step: {args.batch_size} sequences x {batches.seq_len} tokens x {args.grad_accum} "
+      f"accumulation step(s) x {world_size} process(es) = {tps:,} tokens.")
+    epochs = max_steps / batches.steps_per_epoch
+    p(f"  Schedule: {max_steps:,} steps = {epochs:.2f} epochs of {batches.steps_per_epoch:,} "
+      f"steps, {human(max_steps * tps)} tokens in total. Learning rate: linear warmup over "
+      f"{args.warmup_steps} steps to {args.lr:g}, cosine decay to {args.min_lr:g}; AdamW "
+      f"(betas {args.beta1}, {args.beta2}, weight decay {args.weight_decay} on matrices), "
+      f"gradient clipping at {args.grad_clip:g}.")
+    if stop_at < max_steps:
+        p(f"  LM_MAX_STEPS={stop_at} stops this run after step {stop_at:,} (the schedule above is "
+          "unchanged).")
+    if existing_run:
+        p(f"  Note: {snap_dir} already holds snapshots of a run, so training would refuse to "
+          "start there: add --resume auto to continue it, or pick another --out_dir.")
+    if resumed_from is not None:
+        p(f"  Resuming from {resumed_from} at step {start_step:,}: {steps_left:,} steps to go.")
+    amp_name = {torch.float32: "float32 (no autocast)", torch.bfloat16: "bfloat16 autocast",
+                torch.float16: "float16 autocast with loss scaling"}[amp]
+    p(f"  Precision and device: {amp_name} on {device}" + (" with torch.compile" if args.compile
+                                                          else "") + ".")
+    state, acts = memory_estimate(cfg, args.batch_size, batches.seq_len, amp,
+                                  not args.no_fused_loss)
+    p(f"  Memory: about {human_bytes(state + acts)} per process ({human_bytes(state)} for weights, "
+      f"gradients and AdamW state; {human_bytes(acts)} of activations) - a rough estimate.")
+    seconds, eval_seconds = measure_step()
+    every = args.eval_interval  # evaluations at multiples of it, and at the last step
+    evals = stop_at // every - start_step // every + (1 if stop_at % every else 0)
+    total = seconds * steps_left + eval_seconds * evals
+    p(f"  Time: a step took {seconds:.2f} s here just now ({tps / seconds:,.0f} tokens/s), so "
+      f"about {human_time(total)} in all: {human_time(seconds * steps_left)} for {steps_left:,} "
+      f"steps and {human_time(eval_seconds * evals)} for {evals} evaluations.")
+    p(f"  Snapshots: every {args.save_interval} steps, at the end and on Ctrl-C, into "
+      f"{snap_dir}/ as snapshot_epoch_EEEE_step_SSSSSS_<time>.pt (the last {args.keep_last} "
+      f"kept), with latest.pt (newest) and best.pt (lowest validation loss). Metrics: "
+      f"{Path(args.out_dir) / 'metrics.csv'}; loss plot: {Path(args.out_dir) / 'loss_curve.png'}.")
+    p(f"  Resume:   {resume_command(argv, world_size)}")
+    prompt = "ROMEO:" if args.dataset == "shakespeare" and not args.train_file else "The"
+    p(f"  Generate: python generate_lm.py --checkpoint {snap_dir / 'latest.pt'} --prompt "
+      f"{shlex.quote(prompt)} --max_length 100 --temperature 0.8 --top_p 0.9")
+    p("Nothing was trained or written (except the token cache). Drop --explain to train.")

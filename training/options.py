@@ -1,0 +1,276 @@
+"""`train_lm.py`'s command line: flags, presets, validation, device and precision choice."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.data import add_data_args, dataset_label
+
+MAX_STEPS_ENV = "LM_MAX_STEPS"
+
+# Presets set defaults; flags given on the command line win. Figures in README come from
+# `bench/training.py` and from running these presets (see the README's training section).
+PRESETS: dict[str, dict[str, Any]] = {
+    # About 3 minutes on a 2-core CPU: Shakespeare-shaped samples (names, verse lines) after it.
+    "demo": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128, dropout=0.0,
+                 batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, max_steps=300,
+                 eval_interval=100, eval_windows=100, sample_tokens=80),
+    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16): 4.93 after 800
+    # steps on Tiny Shakespeare (nanoGPT's 4x256 model: 5.26 after 300 iterations).
+    "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
+                      dropout=0.1, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                      max_steps=800, eval_interval=100, eval_windows=0),
+    # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
+    "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
+                      dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
+                      warmup_steps=200, weight_decay=0.1, eval_interval=250, eval_windows=200),
+}
+
+
+class UsageError(ValueError):
+    """A bad flag or flag combination; reported as one line with exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> OneLineParser:
+    """The full parser with every flag and its default (before presets)."""
+    p = OneLineParser(
+        prog="train_lm.py",
+        description="Train a GPT-style language model. Snapshots go to "
+                    "lm_<dataset>/snapshots/ (latest.pt, best.pt, snapshot_*.pt).",
+        epilog=f"Environment: {MAX_STEPS_ENV}=N stops after N optimizer steps in total, keeping "
+               "the learning-rate schedule of the full run (for smoke tests and docs); a "
+               "snapshot is written when it stops. Multi-GPU / multi-process: "
+               "torchrun --nproc_per_node=N training/train_lm.py ...",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a tested recipe; other flags override its values. demo: ~3 minutes on "
+                        "a CPU; cpu-10min: best loss in 10 CPU minutes; gpt2-124m: GPT-2 small")
+    p.add_argument("--explain", action="store_true",
+                   help="print what this command would do (sizes, time, memory, paths) and exit")
+    add_data_args(p)
+
+    m = p.add_argument_group("model (LanguageModel arguments)")
+    m.add_argument("--vocab_size", type=_positive_int, default=None,
+                   help="default: the tokenizer's vocabulary (50257 for gpt2)")
+    m.add_argument("--d_model", type=_positive_int, default=128)
+    m.add_argument("--num_heads", type=_positive_int, default=4)
+    m.add_argument("--num_layers", type=_positive_int, default=4)
+    m.add_argument("--d_ff", type=_positive_int, default=512)
+    m.add_argument("--max_seq_len", type=_positive_int, default=128,
+                   help="context length of the model")
+    m.add_argument("--dropout", type=_nonneg_float, default=0.1)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--seq_len", type=_positive_int, default=None,
+                   help="tokens per training sequence (default: max_seq_len)")
+    t.add_argument("--batch_size", type=_positive_int, default=16,
+                   help="sequences per micro-batch per process")
+    t.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum",
+                   type=_positive_int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--max_steps", type=_positive_int, default=None,
+                   help="optimizer steps in the whole run (default: --epochs worth)")
+    t.add_argument("--epochs", type=_nonneg_float, default=5.0,
+                   help="passes over the training data when --max_steps is not given")
+    t.add_argument("--lr", "--learning_rate", dest="lr", type=_nonneg_float, default=2e-3,
+                   help="peak learning rate")
+    t.add_argument("--min_lr", type=_nonneg_float, default=None,
+                   help="final learning rate of the cosine decay (default: lr / 10)")
+    t.add_argument("--warmup_steps", type=int, default=30)
+    t.add_argument("--weight_decay", type=_nonneg_float, default=0.1)
+    t.add_argument("--beta1", type=_nonneg_float, default=0.9)
+    t.add_argument("--beta2", type=_nonneg_float, default=0.95)
+    t.add_argument("--grad_clip", type=_nonneg_float, default=1.0,
+                   help="clip the global gradient norm to this (0: off)")
+    t.add_argument("--seed", type=int, default=1337)
+
+    s = p.add_argument_group("speed")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast precision (auto: bfloat16 where the hardware has it, float16 "
+                        "with loss scaling on older GPUs, else float32)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    s.add_argument("--no_fused_loss", action="store_true",
+                   help="compute the loss from full logits (model(idx, targets)) instead of the "
+                        "chunked fused LM-head + cross-entropy")
+
+    e = p.add_argument_group("evaluation, logging, snapshots")
+    e.add_argument("--eval_interval", type=_positive_int, default=100,
+                   help="validate every N steps (and at the end)")
+    e.add_argument("--eval_windows", type=int, default=200,
+                   help="validation windows per evaluation, spread over the split (0: all)")
+    e.add_argument("--eval_batch_size", type=_positive_int, default=None,
+                   help="default: --batch_size")
+    e.add_argument("--log_interval", type=_positive_int, default=10,
+                   help="log training loss every N steps")
+    e.add_argument("--save_interval", type=_positive_int, default=None,
+                   help="write a snapshot every N steps (default: --eval_interval)")
+    e.add_argument("--keep_last", type=_positive_int, default=5,
+                   help="timestamped snapshots to keep (best.pt's source is always kept)")
+    e.add_argument("--out_dir", default=None, help="run directory (default: lm_<dataset>)")
+    e.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the run directory's latest snapshot, or from PATH")
+    e.add_argument("--sample_tokens", type=int, default=0,
+                   help="print a sample of N tokens at each evaluation (0: none)")
+    e.add_argument("--sample_prompt", default="\n", help="prompt for those samples")
+    e.add_argument("--no_plot", action="store_true", help="do not draw loss_curve.png")
+    return p
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations the user set on the command line (defaults suppressed)."""
+    quiet = OneLineParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse._StoreTrueAction):
+                quiet.add_argument(*action.option_strings, action="store_true", **kwargs)
+            else:
+                quiet.add_argument(*action.option_strings, **kwargs)
+    ns, _ = quiet.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """Parse flags with the chosen preset's defaults; return (args, explicitly given dests)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)  # usage errors in --preset exit here
+    if pre.preset:
+        parser.set_defaults(**PRESETS[pre.preset])
+    args = parser.parse_args(argv)
+    return args, _explicit_dests(parser, argv)
+
+
+def finalize(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived defaults and check combinations; raises UsageError with one line."""
+    if args.seq_len is None:
+        args.seq_len = args.max_seq_len
+    if args.seq_len > args.max_seq_len:
+        raise UsageError(f"--seq_len {args.seq_len} exceeds --max_seq_len {args.max_seq_len}")
+    if args.seq_len < 2:
+        raise UsageError("--seq_len must be at least 2")
+    if args.d_model % args.num_heads:
+        raise UsageError(f"--d_model {args.d_model} must be divisible by --num_heads "
+                         f"{args.num_heads}")
+    if args.dropout >= 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.lr <= 0:
+        raise UsageError("--lr must be positive")
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min_lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.warmup_steps < 0:
+        raise UsageError("--warmup_steps must be >= 0")
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UsageError("--beta1 and --beta2 must be in [0, 1)")
+    if args.epochs <= 0 and args.max_steps is None:
+        raise UsageError("--epochs must be positive (or give --max_steps)")
+    if args.eval_windows < 0:
+        raise UsageError("--eval_windows must be >= 0 (0 evaluates every window)")
+    if args.sample_tokens < 0:
+        raise UsageError("--sample_tokens must be >= 0")
+    if args.save_interval is None:
+        args.save_interval = args.eval_interval
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    if args.out_dir is None:
+        args.out_dir = f"lm_{dataset_label(args)}"
+    if args.resume is not None and args.resume != "auto" and not Path(args.resume).is_file():
+        raise UsageError(f"--resume: no snapshot file at {args.resume!r} (use --resume auto for "
+                         "the run directory's latest)")
+    return args
+
+
+def max_steps_cap() -> int | None:
+    """The `LM_MAX_STEPS` cap, or None; raises UsageError for a bad value."""
+    raw = os.environ.get(MAX_STEPS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        cap = int(raw)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise UsageError(f"{MAX_STEPS_ENV} must be a positive integer, got {raw!r}")
+    return cap
+
+
+def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as a dict of plain values (safe for weights_only snapshots)."""
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, Path):
+            value = str(value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+    return out
+
+
+# -- device and precision -----------------------------------------------------------------------
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        cpu = torch._C._cpu
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for `--dtype` on `device` (float32 means no autocast)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UsageError("--dtype float16 needs a CUDA GPU (it uses loss scaling); use bfloat16 "
+                         "or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU has no bfloat16 support; use --dtype float16")
+    return dtype
+
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
