@@ -399,7 +399,7 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
     finally:
         model.train(was_training)
         if owns_cache:
-            model.clear_cache()
+            model.free_kv_cache()
 
 
 def stream(model, prompt: Any, max_length: int = 100, temperature: float = 1.0,

@@ -149,6 +149,7 @@ def test_with_block_restores_mode_grad_and_frees_cache(tiny_config):
         assert model.has_cache()
         model.generate(torch.tensor([1, 2, 3]), max_length=8)
     assert model.training and torch.is_grad_enabled() and not model.has_cache()
+    assert model.lm_head.decode_t is None
     model.eval()
     with torch.no_grad():
         model.generate(torch.tensor([1, 2]), max_length=5)
@@ -439,3 +440,26 @@ def test_sampling_never_draws_filtered_tokens():
     logits[:, 49] = 3.0
     draws = sample(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(1))
     assert set(draws.tolist()) == {7, 49}
+
+
+def test_decode_weight_copies_match_and_follow_weight_changes(tiny_config):
+    model = LanguageModel(**tiny_config).eval()
+    idx = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        plain = model(idx)
+        with model:
+            assert model.lm_head.decode_t is not None  # made by setup_cache on CPU
+            assert torch.allclose(model(idx), plain, atol=1e-5)
+            model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place change is seen
+            changed = model(idx)
+        assert model.lm_head.decode_t is None  # freed on exit
+        assert torch.allclose(model(idx), changed, atol=1e-5)
+        model.generate(idx[0], max_new_tokens=2)  # outside `with`: copies kept for the next call
+        assert model.lm_head.decode_t is not None and not model.has_cache()
+        model.transformer.h[1].attn.c_attn.bias.add_(1.0)  # bias is used as is
+        model.transformer.h[1].attn.c_attn.weight.mul_(0.5)
+        again = model(idx)
+        model.clear_cache()
+        assert torch.allclose(model(idx), again, atol=1e-5)
+        assert not torch.allclose(changed, plain, atol=1e-3)
+    assert not any("decode" in k for k in model.state_dict())
