@@ -59,3 +59,19 @@ def hf_home(tmp_path_factory) -> Path:
         '"n_layer": 12, "n_head": 12, "eos_token_id": 50256, "bos_token_id": 50256}'
     )
     return home
+
+
+@pytest.fixture(scope="session")
+def endless_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A tiny model that never samples end-of-text: its final hidden state is constant (ones)
+    and the end-of-text embedding points away from it, so generation always runs to the limit."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    sd = dict(ckpt["model_state_dict"])
+    sd["transformer.ln_f.weight"] = torch.zeros_like(sd["transformer.ln_f.weight"])
+    sd["transformer.ln_f.bias"] = torch.ones_like(sd["transformer.ln_f.bias"])
+    wte = sd["transformer.wte.weight"].clone()
+    wte[50256] = -1.0
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = wte
+    path = tmp_path_factory.mktemp("endless") / "endless.pt"
+    torch.save({**ckpt, "model_state_dict": sd}, path)
+    return path

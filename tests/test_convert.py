@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_cases import run_many
 from safetensors import safe_open
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -68,46 +69,6 @@ def hf_dir(hf_model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
     hf_model.save_pretrained(str(folder))
     return folder
-
-
-# Runs each case as `python <script> ARGS` inside one child process (one torch import for all
-# cases): exit code from SystemExit, stdout and stderr captured, an escaping exception printed as
-# a traceback.
-_DRIVER = r"""
-import contextlib, io, json, runpy, sys, traceback
-script, cases = sys.argv[1], json.loads(sys.stdin.read())
-sys.path.insert(0, str(__import__("pathlib").Path(script).parent))
-results = {}
-for name, argv in cases.items():
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = [script, *argv]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results[name] = [code, out.getvalue(), err.getvalue()]
-print(json.dumps(results))
-"""
-
-
-def run_many(script: Path, cases: dict[str, list], cwd: Path) -> dict:
-    """Run `script` as a command once per case, all in one child Python process.
-
-    Returns:
-        {case name: (exit code, stdout, stderr)}.
-    """
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(script)],
-        input=json.dumps({k: list(map(str, v)) for k, v in cases.items()}),
-        capture_output=True, text=True, cwd=cwd, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

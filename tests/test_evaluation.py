@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cli_cases import run_many
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import evaluate_lm
@@ -325,27 +326,6 @@ def test_cli_process_prints_progress_and_report(tiny_checkpoint, tmp_path):
     assert "window" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# Runs each case as `python evaluate_lm.py ARGS` inside one child process (one torch import for
-# all): exit code from SystemExit, stdout and stderr captured, an escaping exception printed.
-_DRIVER = r"""
-import contextlib, io, json, runpy, sys, traceback
-script, cases = sys.argv[1], json.loads(sys.stdin.read())
-sys.path.insert(0, str(__import__("pathlib").Path(script).parent))
-results = {}
-for name, argv in cases.items():
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = [script, *argv]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results[name] = [code, out.getvalue(), err.getvalue()]
-print(json.dumps(results))
-"""
 
 
 def test_cli_errors_are_one_line_exit_2(tiny_checkpoint, tmp_path):
@@ -384,15 +364,9 @@ def test_cli_errors_are_one_line_exit_2(tiny_checkpoint, tmp_path):
         "bad tokenizer": ([*base, "--tokenizer", str(tmp_path / "no-tokenizer")],
                           "could not load tokenizer"),
     }
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(REPO / "evaluate_lm.py")],
-        input=json.dumps({k: list(map(str, v[0])) for k, v in cases.items()}),
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-             "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert proc.returncode == 0, proc.stderr
-    for name, (code, out, err) in json.loads(proc.stdout).items():
+    results = run_many(REPO / "evaluate_lm.py", {k: v[0] for k, v in cases.items()}, tmp_path,
+                       CUDA_VISIBLE_DEVICES="")
+    for name, (code, out, err) in results.items():
         expect = cases[name][1]
         assert code == 2, (name, err)
         assert "Traceback" not in err, (name, err)
