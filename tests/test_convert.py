@@ -27,14 +27,7 @@ HF_TINY = dict(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy machine OpenMP's spinning threads
-    multiply the CPU time (measured: 0.9 s vs 11.6 s of CPU for the training fixture)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_hf_model(seed: int = 0, **overrides) -> GPT2LMHeadModel:

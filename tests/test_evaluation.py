@@ -33,14 +33,7 @@ TINY = dict(vocab_size=50257, d_model=32, num_heads=2, num_layers=2, d_ff=64, ma
             dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy machine OpenMP's spinning threads
-    multiply the CPU time (measured: 0.9 s vs 11.6 s of CPU for the training fixture)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_reference_perplexity(hf: GPT2LMHeadModel, ids: torch.Tensor, max_length: int,
