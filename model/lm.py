@@ -393,7 +393,7 @@ class LanguageModel(nn.Module):
 
         See `model.generation.generate` for every argument, the batching and the sliding-window
         policy. Extra keywords: max_new_tokens, do_sample, repetition_penalty, seed, generator,
-        pad_token_id.
+        pad_token_id, attention_mask, compile.
         """
         from model.generation import generate
 
