@@ -307,6 +307,18 @@ class LanguageModel(nn.Module):
         Returns:
             logits (B, T, V), or (B, 1, V) with `last_only`.
         """
+        x = self.forward_hidden(idx, input_pos, position_ids, attn_mask)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
+        return self.lm_head(x)
+
+    def forward_hidden(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states, after `ln_f` and before the LM head: (B, T, C).
+
+        Arguments as in `forward_cached`; the trainer's fused LM-head loss starts from here.
+        """
         B, T = idx.size()
         if position_ids is None:
             start = input_pos if isinstance(input_pos, int) else 0
@@ -314,10 +326,7 @@ class LanguageModel(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
             x = block(x, input_pos, attn_mask)
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
-        return self.lm_head(x)
+        return self.transformer.ln_f(x)
 
     # -- KV cache and the `with model:` block --------------------------------------------------
 

@@ -15,7 +15,7 @@ from test_train_helpers import tiny_flags
 from model.lm import LanguageModel
 from training import train_lm
 from training.fileio import atomic_write
-from training.fused_loss import hidden_states, lm_head_cross_entropy
+from training.fused_loss import lm_head_cross_entropy
 from training.metrics import read_metrics
 from training.snapshots import (
     clean_state_dict,
@@ -116,7 +116,7 @@ def test_fused_loss_matches_model_loss_and_gradients(tiny_config):
     ref.backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    hidden = hidden_states(model, idx)
+    hidden = model.forward_hidden(idx)
     assert torch.allclose(model.lm_head(hidden), model(idx), atol=1e-6)
     loss = lm_head_cross_entropy(hidden, model.lm_head.weight, targets, chunk_rows=7)
     loss.backward()

@@ -116,23 +116,6 @@ def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         return _LMHeadCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
 
 
-def hidden_states(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """The final (post-`ln_f`) hidden states of `model` for `idx`, (B, T, C).
-
-    Uses `model.forward_hidden` when the model has one; otherwise runs the same modules as
-    `LanguageModel.forward_cached(idx)` without its LM head (a test checks they agree).
-    """
-    forward_hidden = getattr(model, "forward_hidden", None)
-    if forward_hidden is not None:
-        return forward_hidden(idx)
-    tr = model.transformer
-    positions = torch.arange(idx.size(1), device=idx.device).unsqueeze(0)
-    x = tr.drop(tr.wte(idx) + tr.wpe(positions))
-    for block in tr.h:
-        x = block(x)
-    return tr.ln_f(x)
-
-
 class TrainingModule(torch.nn.Module):
     """What the trainer runs (and wraps in DDP): `forward(idx, targets)` -> mean loss.
 
@@ -153,7 +136,7 @@ class TrainingModule(torch.nn.Module):
             self._hidden = torch.compile(self._plain_hidden)
 
     def _plain_hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        return hidden_states(self.model, idx)
+        return self.model.forward_hidden(idx)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dev = idx.device.type
