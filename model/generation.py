@@ -312,13 +312,14 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
     B = len(plan.rows)
     lens = [r.numel() for r in plan.rows]
     P = max(lens)
-    pads = [P - n for n in lens]  # left padding per row, tracked on the host (no syncs)
+    # Most left padding of any row, tracked on the host (no syncs); 0 means no masks are needed.
+    max_pad = P - min(lens)
 
     ctx = torch.full((B, W), plan.pad_id, dtype=torch.long)  # the tokens held in the cache
     real = torch.zeros((B, W), dtype=torch.bool)
     for b, row in enumerate(plan.rows):
-        ctx[b, pads[b]:P] = row
-        real[b, pads[b]:P] = True
+        ctx[b, P - lens[b]:P] = row
+        real[b, P - lens[b]:P] = True
     seen = None
     if plan.repetition_penalty != 1.0:
         seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool)
@@ -339,7 +340,7 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
             model._compiled_step = step_fn
 
     def prefill(T: int) -> torch.Tensor:
-        padded = any(p > 0 for p in pads)
+        padded = max_pad > 0
         with _attention_backends(device):
             return model.forward_cached(
                 ctx[:, :T], input_pos=0,
@@ -377,7 +378,7 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
                 real[:, :keep - 1] = real[:, W - keep + 1:].clone()
                 ctx[:, keep - 1], real[:, keep - 1] = tok, True
                 real[:, keep:] = False
-                pads = [max(0, p - (W - keep + 1)) for p in pads]
+                max_pad = max(0, max_pad - (W - keep + 1))
                 logits = prefill(keep)
                 f = keep
                 next_pos = real.sum(dim=1, keepdim=True)
@@ -388,7 +389,7 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
                 logits = step_fn(model, tok[:, None], input_pos, next_pos,
                                  real[:, None, None, :])
             else:
-                padded = any(p > 0 for p in pads)
+                padded = max_pad > 0
                 with _attention_backends(device):
                     logits = model.forward_cached(
                         tok[:, None], input_pos=f, position_ids=next_pos if padded else None,
