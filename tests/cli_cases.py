@@ -46,3 +46,19 @@ def run_many(script: Path, cases: dict[str, list], cwd: Path, **env: str) -> dic
     )
     assert proc.returncode == 0, proc.stderr
     return {k: tuple(v) for k, v in json.loads(proc.stdout).items()}
+
+
+def assert_usage_errors(script: Path, cases: dict[str, tuple[list, str]], cwd: Path,
+                        **env: str) -> None:
+    """Each case `name: (argv, expected text)` exits 2 with exactly one stderr line,
+    `<script name>: error: ...` holding the expected text, no traceback and no stdout."""
+    results = run_many(script, {k: v[0] for k, v in cases.items()}, cwd, **env)
+    prefix = f"{script.name}: error:"
+    for name, (code, out, err) in results.items():
+        expect = cases[name][1]
+        assert code == 2, (name, err)
+        assert "Traceback" not in err, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(prefix), (name, err)
+        assert expect in lines[0], (name, lines[0])
+        assert out == "", (name, out)

@@ -23,12 +23,11 @@ def tiny_config() -> dict:
     return dict(TINY_CONFIG)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint file in the trainer's format holding a random-weight tiny model."""
+def save_tiny_checkpoint(path: Path, **overrides) -> Path:
+    """Write a checkpoint in the trainer's format holding a random-weight tiny model (seeded);
+    `overrides` change entries of TINY_CONFIG."""
     torch.manual_seed(1234)
-    model = LanguageModel(**TINY_CONFIG)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    model = LanguageModel(**{**TINY_CONFIG, **overrides})
     torch.save({
         "model_config": model.config.to_dict(),
         "model_state_dict": model.state_dict(),
@@ -36,6 +35,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         "tokenizer": "gpt2",
     }, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint():
+    """`save_tiny_checkpoint`, for fixtures that need a variant of the tiny checkpoint."""
+    return save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint file in the trainer's format holding a random-weight tiny model."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 @pytest.fixture(scope="session")

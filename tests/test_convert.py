@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_cases import run_many
+from cli_cases import assert_usage_errors
 from safetensors import safe_open
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -272,13 +272,5 @@ def test_error_cases_are_one_line_exit_2(hf_model, hf_dir, tiny_checkpoint, tmp_
     case("existing output", ["--to_safetensors", tmp_path / "exists.safetensors",
                              "--checkpoint", tiny_checkpoint], "--force")
 
-    results = run_many(REPO / "convert.py", {k: v[0] for k, v in cases.items()}, cwd=tmp_path)
-    for name, (code, out, err) in results.items():
-        expect = cases[name][1]
-        assert code == 2, (name, err)
-        assert "Traceback" not in err, (name, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("convert.py: error:"), (name, err)
-        assert expect in lines[0], (name, lines[0])
-        assert out == "", (name, out)
+    assert_usage_errors(REPO / "convert.py", cases, tmp_path)
     assert not marker.exists()  # the malicious pickle never ran

@@ -70,24 +70,12 @@ def _cuda() -> bool:
 
 
 @pytest.fixture(scope="module")
-def docs_checkpoint(tmp_path_factory, tiny_config) -> Path:
+def docs_checkpoint(tmp_path_factory, make_tiny_checkpoint) -> Path:
     """The conftest's tiny random-weight model, with the demo preset's context of 128 tokens.
 
     A context of 128 keeps the docs' real-model settings valid (e.g. `--stride 64`).
     """
-    import torch
-
-    from model.lm import LanguageModel
-
-    torch.manual_seed(1234)
-    model = LanguageModel(**{**tiny_config, "max_seq_len": 128})
-    path = tmp_path_factory.mktemp("docs-ckpt") / "tiny.pt"
-    torch.save({
-        "model_config": model.config.to_dict(), "model_state_dict": model.state_dict(),
-        "step": 10, "epoch": 0, "val_loss": 10.5, "val_ppl": 36315.5, "best_val_loss": 10.5,
-        "tokenizer": "gpt2",
-    }, path)
-    return path
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("docs-ckpt") / "tiny.pt", max_seq_len=128)
 
 
 @pytest.fixture(scope="module")

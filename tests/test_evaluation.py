@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from cli_cases import run_many
+from cli_cases import assert_usage_errors
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import evaluate_lm
@@ -357,14 +357,5 @@ def test_cli_errors_are_one_line_exit_2(tiny_checkpoint, tmp_path):
         "bad tokenizer": ([*base, "--tokenizer", str(tmp_path / "no-tokenizer")],
                           "could not load tokenizer"),
     }
-    results = run_many(REPO / "evaluate_lm.py", {k: v[0] for k, v in cases.items()}, tmp_path,
-                       CUDA_VISIBLE_DEVICES="")
-    for name, (code, out, err) in results.items():
-        expect = cases[name][1]
-        assert code == 2, (name, err)
-        assert "Traceback" not in err, (name, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("evaluate_lm.py: error:"), (name, err)
-        assert expect in lines[0], (name, lines[0])
-        assert out == "", (name, out)
+    assert_usage_errors(REPO / "evaluate_lm.py", cases, tmp_path, CUDA_VISIBLE_DEVICES="")
     assert not (tmp_path / "lm_shakespeare").exists()  # no cache written by failed runs
