@@ -61,27 +61,61 @@ def _nucleus_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
     return mass_before < top_p  # the first token has mass 0 before it: always kept
 
 
-def _nucleus_bucketed(logits: torch.Tensor, top_p: float, n_buckets: int = 1024) -> torch.Tensor:
-    """Keep mask of the top-p nucleus without sorting the whole vocabulary (CPU fast path).
+def _outside_nucleus(logits: torch.Tensor, top_p: float, weights: torch.Tensor | None = None,
+                     n_bins: int = 1024, span: float = 20.0) -> torch.Tensor:
+    """(B, V) bool, True for tokens outside the top-p nucleus, without a full sort (CPU path).
 
-    Tokens are binned by log-probability; whole bins above the one where the cumulative mass
-    crosses `top_p` are in, and only that boundary bin is sorted. Same set as a full sort.
+    Tokens are binned by how far their logit lies below the row's largest (`n_bins` bins over
+    `span` nats; farther ones share the last bin). Bins above the one where the cumulative
+    probability crosses `top_p` are inside, bins below it outside, and only that boundary bin is
+    sorted. The same set as `_nucleus_sorted` on a full sort: masses are summed in float64.
+
+    Args:
+        logits: (B, V) float logits.
+        top_p: the nucleus's probability mass, in (0, 1).
+        weights: `exp(logits - logits.amax(-1))` if the caller has it (`sample` does).
     """
-    logp = F.log_softmax(logits.double(), dim=-1)
-    probs = logp.exp()
-    gap = logp.max(dim=-1, keepdim=True).values - logp  # >= 0; 0 for the most likely token
-    span = gap.max(dim=-1, keepdim=True).values.clamp_(min=1e-12, max=40.0)
-    bucket = (gap * ((n_buckets - 1) / span)).long().clamp_(max=n_buckets - 1)  # 0 = likeliest
-    mass = torch.zeros(logits.size(0), n_buckets, dtype=probs.dtype, device=logits.device)
-    cum = mass.scatter_add_(1, bucket, probs).cumsum(dim=1)
-    boundary = (cum < top_p).sum(dim=1, keepdim=True).clamp_(max=n_buckets - 1)
+    gap = logits.amax(dim=-1, keepdim=True) - logits  # (B, V) >= 0; 0 for the likeliest
+    if weights is None:
+        weights = torch.exp(-gap)
+    probs = weights.double()  # unnormalised: the likeliest token has 1
+    # Monotone in the logit, so each bin holds a run of the sorted order; bin 0 = likeliest.
+    bins = gap.mul_(n_bins / span).clamp_(max=n_bins - 1).long()
+    mass = torch.zeros(logits.size(0), n_bins, dtype=probs.dtype, device=logits.device)
+    cum = mass.scatter_add_(1, bins, probs).cumsum(dim=1)  # (B, n_bins)
+    need = top_p * cum[:, -1:]  # (B, 1) the nucleus's mass, unnormalised
+    boundary = (cum < need).sum(dim=1, keepdim=True).clamp_(max=n_bins - 1)  # (B, 1)
     before = cum.gather(1, boundary) - mass.gather(1, boundary)  # mass of the bins above it
-    keep = bucket < boundary
-    in_boundary = bucket == boundary
-    k = int(in_boundary.sum(dim=1).max())
-    vals, idx = probs.masked_fill(~in_boundary, -1.0).topk(k, dim=-1)  # boundary bin, sorted
-    inside = (vals >= 0) & (before + vals.cumsum(dim=-1) - vals < top_p)
-    return keep.scatter_(1, idx, inside | keep.gather(1, idx))
+    outside = bins > boundary
+    # The boundary bins' tokens, row by row, likeliest first (ties: lower index first).
+    rows, cols = (bins == boundary).nonzero(as_tuple=True)  # row-major order
+    vals = probs[rows, cols]
+    order = torch.argsort(vals, descending=True, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    ahead = vals.cumsum(0) - vals  # mass of the tokens listed before, across rows
+    ahead = ahead - ahead[torch.searchsorted(rows, rows)]  # ... within the token's own row
+    out = before[rows, 0] + ahead >= need[rows, 0]  # the nucleus is complete without it
+    outside[rows[out], cols[out]] = True
+    return outside
+
+
+def _outside(logits: torch.Tensor, top_k: int | None, top_p: float | None,
+             weights: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(B, V) bool, True for the tokens top-k then top-p filtering removes; None if none."""
+    V = logits.size(-1)
+    use_k = top_k is not None and top_k < V
+    use_p = top_p is not None and top_p < 1.0
+    if not (use_k or use_p):
+        return None
+    if not use_k and logits.device.type == "cpu" and V >= 4096:
+        return _outside_nucleus(logits, top_p, weights)  # a full sort costs ~3.5 ms per row here
+    if use_k:
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
+    else:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    inside = _nucleus_sorted(vals, top_p) if use_p else torch.ones_like(vals, dtype=torch.bool)
+    return torch.ones_like(logits, dtype=torch.bool).scatter_(-1, idx, ~inside)
 
 
 def keep_mask(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
@@ -92,19 +126,8 @@ def keep_mask(logits: torch.Tensor, top_k: int | None = None, top_p: float | Non
     likely tokens whose probability sums to at least `top_p` (always at least one token); after
     top-k, the probabilities are those renormalised over the k survivors.
     """
-    V = logits.size(-1)
-    use_k = top_k is not None and top_k < V
-    use_p = top_p is not None and top_p < 1.0
-    if not (use_k or use_p):
-        return None
-    if use_k or logits.device.type != "cpu" or V < 4096:
-        if use_k:
-            vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), sorted descending
-        else:
-            vals, idx = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        inside = _nucleus_sorted(vals, top_p) if use_p else torch.ones_like(vals, dtype=torch.bool)
-        return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, inside)
-    return _nucleus_bucketed(logits, top_p)
+    outside = _outside(logits, top_k, top_p)
+    return None if outside is None else ~outside
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
@@ -118,18 +141,22 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row from (B, V) logits; `temperature == 0` is greedy (argmax).
 
-    Order: temperature, then top-k, then top-p, then a draw from the softmax.
+    Order: temperature, then top-k, then top-p, then a draw from the softmax over what is left.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    # Inverse-CDF draw: the first token whose cumulative probability reaches u, u uniform in
-    # (0, total]. Filtered tokens have zero-width intervals and are never drawn. Unlike
-    # torch.multinomial this makes no host-device sync, and it is ~20x cheaper on CPU than
-    # drawing exponential noise for every token.
-    cdf = F.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # softmax, unnormalised
+    outside = _outside(logits, top_k, top_p, weights)
+    if outside is not None:
+        weights.masked_fill_(outside, 0.0)
+    # Inverse-CDF draw: the first token whose cumulative weight reaches u, u uniform in
+    # (0, total]; dropped tokens have zero-width intervals and are never drawn. Unlike
+    # torch.multinomial this makes no host-device sync.
+    cdf = weights.cumsum(dim=-1)  # (B, V)
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    u = (1.0 - u) * cdf[:, -1:]  # in (0, total]: never lands on a zero-probability token 0
+    u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
 
