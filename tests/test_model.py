@@ -149,7 +149,7 @@ def test_with_block_restores_mode_grad_and_frees_cache(tiny_config):
         assert model.has_cache()
         model.generate(torch.tensor([1, 2, 3]), max_length=8)
     assert model.training and torch.is_grad_enabled() and not model.has_cache()
-    assert model.lm_head.decode_t is None
+    assert model.lm_head.decode_w is None
     model.eval()
     with torch.no_grad():
         model.generate(torch.tensor([1, 2]), max_length=5)
@@ -415,20 +415,40 @@ def test_default_init_is_gpt2_like():
     assert (sd["transformer.h.0.mlp.c_fc.bias"] == 0).all()
 
 
-@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
-def test_bucketed_nucleus_equals_full_sort(scale):
-    from model.generation import _nucleus_bucketed, keep_mask
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])
+def test_binned_nucleus_equals_full_sort(scale):
+    from model.generation import _outside_nucleus, keep_mask
 
     torch.manual_seed(int(scale * 100))
     for _ in range(20):
-        logits = torch.randn(3, 50257) * scale
+        logits = torch.randn(3, 50257) * scale  # 12.0: logits spread past the bins' 20 nats
+        logits[2, :1000] = float("-inf")  # already filtered tokens
         p = float(torch.rand(1)) * 0.98 + 0.01
         vals, idx = torch.sort(logits, dim=-1, descending=True)
         probs = vals.double().softmax(-1)
         ref = torch.zeros_like(logits, dtype=torch.bool).scatter_(
             -1, idx, (probs.cumsum(-1) - probs) < p)
-        assert torch.equal(_nucleus_bucketed(logits, p), ref)
+        assert torch.equal(~_outside_nucleus(logits, p), ref)
         assert torch.equal(keep_mask(logits, top_p=p), ref)
+
+
+def test_binned_nucleus_with_tied_logits_is_minimal():
+    from model.generation import keep_mask
+
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 50257) * 2).bfloat16().float()  # bf16 logits: many exact ties
+    for p in (0.3, 0.9, 0.99):
+        keep = keep_mask(logits, top_p=p)
+        probs = logits.double().softmax(-1)
+        for b in range(4):
+            kept = probs[b][keep[b]]
+            dropped = probs[b][~keep[b]]
+            assert kept.sum() >= p  # the nucleus reaches p ...
+            assert kept.sum() - kept.min() < p  # ... and no smaller set does
+            assert dropped.numel() == 0 or dropped.max() <= kept.min()  # the likeliest tokens
+            tied = probs[b] == kept.min()  # ties at the boundary: lower indices first
+            kept_tied = (keep[b] & tied).nonzero().flatten()
+            assert torch.equal(kept_tied, tied.nonzero().flatten()[:kept_tied.numel()])
 
 
 def test_sampling_never_draws_filtered_tokens():
@@ -442,20 +462,31 @@ def test_sampling_never_draws_filtered_tokens():
     assert set(draws.tolist()) == {7, 49}
 
 
-def test_decode_weight_copies_match_and_follow_weight_changes(tiny_config):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_weight_copies_match_and_follow_weight_changes(tiny_config, threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # more than one thread: the oneDNN-packed copies
+    try:
+        _check_decode_weight_copies(tiny_config, packed=threads > 1)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_decode_weight_copies(tiny_config, packed):
     model = LanguageModel(**tiny_config).eval()
     idx = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
         plain = model(idx)
         with model:
-            assert model.lm_head.decode_t is not None  # made by setup_cache on CPU
+            assert model.lm_head.decode_w is not None  # made by setup_cache on CPU
+            assert model.lm_head.packed == (packed and torch.backends.mkldnn.is_available())
             assert torch.allclose(model(idx), plain, atol=1e-5)
             model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place change is seen
             changed = model(idx)
-        assert model.lm_head.decode_t is None  # freed on exit
+        assert model.lm_head.decode_w is None  # freed on exit
         assert torch.allclose(model(idx), changed, atol=1e-5)
         model.generate(idx[0], max_new_tokens=2)  # outside `with`: copies kept for the next call
-        assert model.lm_head.decode_t is not None and not model.has_cache()
+        assert model.lm_head.decode_w is not None and not model.has_cache()
         model.transformer.h[1].attn.c_attn.bias.add_(1.0)  # bias is used as is
         model.transformer.h[1].attn.c_attn.weight.mul_(0.5)
         again = model(idx)
