@@ -98,7 +98,15 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+def _onednn_linear_op():
+    """oneDNN's linear on a packed weight (as torch.compile uses on CPU), if torch has it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default  # the overload: no lookup per call
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
 
 
 def _onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
@@ -107,7 +115,7 @@ def _onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
     Packed for 8 rows (oneDNN picks a blocked layout for that; any number of rows still works).
     The result is checked once against `F.linear` so an unsupported build or dtype falls back.
     """
-    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if _ONEDNN_LINEAR is None or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
@@ -117,7 +125,6 @@ def _onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
     except (AttributeError, NotImplementedError, RuntimeError):
         return None
     return packed if ok else None
-
 
 
 class Linear(nn.Linear):
@@ -160,10 +167,10 @@ class Linear(nn.Linear):
         wd = self.decode_w
         if self._decode_key != (w.data_ptr(), w._version, w.dtype):
             wd = self._refresh()
+        if self.packed:  # oneDNN takes (..., in) as it is
+            return _ONEDNN_LINEAR(x, wd, self.bias, "none", [], "")
         x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
-        if self.packed:
-            y = _ONEDNN_LINEAR(x2, wd, self.bias, "none", [], "")
-        elif self.bias is None:
+        if self.bias is None:
             y = x2 @ wd
         else:
             y = torch.addmm(self.bias, x2, wd)
@@ -343,7 +350,7 @@ class LanguageModel(nn.Module):
             logits (B, T, V), or (B, 1, V) with `last_only`.
         """
         x = self.forward_hidden(idx, input_pos, position_ids, attn_mask)
-        if last_only:
+        if last_only and x.size(1) > 1:
             x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
         return self.lm_head(x)
 
