@@ -91,10 +91,13 @@ def _outside_nucleus(logits: torch.Tensor, top_p: float, weights: torch.Tensor |
     rows, cols = (bins == boundary).nonzero(as_tuple=True)  # row-major order
     vals = probs[rows, cols]
     order = torch.argsort(vals, descending=True, stable=True)
-    order = order[torch.argsort(rows[order], stable=True)]
+    several = logits.size(0) > 1
+    if several:  # group by row, keeping that order within each row
+        order = order[torch.argsort(rows[order], stable=True)]
     rows, cols, vals = rows[order], cols[order], vals[order]
     ahead = vals.cumsum(0) - vals  # mass of the tokens listed before, across rows
-    ahead = ahead - ahead[torch.searchsorted(rows, rows)]  # ... within the token's own row
+    if several:
+        ahead = ahead - ahead[torch.searchsorted(rows, rows)]  # ... within the token's own row
     out = before[rows, 0] + ahead >= need[rows, 0]  # the nucleus is complete without it
     outside[rows[out], cols[out]] = True
     return outside
@@ -384,7 +387,8 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
         next_pos = real.sum(dim=1, keepdim=True)  # (B, 1) position of the next token per row
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(steps):
-            logits = logits.float()
+            if logits.dtype != torch.float32:  # bf16/fp16 models sample in float32
+                logits = logits.float()
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, plan.repetition_penalty)
             tok = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)

@@ -430,6 +430,7 @@ def test_binned_nucleus_equals_full_sort(scale):
             -1, idx, (probs.cumsum(-1) - probs) < p)
         assert torch.equal(~_outside_nucleus(logits, p), ref)
         assert torch.equal(keep_mask(logits, top_p=p), ref)
+        assert torch.equal(~_outside_nucleus(logits[1:2], p), ref[1:2])  # the one-row path
 
 
 def test_binned_nucleus_with_tied_logits_is_minimal():
