@@ -37,16 +37,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Best wall time of `repeats` calls (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+def timed(fns, device: torch.device, repeats: int) -> list[float]:
+    """Best wall time of each function over `repeats` rounds, after one warm-up call each.
+
+    The functions alternate within a round, so a slow spell of a shared machine hits them alike.
+    """
+    for fn in fns:
         fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -82,12 +87,11 @@ def bench_case(ours, hf, B: int, n: int, args, device: torch.device) -> str:
         hf.generate(prompt, attention_mask=mask, do_sample=True, top_p=0.9, top_k=0,
                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-    t_ours = timed(run_ours, device, args.repeats)
-    t_hf = timed(run_hf, device, args.repeats)
+    t_ours, t_hf = timed([run_ours, run_hf], device, args.repeats)
     nano = ""
     if not args.skip_nanogpt:
         gen = torch.Generator(device=device).manual_seed(0)
-        t_nano = timed(lambda: nanogpt_style(ours, prompt, n, gen), device, 1)
+        (t_nano,) = timed([lambda: nanogpt_style(ours, prompt, n, gen)], device, 1)
         nano = f"{B * n / t_nano:.0f}"
     return f"{B * n / t_ours:>12.0f}{B * n / t_hf:>10.0f}{t_hf / t_ours:>7.2f}x{nano:>15}"
 
@@ -98,7 +102,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--new_tokens", type=int, default=200)
     ap.add_argument("--prompt_len", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="our compiled static decode step")
     ap.add_argument("--cases", default="default,gpt2-124M")
     ap.add_argument("--skip_nanogpt", action="store_true")
