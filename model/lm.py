@@ -10,6 +10,7 @@ V vocab size, S cached key/value length.
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
@@ -107,6 +108,8 @@ def _onednn_linear_op():
 
 
 _ONEDNN_LINEAR = _onednn_linear_op()
+# Measured faster only on x86-64 (oneDNN's JIT kernels); elsewhere the plain copy is used.
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
@@ -115,7 +118,8 @@ def _onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
     Packed for 8 rows (oneDNN picks a blocked layout for that; any number of rows still works).
     The result is checked once against `F.linear` so an unsupported build or dtype falls back.
     """
-    if _ONEDNN_LINEAR is None or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if (_ONEDNN_LINEAR is None or not _X86_64 or w.device.type != "cpu"
+            or not torch.backends.mkldnn.is_available()):
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
@@ -133,12 +137,13 @@ class Linear(nn.Linear):
     Decoding reads every weight once per token for a few rows, which is memory-bound; in
     `nn.Linear`'s (out, in) layout PyTorch's CPU kernels stream it at about half the machine's
     bandwidth. So `setup_cache` (on CPU only, so by the first generation) makes a copy laid out
-    for such products: oneDNN's packed layout when torch uses more than one thread (about 1.4x
-    faster than the other at batch 1 and 3x at batch 8 on GPT-2 124M here), else a plain (in, out)
-    transpose (faster than oneDNN's on one thread at batch 1). The copy is refreshed if the weight
-    changes in place, used only with gradients and autocast off and outside `torch.compile`, and
-    kept until `clear_cache` (or the end of a `with model:` block): the weights take twice their
-    memory meanwhile. Parameters and `state_dict` are those of `nn.Linear`.
+    for such products: on x86-64 with more than one torch thread, oneDNN's packed layout (about
+    1.3x faster than the other at batch 1 and 3x at batch 8 on GPT-2 124M, 2-core EPYC); else a
+    plain (in, out) transpose (faster than oneDNN's on one thread at batch 1). The copy is
+    refreshed if the weight changes in place, used only with gradients and autocast off and
+    outside `torch.compile`, and kept until `clear_cache` (or the end of a `with model:` block):
+    the weights take twice their memory meanwhile. Parameters and `state_dict` are those of
+    `nn.Linear`.
     """
 
     decode_w: torch.Tensor | None = None  # oneDNN-packed (out, in), or a plain (in, out) copy
