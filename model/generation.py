@@ -150,14 +150,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         return logits.argmax(dim=-1)
     if temperature != 1.0:
         logits = logits / temperature
-    weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))  # softmax, unnormalised
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # softmax, unnormalised
     outside = _outside(logits, top_k, top_p, weights)
     if outside is not None:
         weights.masked_fill_(outside, 0.0)
     # Inverse-CDF draw: the first token whose cumulative weight reaches u, u uniform in
     # (0, total]; dropped tokens have zero-width intervals and are never drawn. Unlike
     # torch.multinomial this makes no host-device sync.
-    cdf = weights.cumsum(dim=-1)  # (B, V)
+    cdf = weights.cumsum_(dim=-1)  # (B, V), in place: one big temporary fewer
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
