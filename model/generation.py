@@ -25,6 +25,7 @@ differ from the one it would have alone.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
@@ -83,6 +84,8 @@ def _outside_nucleus(logits: torch.Tensor, top_p: float, weights: torch.Tensor |
     bins = gap.mul_(n_bins / span).clamp_(max=n_bins - 1).long()
     mass = torch.zeros(logits.size(0), n_bins, dtype=probs.dtype, device=logits.device)
     cum = mass.scatter_add_(1, bins, probs).cumsum(dim=1)  # (B, n_bins)
+    if logits.size(0) == 1:  # the usual case on CPU: fewer, cheaper ops (~15 us each here)
+        return _outside_one_row(weights, probs, bins, cum, top_p)
     need = top_p * cum[:, -1:]  # (B, 1) the nucleus's mass, unnormalised
     boundary = (cum < need).sum(dim=1, keepdim=True).clamp_(max=n_bins - 1)  # (B, 1)
     before = cum.gather(1, boundary) - mass.gather(1, boundary)  # mass of the bins above it
@@ -91,15 +94,31 @@ def _outside_nucleus(logits: torch.Tensor, top_p: float, weights: torch.Tensor |
     rows, cols = (bins == boundary).nonzero(as_tuple=True)  # row-major order
     vals = probs[rows, cols]
     order = torch.argsort(vals, descending=True, stable=True)
-    several = logits.size(0) > 1
-    if several:  # group by row, keeping that order within each row
-        order = order[torch.argsort(rows[order], stable=True)]
+    order = order[torch.argsort(rows[order], stable=True)]  # by row, that order within a row
     rows, cols, vals = rows[order], cols[order], vals[order]
     ahead = vals.cumsum(0) - vals  # mass of the tokens listed before, across rows
-    if several:
-        ahead = ahead - ahead[torch.searchsorted(rows, rows)]  # ... within the token's own row
+    ahead = ahead - ahead[torch.searchsorted(rows, rows)]  # ... within the token's own row
     out = before[rows, 0] + ahead >= need[rows, 0]  # the nucleus is complete without it
     outside[rows[out], cols[out]] = True
+    return outside
+
+
+def _outside_one_row(weights: torch.Tensor, probs: torch.Tensor, bins: torch.Tensor,
+                     cum: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`_outside_nucleus` for one row: the nucleus is every token at or above a weight floor
+    (of the tokens tied at the floor, the lower indices)."""
+    cum_host = cum[0].tolist()
+    need = top_p * cum_host[-1]
+    b = min(bisect.bisect_left(cum_host, need), len(cum_host) - 1)  # the boundary bin
+    before = cum_host[b - 1] if b > 0 else 0.0  # mass of the bins above it
+    cols = (bins[0] == b).nonzero().squeeze(1)  # (masked_select is several times slower)
+    vals = probs[0].index_select(0, cols).sort(descending=True).values
+    n_in = int((before + (vals.cumsum(0) - vals) < need).sum())  # a prefix of the bin is in
+    floor = vals[n_in - 1].item()  # float32 weights are exact in float64: same comparisons
+    outside = weights < floor
+    if n_in < vals.numel() and vals[n_in].item() == floor:  # ties at the floor: some are out
+        tied = (weights[0] == floor).nonzero().squeeze(1)
+        outside[0, tied[n_in - int((vals[:n_in] > floor).sum()):]] = True
     return outside
 
 

@@ -448,6 +448,7 @@ def test_binned_nucleus_with_tied_logits_is_minimal():
             assert kept.sum() >= p  # the nucleus reaches p ...
             assert kept.sum() - kept.min() < p  # ... and no smaller set does
             assert dropped.numel() == 0 or dropped.max() <= kept.min()  # the likeliest tokens
+            assert torch.equal(keep_mask(logits[b:b + 1], top_p=p)[0], keep[b])  # one-row path
             tied = probs[b] == kept.min()  # ties at the boundary: lower indices first
             kept_tied = (keep[b] & tied).nonzero().flatten()
             assert torch.equal(kept_tied, tied.nonzero().flatten()[:kept_tied.numel()])
