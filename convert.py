@@ -27,8 +27,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from training.cli import OneLineParser
 from training.fileio import atomic_write, fsync_dir
 
 # Weight files of a Hugging Face folder, in the order we look for them.
@@ -377,15 +378,8 @@ def _first_line(exc: BaseException) -> str:
 # -- command line --------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2) instead of usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="convert.py",
         description="Convert weights between this repo's checkpoints and Hugging Face GPT-2.",
         epilog="Examples: --from_hf hf_gpt2/ --out gpt2.pt | --to_hf hf_out/ --checkpoint "

@@ -18,23 +18,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from training.cli import OneLineParser
 from training.data import DataError, add_data_args, describe_split, load_split
 
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2) instead of usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="evaluate_lm.py",
         description="Perplexity, mean loss and bits per byte of a checkpoint, with sliding "
         "windows as in Hugging Face's perplexity guide.",

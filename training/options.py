@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from training.cli import OneLineParser
 from training.data import add_data_args, dataset_label
 
 MAX_STEPS_ENV = "LM_MAX_STEPS"
@@ -35,13 +36,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class UsageError(ValueError):
     """A bad flag or flag combination; reported as one line with exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
