@@ -40,7 +40,7 @@ from training.evaluation import count_windows, evaluate_tokens  # noqa: E402
 from training.explain import print_explanation  # noqa: E402
 from training.fused_loss import TrainingModule  # noqa: E402
 from training.metrics import MetricsLog, plot_losses  # noqa: E402
-from training.optim import lr_at, make_optimizer  # noqa: E402
+from training.optim import WeightAverage, lr_scale, make_optimizer, set_lr_scale  # noqa: E402
 from training.options import (  # noqa: E402
     DTYPE_NAMES,
     UsageError,
@@ -261,7 +261,10 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
             module, device_ids=[device.index] if device.type == "cuda" else None)
     runner = ddp or module
     optimizer = make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                               device.type)
+                               device.type, optimizer=args.optimizer, muon_lr=args.muon_lr,
+                               muon_momentum=args.muon_momentum,
+                               muon_weight_decay=args.muon_weight_decay)
+    average = WeightAverage(model, args.ema) if args.ema > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     autocast = autocast_context(device.type, amp)
     params = list(model.parameters())
@@ -270,8 +273,14 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     best_val, best_name, last_val, last_train = None, None, None, None
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model_state_dict"])
+            # With --ema the snapshot's model_state_dict is the average; the training weights
+            # are kept beside it.
+            model.load_state_dict(ckpt.get("raw_model_state_dict") or ckpt["model_state_dict"])
             optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+            if average is not None:
+                if ckpt.get("ema_state") is None:
+                    raise ValueError("it has no weight average (it was trained without --ema)")
+                average.load_state_dict(ckpt["ema_state"])
             if scaler.is_enabled() and ckpt.get("scaler_state_dict"):
                 scaler.load_state_dict(ckpt["scaler_state_dict"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -398,7 +407,14 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     write = bar.write if bar is not None else (lambda s: None)
 
     def evaluate(step: int) -> bool:
-        """Validate (rank 0); returns whether this is the best validation loss so far."""
+        """Validate (rank 0), with the averaged weights under --ema; returns whether this is the
+        best validation loss so far."""
+        if average is None:
+            return evaluate_weights(step)
+        with average.applied(model):
+            return evaluate_weights(step)
+
+    def evaluate_weights(step: int) -> bool:
         nonlocal last_val, best_val
         res = evaluate_tokens(model, val_tokens, seq_len=args.seq_len,
                               batch_size=args.eval_batch_size,
@@ -432,7 +448,8 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
             best_name = name
         payload = {
             "model_config": cfg.to_dict(),
-            "model_state_dict": clean_state_dict(model.state_dict()),
+            "model_state_dict": clean_state_dict(model.state_dict() if average is None
+                                                 else average.averaged_state_dict(model)),
             "optimizer_state_dict": to_cpu(optimizer.state_dict()),
             "step": step, "epoch": epoch_of_step,
             "val_loss": last_val[0] if last_val else None,
@@ -450,6 +467,9 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
         }
         if scaler.is_enabled():
             payload["scaler_state_dict"] = scaler.state_dict()
+        if average is not None:
+            payload["raw_model_state_dict"] = clean_state_dict(model.state_dict())
+            payload["ema_state"] = to_cpu(average.state_dict())
         return save_snapshot(snap_dir, payload, name=name, is_best=is_best,
                              keep_last=args.keep_last, protect=[best_name] if best_name else [])
 
@@ -461,12 +481,15 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     log_tokens, log_time = 0, 0.0
     try:
         while step < stop_at:
-            lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                       max_steps=max_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            scale = lr_scale(step, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                             max_steps=max_steps, min_ratio=args.min_lr / args.lr,
+                             cooldown=args.cooldown)
+            set_lr_scale(optimizer, scale)
+            lr = args.lr * scale
             t0 = time.perf_counter()
             step_loss = one_step(epoch, batch_idx)
+            if average is not None:
+                average.update(model)
             epoch_of_step = epoch
             step += 1
             batch_idx += 1
