@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same text for the same --seed)")
     r.add_argument("--verbose", "-v", action="store_true",
                    help="print load time, seed and generation speed on stderr")
+    r.add_argument("--allow_nonfinite", action="store_true",
+                   help="load a checkpoint with NaN/inf weights instead of refusing it (to "
+                        "debug a diverged run; generation stops at the first non-finite logits)")
     return p
 
 
@@ -220,7 +223,7 @@ def _load(args: argparse.Namespace):
         origin = "--tokenizer" if args.tokenizer else "the checkpoint's tokenizer (--tokenizer)"
         _fail(f"{origin}: {exc}")
     try:
-        model = build_model(ckpt, device, tokenizer)
+        model = build_model(ckpt, device, tokenizer, allow_nonfinite=args.allow_nonfinite)
     except (CheckpointError, DeviceError) as exc:
         _fail(str(exc))
     sys.stderr.write(_describe(ckpt, model, device, amp_dtype) + "\n")
@@ -260,6 +263,7 @@ def _prompt_ids(model: Any, tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str) -> int:
+    from model.generation import NonFiniteLogitsError
     from model.textstream import TextGeneration
 
     settings = _settings(args)
@@ -276,20 +280,25 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
             settings.seed = base_seed + i
             try:
                 gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream)
-                pieces = iter(gen)
-            except ValueError as exc:
+                pieces = iter(gen)  # --no_stream generates here
+            except (ValueError, NonFiniteLogitsError) as exc:
                 _fail(str(exc))
             if args.num_samples > 1:
                 sep = "\n" if i else ""
                 out.write(f"{sep}--- sample {i + 1}/{args.num_samples} ---\n")
             out.write(prompt)
             out.flush()
-            if args.no_stream:
-                out.write("".join(pieces))
-            else:
-                for piece in pieces:
-                    out.write(piece)
-                    out.flush()
+            try:
+                if args.no_stream:
+                    out.write("".join(pieces))
+                else:
+                    for piece in pieces:
+                        out.write(piece)
+                        out.flush()
+            except NonFiniteLogitsError as exc:
+                out.write("\n")
+                out.flush()
+                _fail(str(exc))
             out.write("\n")
             out.flush()
             if args.verbose:

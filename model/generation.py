@@ -36,6 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or infinite logits, so no token can be sampled; one-line message."""
+
+
 # -- samplers -------------------------------------------------------------------------------------
 
 
@@ -396,6 +401,16 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
                 position_ids=_positions(real[:, :T]) if padded else None,
                 attn_mask=_prefill_mask(real[:, :T]) if padded else None, last_only=True)[:, -1]
 
+    # NaN/inf logits (broken weights, or a float16 overflow) would sample garbage silently. One
+    # reduction per step flags them on the device; the flag is read where the loop syncs anyway.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def check_finite(step: int) -> None:
+        if bool(nonfinite):
+            raise NonFiniteLogitsError(
+                f"the model produced non-finite logits (NaN or inf) by new token {step + 1}: its "
+                "weights are broken (a diverged checkpoint?) or --dtype float16 overflowed")
+
     was_training = model.training
     owns_cache = not model.has_cache()
     model.eval()
@@ -408,6 +423,9 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
         for step in range(steps):
             if logits.dtype != torch.float32:  # bf16/fp16 models sample in float32
                 logits = logits.float()
+            nonfinite |= ~torch.isfinite(logits.sum())  # a NaN or inf anywhere makes it so
+            if step % check_every == 0 or step == steps - 1:
+                check_finite(step)
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, plan.repetition_penalty)
             tok = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
@@ -420,6 +438,7 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
             if step == steps - 1:
                 break
             if stops_early and (step + 1) % check_every == 0 and bool(finished.all()):
+                check_finite(step)
                 break
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)

@@ -1,0 +1,162 @@
+"""Checkpoints and arguments that are wrong the way a careless or hostile user's are.
+
+Each case ends in one clear line (a `CheckpointError`, or exit 2 from a script), never in a
+traceback, an allocator failure or a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model.checkpoint import CheckpointError, load_model
+from model.generation import NonFiniteLogitsError
+from tests.cli_cases import run_many
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return torch.load(tiny_checkpoint, weights_only=True)
+
+
+def _save(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _load_error(path, **kwargs) -> str:
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, device="cpu", **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def _with_weight(tiny, name: str, value: torch.Tensor) -> dict:
+    sd = dict(tiny["model_state_dict"])
+    sd[name] = value
+    if name == "transformer.wte.weight":
+        sd["lm_head.weight"] = value
+    return {**tiny, "model_state_dict": sd}
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(tiny, tmp_path_factory) -> Path:
+    """The tiny model with one NaN in the last block's MLP: every logit becomes NaN."""
+    w = tiny["model_state_dict"]["transformer.h.1.mlp.c_fc.weight"].clone()
+    w[0, 0] = math.nan
+    path = tmp_path_factory.mktemp("nan") / "nan.pt"
+    return _save(path, _with_weight(tiny, "transformer.h.1.mlp.c_fc.weight", w))
+
+
+# -- the loader validates before it allocates ---------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    # Each would ask the allocator for terabytes (before: a RuntimeError from the allocator).
+    ("max_seq_len", 2**40, "asks for max_seq_len 1,099,511,627,776, more than the"),
+    ("d_model", 2**36, "asks for d_model 68,719,476,736, more than the 1,626,400 weights"),
+    ("d_ff", 2**40, "asks for d_ff 1,099,511,627,776"),
+    ("vocab_size", 2**40, "asks for vocab_size 1,099,511,627,776"),
+    # Building even the module tree of a billion layers would take hours.
+    ("num_layers", 10**9, "num_layers 1,000,000,000 (the file has 29 tensors)"),
+])
+def test_absurd_config_is_refused_before_allocating(tmp_path, tiny, key, value, needle):
+    cfg = {**tiny["model_config"], key: value}
+    if key == "d_model":
+        cfg["num_heads"] = 2
+    msg = _load_error(_save(tmp_path / "absurd.pt", {**tiny, "model_config": cfg}))
+    assert needle in msg
+
+
+def test_nonfinite_weights_are_named_and_refused(tmp_path, tiny, nan_checkpoint):
+    msg = _load_error(nan_checkpoint)
+    assert "non-finite weights" in msg and "transformer.h.1.mlp.c_fc.weight" in msg
+    assert "--allow_nonfinite" in msg
+    inf = tiny["model_state_dict"]["transformer.ln_f.bias"].clone()
+    inf[3] = -math.inf
+    msg = _load_error(_save(tmp_path / "inf.pt",
+                            _with_weight(tiny, "transformer.ln_f.bias", inf)))
+    assert "transformer.ln_f.bias" in msg
+    model, _ = load_model(nan_checkpoint, device="cpu", allow_nonfinite=True)  # to debug it
+    assert torch.isnan(model.transformer.h[1].mlp.c_fc.weight).any()
+
+
+def test_integer_weights_are_refused(tmp_path, tiny):
+    sd = {k: v for k, v in tiny["model_state_dict"].items() if k != "lm_head.weight"}
+    sd["transformer.ln_f.weight"] = torch.ones(32, dtype=torch.int64)
+    path = tmp_path / "ints.safetensors"
+    save_file(sd, str(path), metadata={"model_config": json.dumps(tiny["model_config"])})
+    msg = _load_error(path)
+    assert "floating-point" in msg and "transformer.ln_f.weight (int64)" in msg
+
+
+def test_safetensors_with_wrong_shapes(tmp_path, tiny):
+    sd = {k: v for k, v in tiny["model_state_dict"].items() if k != "lm_head.weight"}
+    sd["transformer.h.0.attn.c_attn.weight"] = torch.zeros(96, 31)
+    path = tmp_path / "shapes.safetensors"
+    save_file(sd, str(path), metadata={"model_config": json.dumps(tiny["model_config"])})
+    assert "transformer.h.0.attn.c_attn.weight [96, 31] vs [96, 32]" in _load_error(path)
+
+
+def test_zip_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("readme.txt", "not a checkpoint")
+    assert "truncated or corrupt" in _load_error(path)
+
+
+# -- generation stops at non-finite logits ------------------------------------------------------
+
+
+def test_generate_raises_on_nonfinite_logits(nan_checkpoint):
+    model, _ = load_model(nan_checkpoint, device="cpu", allow_nonfinite=True)
+    for kwargs in (dict(temperature=0), dict(temperature=0.8, top_p=0.9), dict(top_k=5)):
+        with pytest.raises(NonFiniteLogitsError, match="non-finite logits") as info:
+            model.generate([1, 2, 3], max_new_tokens=5, **kwargs)
+        assert "\n" not in str(info.value) and "new token 1" in str(info.value)
+    stream = model.stream([1, 2, 3], max_new_tokens=5)
+    with pytest.raises(NonFiniteLogitsError):
+        next(stream)
+    assert isinstance(NonFiniteLogitsError("x"), RuntimeError)
+
+
+# -- the scripts: one line, exit 2 --------------------------------------------------------------
+
+
+def test_scripts_refuse_broken_checkpoints(tmp_path, tiny, nan_checkpoint):
+    absurd = _save(tmp_path / "absurd.pt",
+                   {**tiny, "model_config": {**tiny["model_config"], "d_ff": 2**40}})
+    gen = ["--prompt", "Hi", "--max_new_tokens", "3", "--device", "cpu"]
+    results = run_many(REPO / "generate_lm.py", {
+        "nan": ["--checkpoint", nan_checkpoint, *gen],
+        "nan_allowed": ["--checkpoint", nan_checkpoint, *gen, "--allow_nonfinite"],
+        "nan_allowed_no_stream": ["--checkpoint", nan_checkpoint, *gen, "--allow_nonfinite",
+                                  "--no_stream"],
+        "absurd": ["--checkpoint", absurd, *gen],
+    }, tmp_path)
+    for name, needle in (("nan", "non-finite weights"), ("nan_allowed", "non-finite logits"),
+                         ("nan_allowed_no_stream", "non-finite logits"),
+                         ("absurd", "model_config asks for d_ff")):
+        code, _, err = results[name]
+        assert code == 2 and "Traceback" not in err, (name, err)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], (name, err)
+    for script, argv in (("evaluate_lm.py", ["--file", REPO / "README.md"]),
+                         ("convert.py", ["--to_safetensors", tmp_path / "x.safetensors"])):
+        results = run_many(REPO / script, {
+            "nan": ["--checkpoint", nan_checkpoint, *argv],
+            "absurd": ["--checkpoint", absurd, *argv],
+        }, tmp_path)
+        for code, _, err in results.values():
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (script, err)
+            assert f"{script}: error:" in err, (script, err)
+    assert not (tmp_path / "x.safetensors").exists()
