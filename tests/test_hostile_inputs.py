@@ -6,6 +6,7 @@ traceback, an allocator failure or a silently wrong result.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import zipfile
@@ -17,6 +18,9 @@ from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_model
 from model.generation import NonFiniteLogitsError
+from model.repl import Repl
+from model.textstream import GenerationSettings
+from model.tokenizer import load_tokenizer
 from tests.cli_cases import run_many
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +131,18 @@ def test_generate_raises_on_nonfinite_logits(nan_checkpoint):
     with pytest.raises(NonFiniteLogitsError):
         next(stream)
     assert isinstance(NonFiniteLogitsError("x"), RuntimeError)
+
+
+def test_repl_survives_nonfinite_logits(nan_checkpoint):
+    tok = load_tokenizer("gpt2")
+    model, _ = load_model(nan_checkpoint, device="cpu", tokenizer=tok, allow_nonfinite=True)
+    out, err = io.StringIO(), io.StringIO()
+    repl = Repl(model, tok, GenerationSettings(max_new_tokens=3), interactive=False,
+                stdin=io.StringIO("Hello\n/show\n"), stdout=out, stderr=err)
+    assert repl.run() == 0
+    assert err.getvalue().count("error:") == 1 and "non-finite logits" in err.getvalue()
+    assert out.getvalue().startswith("Hello\n")  # the answer's line is ended
+    assert "max_new_tokens      3" in out.getvalue()  # the session went on: /show ran
 
 
 # -- the scripts: one line, exit 2 --------------------------------------------------------------
