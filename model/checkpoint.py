@@ -285,13 +285,15 @@ def _check_state_dict(state: dict[str, Any], expected: dict[str, tuple[int, ...]
     if bad_type:
         raise CheckpointError(f"checkpoint {file}: state dict entries are not tensors: "
                               f"{_few(sorted(map(str, bad_type)))}")
-    not_float = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state.items()
-                 if not v.is_floating_point()]
-    if not_float:
-        raise CheckpointError(f"checkpoint {file}: weights must be floating-point tensors, "
-                              f"got {_few(sorted(not_float), 3)}")
+    odd = [f"{k} ({str(v.dtype).replace('torch.', '')}"
+           + ("" if v.layout == torch.strided else f", {str(v.layout).replace('torch.', '')}")
+           + (", meta" if v.is_meta else "") + ")" for k, v in state.items()
+           if not v.is_floating_point() or v.layout != torch.strided or v.is_meta]
+    if odd:
+        raise CheckpointError(f"checkpoint {file}: weights must be dense floating-point tensors "
+                              f"with data, got {_few(sorted(odd), 3)}")
     missing = sorted(set(expected) - set(state) - {_TIED[0]})  # a tied head may be left out
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(map(str, set(state) - set(expected)))  # keys may be any type
     shapes = [f"{k} {list(state[k].shape)} vs {list(shp)}" for k, shp in expected.items()
               if k in state and tuple(state[k].shape) != shp]
     problems = []

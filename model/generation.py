@@ -57,7 +57,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         penalty: the penalty, > 0; 1.0 changes nothing.
     """
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty must not make an inf (then NaN)
+    return torch.where(seen, penalized.clamp_(-big, big), logits)
 
 
 def _nucleus_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -166,15 +167,19 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits; `temperature == 0` is greedy (argmax).
+    """Draw one token per row from (B, V) logits; `temperature == 0` (or one too small to divide
+    by in the logits' dtype) is greedy (argmax).
 
     Order: temperature, then top-k, then top-p, then a draw from the softmax over what is left.
     """
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small it would divide by 0
         return logits.argmax(dim=-1)
+    # Shift the largest logit to 0, then divide: a tiny temperature sends the others to -inf
+    # (weight 0), where dividing first would overflow to inf - inf = NaN.
+    logits = logits - logits.amax(dim=-1, keepdim=True)
     if temperature != 1.0:
-        logits = logits / temperature
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # softmax, unnormalised
+        logits.div_(temperature)
+    weights = logits.exp()  # softmax, unnormalised
     outside = _outside(logits, top_k, top_p, weights)
     if outside is not None:
         weights.masked_fill_(outside, 0.0)
@@ -185,6 +190,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
+_ENDLESS = 2**62  # budgets past this are endless in practice, and must fit a torch int64
 
 
 # -- argument handling ----------------------------------------------------------------------------
@@ -305,12 +313,12 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
             raise ValueError(f"prompt token ids must be in [0, {V}), got {lo if lo < 0 else hi}")
     longest = max(r.numel() for r in rows)
     if max_new_tokens is not None:
-        budgets = [int(max_new_tokens)] * len(rows)
+        budgets = [min(int(max_new_tokens), _ENDLESS)] * len(rows)
     else:
         if max_length <= longest:
             raise ValueError(f"max_length ({max_length}) must be greater than the prompt length "
                              f"({longest} tokens); it counts prompt plus generated tokens")
-        budgets = [int(max_length) - r.numel() for r in rows]
+        budgets = [min(int(max_length), _ENDLESS) - r.numel() for r in rows]
 
     device = model.device
     if generator is not None:

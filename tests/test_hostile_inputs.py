@@ -100,7 +100,22 @@ def test_integer_weights_are_refused(tmp_path, tiny):
     path = tmp_path / "ints.safetensors"
     save_file(sd, str(path), metadata={"model_config": json.dumps(tiny["model_config"])})
     msg = _load_error(path)
-    assert "floating-point" in msg and "transformer.ln_f.weight (int64)" in msg
+    assert "dense floating-point" in msg and "transformer.ln_f.weight (int64)" in msg
+
+
+@pytest.mark.parametrize("odd, needle", [
+    (torch.zeros(32, device="meta"), "(float32, meta)"),  # before: RuntimeError from .item()
+    (torch.zeros(32).to_sparse(), "(float32, sparse_coo)"),  # before: NotImplementedError
+])
+def test_meta_and_sparse_weights_are_refused(tmp_path, tiny, odd, needle):
+    path = _save(tmp_path / "odd.pt", _with_weight(tiny, "transformer.ln_f.bias", odd))
+    assert f"transformer.ln_f.bias {needle}" in _load_error(path)
+
+
+def test_non_string_keys_do_not_break_the_message(tmp_path, tiny):
+    sd = {**tiny["model_state_dict"], 5: torch.zeros(2), "extra.weight": torch.zeros(2)}
+    msg = _load_error(_save(tmp_path / "keys.pt", {**tiny, "model_state_dict": sd}))
+    assert "unexpected keys: 5, extra.weight" in msg  # before: TypeError sorting int and str
 
 
 def test_safetensors_with_wrong_shapes(tmp_path, tiny):
@@ -131,6 +146,23 @@ def test_generate_raises_on_nonfinite_logits(nan_checkpoint):
     with pytest.raises(NonFiniteLogitsError):
         next(stream)
     assert isinstance(NonFiniteLogitsError("x"), RuntimeError)
+
+
+def test_extreme_sampling_values_stay_well_defined(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint, device="cpu")  # no end token: every step counts
+    prompt = [464, 3290, 286, 262, 995, 373, 257, 1110]
+    greedy = model.generate(prompt, max_new_tokens=6, temperature=0)
+    # A tiny temperature is greedy in the limit (before: inf - inf = NaN, garbage tokens).
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=1e-300, seed=1),
+                       greedy)
+    # A tiny repetition penalty makes seen tokens win (before: an inf logit, then NaN).
+    out = model.generate(prompt, max_new_tokens=4, repetition_penalty=1e-300, seed=1)
+    assert int(out[0, len(prompt)]) in prompt
+    # A budget past int64 means "no limit" (before: an overflow error from torch).
+    steps = model.stream(prompt, max_new_tokens=10**20, seed=1)
+    assert [next(steps).shape for _ in range(3)] == [(1,)] * 3
+    steps.close()
+    assert model.generate(prompt, max_length=10**30, seed=1, max_new_tokens=2).shape == (1, 10)
 
 
 def test_repl_survives_nonfinite_logits(nan_checkpoint):

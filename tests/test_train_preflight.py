@@ -78,6 +78,12 @@ def test_unwritable_out_dir_permissions(tmp_path, capsys):
     _one_error_line(code, err, "Permission denied")
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seed_out_of_range(tmp_path, capsys, seed):
+    code, _, err = _run([*tiny_flags(tmp_path), "--seed", seed], capsys)  # before: a traceback
+    _one_error_line(code, err, "--seed: expected an integer in [0, 2**63)")
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 
