@@ -135,7 +135,9 @@ def _fail(message: str) -> NoReturn:
 
 
 def _read_stdin_prompt() -> str:
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None:
+        _fail("--prompt - reads the prompt from stdin, but stdin is closed; pipe text in")
+    if sys.stdin.isatty():
         _fail("--prompt - reads the prompt from stdin, but stdin is a terminal; pipe text in, "
               "e.g. echo 'Once upon a time' | python generate_lm.py --prompt -")
     data = sys.stdin.buffer.read()
@@ -318,6 +320,10 @@ def _run(argv: list[str] | None) -> int:
         _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
     if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
         _fail(f"--checkpoint: not found: {args.checkpoint}")
+    if sys.stdout is None:
+        _fail("stdout is closed: there is nowhere to write the text")
+    if args.interactive and sys.stdin is None:
+        _fail("--interactive reads prompts from stdin, but stdin is closed")
     prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
     if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
@@ -352,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130
+    except OSError as exc:  # writing the text failed: a full disk, an I/O error
+        sys.stderr.write(f"error: cannot write the output ({exc.strerror or exc})\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit-time flush would fail again
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -208,3 +211,31 @@ def test_scripts_refuse_broken_checkpoints(tmp_path, tiny, nan_checkpoint):
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (script, err)
             assert f"{script}: error:" in err, (script, err)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# -- odd terminals and streams ------------------------------------------------------------------
+
+
+def test_closed_streams_and_a_full_output(tmp_path, tiny_checkpoint):
+    """stdin or stdout closed (`<&-`, `>&-`) and output to a full disk (/dev/full): one line each
+    (before: AttributeError or OSError tracebacks)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    gen = f"{sys.executable} {REPO / 'generate_lm.py'} --checkpoint {tiny_checkpoint}"
+    ev = f"{sys.executable} {REPO / 'evaluate_lm.py'} --checkpoint {tiny_checkpoint}"
+    cases = {
+        f"{gen} --interactive <&-": (2, "--interactive reads prompts from stdin, but stdin is "
+                                        "closed"),
+        f"{gen} --prompt - <&-": (2, "stdin is closed"),
+        f"{gen} --prompt Hi >&-": (2, "stdout is closed"),
+        f"{gen} --prompt Hi --max_new_tokens 2 >/dev/full": (1, "cannot write the output (No "
+                                                              "space left on device)"),
+        f"{ev} --file {REPO / 'README.md'} --json >/dev/full": (1, "cannot write the report"),
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for command, (code, needle) in cases.items():
+        proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=300)
+        errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+        assert proc.returncode == code and "Traceback" not in proc.stderr, (command, proc.stderr)
+        assert len(errors) == 1 and needle in errors[0], (command, proc.stderr)

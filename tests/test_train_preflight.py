@@ -158,6 +158,17 @@ def test_failed_snapshot_write_leaves_latest_and_best(tmp_path, monkeypatch):
     assert len(list(snap_dir.glob("snapshot_*"))) == 1
 
 
+def test_disk_full_while_logging_metrics(tmp_path, capsys, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(train_lm.MetricsLog, "log", full)
+    code, _, err = _run(tiny_flags(tmp_path, "--max_steps", "2", "--log_interval", "1"), capsys)
+    errors = [ln for ln in err.splitlines() if "error:" in ln]
+    assert code == 1 and "Traceback" not in err, err  # before: an OSError traceback
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "metrics.csv" in err
+
+
 def _limit_file_size():
     # Files may not grow past 1 MB in the child: a snapshot (~20 MB) cannot be written, the
     # metrics can. (Python ignores SIGXFSZ, so the write fails with EFBIG instead of killing.)

@@ -565,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or an I/O error outside the snapshot writes
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"train_lm.py: error: {exc.strerror or exc}{where}; snapshots are written "
+              "atomically, so those already written are intact", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
