@@ -150,6 +150,17 @@ def _read_stdin_prompt() -> str:
     return text
 
 
+def _from_argv(flag: str, text: str | None) -> str | None:
+    """An argument as text: bytes that were not UTF-8 (kept by Python as lone surrogates, which
+    the tokenizer cannot take) become U+FFFD, with a note, as for stdin."""
+    if text is None:
+        return None
+    fixed = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    if fixed != text:
+        sys.stderr.write(f"note: {flag} was not valid UTF-8; undecodable bytes became U+FFFD\n")
+    return fixed
+
+
 def _autocast_dtype(name: str, device: Any):
     """The autocast dtype for --dtype, or None for plain float32."""
     import torch
@@ -324,7 +335,8 @@ def _run(argv: list[str] | None) -> int:
         _fail("stdout is closed: there is nowhere to write the text")
     if args.interactive and sys.stdin is None:
         _fail("--interactive reads prompts from stdin, but stdin is closed")
-    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin_prompt() if args.prompt == "-" else _from_argv("--prompt", args.prompt)
+    args.stop = [_from_argv("--stop", s) for s in args.stop]
     if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
     model, tokenizer, ckpt, amp_dtype = _load(args)

@@ -232,10 +232,18 @@ def test_closed_streams_and_a_full_output(tmp_path, tiny_checkpoint):
                                                               "space left on device)"),
         f"{ev} --file {REPO / 'README.md'} --json >/dev/full": (1, "cannot write the report"),
     }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "PYTHONIOENCODING": "utf-8"}
     for command, (code, needle) in cases.items():
         proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env,
                               cwd=tmp_path, timeout=300)
         errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
         assert proc.returncode == code and "Traceback" not in proc.stderr, (command, proc.stderr)
         assert len(errors) == 1 and needle in errors[0], (command, proc.stderr)
+    # Not UTF-8 on the command line (before: a TypeError from the tokenizer).
+    proc = subprocess.run(["bash", "-c", f"{gen} --prompt $'caf\\xe9' --stop $'\\xff' "
+                           "--max_new_tokens 2 --seed 1"],
+                          capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode("utf-8").startswith("caf\ufffd")
+    assert proc.stderr.decode().count("was not valid UTF-8") == 2
