@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_cases import run_many
 from safetensors.torch import save_file
+from test_loader import _error, _save
 
-from model.checkpoint import CheckpointError, load_model
+from model.checkpoint import load_model
 from model.generation import NonFiniteLogitsError
 from model.repl import Repl
 from model.textstream import GenerationSettings
 from model.tokenizer import load_tokenizer
-from tests.cli_cases import run_many
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,19 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
     return torch.load(tiny_checkpoint, weights_only=True)
-
-
-def _save(path: Path, obj) -> Path:
-    torch.save(obj, path)
-    return path
-
-
-def _load_error(path, **kwargs) -> str:
-    with pytest.raises(CheckpointError) as info:
-        load_model(path, device="cpu", **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
 
 
 def _with_weight(tiny, name: str, value: torch.Tensor) -> dict:
@@ -80,17 +68,17 @@ def test_absurd_config_is_refused_before_allocating(tmp_path, tiny, key, value, 
     cfg = {**tiny["model_config"], key: value}
     if key == "d_model":
         cfg["num_heads"] = 2
-    msg = _load_error(_save(tmp_path / "absurd.pt", {**tiny, "model_config": cfg}))
+    msg = _error(_save(tmp_path / "absurd.pt", {**tiny, "model_config": cfg}))
     assert needle in msg
 
 
 def test_nonfinite_weights_are_named_and_refused(tmp_path, tiny, nan_checkpoint):
-    msg = _load_error(nan_checkpoint)
+    msg = _error(nan_checkpoint)
     assert "non-finite weights" in msg and "transformer.h.1.mlp.c_fc.weight" in msg
     assert "--allow_nonfinite" in msg
     inf = tiny["model_state_dict"]["transformer.ln_f.bias"].clone()
     inf[3] = -math.inf
-    msg = _load_error(_save(tmp_path / "inf.pt",
+    msg = _error(_save(tmp_path / "inf.pt",
                             _with_weight(tiny, "transformer.ln_f.bias", inf)))
     assert "transformer.ln_f.bias" in msg
     model, _ = load_model(nan_checkpoint, device="cpu", allow_nonfinite=True)  # to debug it
@@ -102,7 +90,7 @@ def test_integer_weights_are_refused(tmp_path, tiny):
     sd["transformer.ln_f.weight"] = torch.ones(32, dtype=torch.int64)
     path = tmp_path / "ints.safetensors"
     save_file(sd, str(path), metadata={"model_config": json.dumps(tiny["model_config"])})
-    msg = _load_error(path)
+    msg = _error(path)
     assert "dense floating-point" in msg and "transformer.ln_f.weight (int64)" in msg
 
 
@@ -112,12 +100,12 @@ def test_integer_weights_are_refused(tmp_path, tiny):
 ])
 def test_meta_and_sparse_weights_are_refused(tmp_path, tiny, odd, needle):
     path = _save(tmp_path / "odd.pt", _with_weight(tiny, "transformer.ln_f.bias", odd))
-    assert f"transformer.ln_f.bias {needle}" in _load_error(path)
+    assert f"transformer.ln_f.bias {needle}" in _error(path)
 
 
 def test_non_string_keys_do_not_break_the_message(tmp_path, tiny):
     sd = {**tiny["model_state_dict"], 5: torch.zeros(2), "extra.weight": torch.zeros(2)}
-    msg = _load_error(_save(tmp_path / "keys.pt", {**tiny, "model_state_dict": sd}))
+    msg = _error(_save(tmp_path / "keys.pt", {**tiny, "model_state_dict": sd}))
     assert "unexpected keys: 5, extra.weight" in msg  # before: TypeError sorting int and str
 
 
@@ -126,14 +114,14 @@ def test_safetensors_with_wrong_shapes(tmp_path, tiny):
     sd["transformer.h.0.attn.c_attn.weight"] = torch.zeros(96, 31)
     path = tmp_path / "shapes.safetensors"
     save_file(sd, str(path), metadata={"model_config": json.dumps(tiny["model_config"])})
-    assert "transformer.h.0.attn.c_attn.weight [96, 31] vs [96, 32]" in _load_error(path)
+    assert "transformer.h.0.attn.c_attn.weight [96, 31] vs [96, 32]" in _error(path)
 
 
 def test_zip_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("readme.txt", "not a checkpoint")
-    assert "truncated or corrupt" in _load_error(path)
+    assert "truncated or corrupt" in _error(path)
 
 
 # -- generation stops at non-finite logits ------------------------------------------------------
