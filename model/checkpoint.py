@@ -317,7 +317,8 @@ def _check_finite(state: dict[str, Any], file: str) -> None:
     if bad:
         raise CheckpointError(
             f"checkpoint {file}: non-finite weights (NaN or inf) in {_few(sorted(bad), 3)}; the "
-            "run diverged: use an earlier snapshot (--allow_nonfinite loads it anyway, to debug)")
+            "run diverged: use an earlier snapshot (to inspect it anyway: generate_lm.py "
+            "--allow_nonfinite, or load_model(..., allow_nonfinite=True))")
 
 
 def validate_weights(ckpt: dict[str, Any], allow_nonfinite: bool = False
