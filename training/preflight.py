@@ -111,9 +111,12 @@ def memory_limit(device: torch.device) -> tuple[int, str] | None:
 
 
 def check_memory(cfg: LMConfig, batch_size: int, seq_len: int, amp: torch.dtype,
-                 fused_loss: bool, device: torch.device) -> None:
+                 fused_loss: bool, device: torch.device, processes: int = 1) -> None:
     """Refuse, before allocating, a run whose estimate (as `--explain` prints it) exceeds the
     memory the device has free.
+
+    Args:
+        processes: how many processes share this memory (DDP ranks on one CPU machine).
 
     Raises:
         UsageError: saying the estimate and the limit.
@@ -122,10 +125,11 @@ def check_memory(cfg: LMConfig, batch_size: int, seq_len: int, amp: torch.dtype,
     if limit is None:
         return
     state, acts = memory_estimate(cfg, batch_size, seq_len, amp, fused_loss)
-    if state + acts <= limit[0]:
+    if (state + acts) * processes <= limit[0]:
         return
+    each = f" for each of {processes} processes" if processes > 1 else ""
     raise UsageError(
-        f"this run needs about {human_bytes(state + acts)} of memory ({human_bytes(state)} for "
-        f"weights, gradients and AdamW state, {human_bytes(acts)} of activations for "
+        f"this run needs about {human_bytes(state + acts)} of memory{each} ({human_bytes(state)} "
+        f"for weights, gradients and AdamW state, {human_bytes(acts)} of activations for "
         f"--batch_size {batch_size} x {seq_len} tokens) but there is {human_bytes(limit[0])} "
         f"{limit[1]}; use a smaller model or --batch_size (see --explain)")

@@ -240,7 +240,8 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
         _check_model_config(cfg, ckpt, ckpt_path)
     # Before anything is allocated or written: fits in memory, paths usable, nobody else here.
     check_output_paths(args)
-    check_memory(cfg, args.batch_size, args.seq_len, amp, not args.no_fused_loss, device)
+    check_memory(cfg, args.batch_size, args.seq_len, amp, not args.no_fused_loss, device,
+                 processes=info.world_size if device.type == "cpu" else 1)
     # The lock lasts while `run_lock` is referenced: until this function returns.
     run_lock = None if args.explain or not info.is_main else lock_run_dir(args.out_dir)  # noqa: F841
 
