@@ -211,29 +211,24 @@ class TokenLogprobs:
     raw_ranks: torch.Tensor
 
     @staticmethod
-    def stack(steps: list[TokenLogprobs]) -> TokenLogprobs:
-        """Per-step records (B,) -> one record (B, n)."""
+    def stack(steps: list[TokenLogprobs], dim: int = 1) -> TokenLogprobs:
+        """Per-step records -> one record: (B,) steps give (B, n) with the default `dim`."""
         names = TokenLogprobs.__dataclass_fields__
-        return TokenLogprobs(**{n: torch.stack([getattr(s, n) for s in steps], dim=1)
+        return TokenLogprobs(**{n: torch.stack([getattr(s, n) for s in steps], dim=dim)
                                 for n in names})
 
-    def row(self, b: int, n: int | None = None) -> TokenLogprobs:
-        """Row `b` of a (B, n) record, its first `n` steps: a (n,) record."""
+    def index(self, *idx: Any) -> TokenLogprobs:
+        """Every tensor indexed by `idx`: `rec.index(0)` is row 0, `rec.index(0, 3)` its step 3."""
         names = TokenLogprobs.__dataclass_fields__
-        return TokenLogprobs(**{f: getattr(self, f)[b, :n] for f in names})
+        return TokenLogprobs(**{n: getattr(self, n)[idx] for n in names})
 
     def view(self, tokenizer: Any, row: int = 0, title: str | None = None):
         """A `ProbabilityView` of one row (a table as text, coloured tokens in Jupyter)."""
         from model.probview import ProbabilityView
 
-        rec = self.row(row) if self.logprobs.dim() == 2 else self
-        keep = ~torch.isnan(rec.raw_logprobs)
-        return ProbabilityView.from_generation(rec.row_mask(keep), tokenizer, title=title)
-
-    def row_mask(self, keep: torch.Tensor) -> TokenLogprobs:
-        """The steps where `keep` (a bool mask over a (n,) record's steps) is True."""
-        names = TokenLogprobs.__dataclass_fields__
-        return TokenLogprobs(**{f: getattr(self, f)[keep] for f in names})
+        rec = self.index(row) if self.logprobs.dim() == 2 else self
+        rec = rec.index(~torch.isnan(rec.raw_logprobs))  # drop the steps past the row's end
+        return ProbabilityView.from_generation(rec, tokenizer, title=title)
 
 
 def step_logprobs(raw_logits: torch.Tensor, logits: torch.Tensor, tok: torch.Tensor,
