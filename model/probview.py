@@ -2,9 +2,9 @@
 
 `ProbabilityView` holds one line of tokens with their probabilities and likeliest alternatives
 (from `model.scoring.score` or from generation's `TokenLogprobs`). `str(view)` is a table;
-in a notebook, `_repr_html_` shows the tokens as text coloured by probability (red unlikely,
-green likely) with the rank and alternatives in each token's tooltip: plain HTML and CSS
-`title` attributes, no JavaScript.
+in a notebook, `_repr_html_` shows the tokens as text coloured by probability (log scale: red
+at 0.01%, yellow at 1%, green at 100%) with the rank and alternatives in each token's tooltip:
+plain HTML and CSS `title` attributes, no JavaScript.
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ def _pct(p: float | None) -> str:
 
 
 def probability_color(p: float) -> str:
-    """A background colour for probability p: hue 0 (red) at p = 0 to 120 (green) at p = 1."""
-    return f"hsl({round(120 * max(0.0, min(1.0, p)))}, 85%, 82%)"
+    """A background colour for probability p, on a log scale (a language model's probabilities
+    span orders of magnitude): red at 0.01% and below, yellow at 1%, green at 100%."""
+    x = 1.0 + math.log10(max(p, 1e-12)) / 4  # 0 at 1e-4, 0.5 at 1e-2, 1 at 1
+    return f"hsl({round(120 * max(0.0, min(1.0, x)))}, 85%, 82%)"
 
 
 def ansi_color(text: str, p: float | None) -> str:
@@ -162,11 +164,11 @@ class ProbabilityView:
                          f'title="{html.escape(tip, quote=True)}">{html.escape(t.text)}</span>')
         title = (f'<div style="font-weight:bold;margin-bottom:4px">{html.escape(self.title)}'
                  "</div>" if self.title else "")
-        legend = ('<div style="font-size:smaller;color:#666;margin-top:4px">background: '
-                  f'<span style="background:{probability_color(0.0)}">0%</span> to '
-                  f'<span style="background:{probability_color(0.5)}">50%</span> to '
-                  f'<span style="background:{probability_color(1.0)}">100%</span>'
-                  " probability; hover a token for its rank and alternatives</div>")
+        legend = ('<div style="font-size:smaller;color:#666;margin-top:4px">probability: '
+                  + " ".join(f'<span style="background:{probability_color(p)}">{label}</span>'
+                             for p, label in ((1e-4, "0.01%"), (1e-3, "0.1%"), (1e-2, "1%"),
+                                              (0.1, "10%"), (1.0, "100%")))
+                  + "; hover a token for its rank and alternatives</div>")
         return (f'<div class="lm-probs">{title}<div style="font-family:monospace;'
                 f'white-space:pre-wrap;line-height:1.7">{"".join(spans)}</div>{legend}</div>')
 

@@ -156,7 +156,7 @@ class _Spans(HTMLParser):
 def test_html_view_colours_tokens_and_lists_alternatives():
     tokens = [TokenProb(0, "<b>", None, None),
               TokenProb(1, " likely", -0.1, 1, [(1, " likely", -0.1), (2, " other", -2.5)]),
-              TokenProb(2, " & rare", -6.0, 40, [(1, " likely", -0.3)])]
+              TokenProb(2, " & rare", -12.0, 40, [(1, " likely", -0.3)])]
     view = ProbabilityView(tokens, title="a title")
     page = _Spans()
     page.feed(view._repr_html_())
@@ -167,7 +167,7 @@ def test_html_view_colours_tokens_and_lists_alternatives():
     assert '" other" 8.2%' in likely["title"] and "rank 1" in likely["title"]
     assert "rank 40" in rare["title"] and '" likely" 74.1%' in rare["title"]
     hue = [int(re.search(r"hsl\((\d+),", s["style"])[1]) for s in (likely, rare)]
-    assert hue[0] > 100 and hue[1] < 5  # green for likely, red for unlikely
+    assert hue == [119, 0]  # green for 90%, red for 0.0006% (log scale)
     text = repr(view)
     assert text.splitlines()[0] == "a title"
     assert re.search(r'2\s+" likely"\s+90\.5%\s+1\s+" likely" 90\.5%, " other" 8\.2%', text)
