@@ -425,11 +425,8 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
             if plan.top_logprobs is not None:
                 probs = step_logprobs(raw_logits, logits, tok, plan.temperature, plan.top_k,
                                       plan.top_p, plan.top_logprobs)
-                if stops_early:  # a finished row's step is padding: no probabilities
-                    for name in ("logprobs", "raw_logprobs", "top_logprobs", "raw_top_logprobs"):
-                        value = getattr(probs, name)
-                        setattr(probs, name, value.masked_fill(
-                            finished.view(-1, *[1] * (value.dim() - 1)), float("nan")))
+                if stops_early:
+                    probs = probs.blank(finished)  # a finished row's step is padding
             if stops_early:
                 tok = tok.masked_fill(finished, plan.pad_id)
                 finished |= budgets <= step + 1
@@ -542,7 +539,7 @@ def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0
         from model.scoring import TokenLogprobs
 
         new, steps = [t for t, _ in new], [p for _, p in new]
-        probs = TokenLogprobs.stack([_to_cpu(p) for p in steps])
+        probs = TokenLogprobs.stack([p.cpu() for p in steps])
     gen = torch.stack(new, dim=1).cpu()  # (B, n)
     lens, n = [r.numel() for r in plan.rows], gen.size(1)
     used = []
@@ -558,21 +555,8 @@ def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0
     for b, row in enumerate(plan.rows):
         out[b, :lens[b]] = row
         out[b, lens[b]:lens[b] + used[b]] = gen[b, :used[b]]
-    if probs is not None:
-        return out.to(model.device), _trim(probs, used)
+    if probs is not None:  # aligned with the new tokens: NaN past each row's end
+        n_used = max(used)
+        past_end = torch.arange(n_used)[None, :] >= torch.tensor(used)[:, None]  # (B, n_used)
+        return out.to(model.device), probs.index(slice(None), slice(0, n_used)).blank(past_end)
     return out.to(model.device)
-
-
-def _to_cpu(rec: Any) -> Any:
-    return type(rec)(**{n: getattr(rec, n).cpu() for n in rec.__dataclass_fields__})
-
-
-def _trim(probs: Any, used: list[int]) -> Any:
-    """NaN in the log-probabilities past each row's end; drop columns no row uses."""
-    width = max(used)
-    out = type(probs)(**{n: getattr(probs, n)[:, :width].clone()
-                         for n in probs.__dataclass_fields__})
-    for b, k in enumerate(used):
-        for name in ("logprobs", "raw_logprobs", "top_logprobs", "raw_top_logprobs"):
-            getattr(out, name)[b, k:] = float("nan")
-    return out

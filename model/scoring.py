@@ -217,10 +217,26 @@ class TokenLogprobs:
         return TokenLogprobs(**{n: torch.stack([getattr(s, n) for s in steps], dim=dim)
                                 for n in names})
 
+    def _map(self, fn: Any) -> TokenLogprobs:
+        names = TokenLogprobs.__dataclass_fields__
+        return TokenLogprobs(**{n: fn(getattr(self, n)) for n in names})
+
     def index(self, *idx: Any) -> TokenLogprobs:
         """Every tensor indexed by `idx`: `rec.index(0)` is row 0, `rec.index(0, 3)` its step 3."""
-        names = TokenLogprobs.__dataclass_fields__
-        return TokenLogprobs(**{n: getattr(self, n)[idx] for n in names})
+        return self._map(lambda t: t[idx])
+
+    def cpu(self) -> TokenLogprobs:
+        return self._map(lambda t: t.cpu())
+
+    def blank(self, mask: torch.Tensor) -> TokenLogprobs:
+        """A copy with NaN log-probabilities where `mask` (over the leading dims) is True: the
+        steps of rows that have finished, which are padding."""
+        out = self._map(lambda t: t)
+        for name in ("logprobs", "top_logprobs", "raw_logprobs", "raw_top_logprobs"):
+            value = getattr(self, name)
+            m = mask.view(*mask.shape, *[1] * (value.dim() - mask.dim()))
+            setattr(out, name, value.masked_fill(m, float("nan")))
+        return out
 
     def view(self, tokenizer: Any, row: int = 0, title: str | None = None):
         """A `ProbabilityView` of one row (a table as text, coloured tokens in Jupyter)."""

@@ -33,10 +33,12 @@ def endless_model(endless_checkpoint):
 def test_show_probs_table_on_stderr_and_json(endless_checkpoint, endless_model, tmp_path):
     common = ["--checkpoint", str(endless_checkpoint), "--prompt", "Once upon", "--seed", "3",
               "--max_new_tokens", "6", "--temperature", "0.9", "--top_k", "50"]
-    plain, probs, js = run_many([common, [*common, "--show_probs", "3"], [*common, "--json"]],
-                                cwd=tmp_path)
-    assert plain.returncode == probs.returncode == js.returncode == 0, probs.stderr
+    plain, probs, js, whole = run_many(
+        [common, [*common, "--show_probs", "3"], [*common, "--json"],
+         [*common, "--show_probs", "3", "--no_stream"]], cwd=tmp_path)
+    assert plain.returncode == probs.returncode == js.returncode == whole.returncode == 0
     assert probs.stdout == plain.stdout  # the table goes to stderr: piped text stays clean
+    assert (whole.stdout, whole.stderr) == (probs.stdout, probs.stderr)  # streamed or not
     rows = [ROW.match(line) for line in probs.stderr.splitlines()]
     rows = [m for m in rows if m]
     assert [int(m[1]) for m in rows] == [1, 2, 3, 4, 5, 6], probs.stderr
