@@ -196,14 +196,14 @@ class Repl:
     def _set(self, args: str) -> None:
         parts = args.split(None, 1)
         if len(parts) != 2:
-            self._note("usage: /set NAME VALUE  (NAME: " + ", ".join(SETTABLE) + ")")
+            self._note("usage: /set NAME VALUE  (NAME: " + ", ".join(SETTABLE) + ", color)")
             return
         name, value = parts[0].lower(), parts[1]
         if name == "color":
             self._set_color(value)
             return
         if name not in SETTABLE:
-            self._note(f"error: unknown setting {name!r}; one of: {', '.join(SETTABLE)}")
+            self._note(f"error: unknown setting {name!r}; one of: {', '.join(SETTABLE)}, color")
             return
         old = getattr(self.settings, name)
         try:
