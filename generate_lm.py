@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                         r"\n, \t and \\ are understood (default: none; generation always "
                         "stops at the end-of-text token)")
 
+    o = p.add_argument_group("token probabilities")
+    o.add_argument("--show_probs", type=_number("--show_probs", 0, cast=int), metavar="K",
+                   help="after each sample, print on stderr a table of the generated tokens "
+                        "with their probability, rank and the K likeliest alternatives; in "
+                        "--interactive, K for /probs (default: no table; /probs shows 5)")
+    o.add_argument("--json", action="store_true",
+                   help="print one JSON object per sample on stdout instead of the text: "
+                        "text, tokens with log-probabilities (and --show_probs K "
+                        "alternatives, default 5), timing")
+
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", metavar="DEV",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
@@ -288,14 +298,26 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
     if args.verbose and args.seed is None:
         sys.stderr.write(f"seed {base_seed} (pass --seed {base_seed} to reproduce)\n")
     out = sys.stdout
+    top = args.show_probs if args.show_probs is not None else 5 if args.json else None
     with model:
         for i in range(args.num_samples):
             settings.seed = base_seed + i
             try:
-                gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream)
+                gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream,
+                                     top_logprobs=top)
                 pieces = iter(gen)  # --no_stream generates here
             except (ValueError, NonFiniteLogitsError) as exc:
                 _fail(str(exc))
+            if args.json:
+                from model.probview import json_record
+
+                try:
+                    text = "".join(pieces)
+                except NonFiniteLogitsError as exc:
+                    _fail(str(exc))
+                out.write(json_record(gen, prompt, ids, text, settings.seed) + "\n")
+                out.flush()
+                continue
             if args.num_samples > 1:
                 sep = "\n" if i else ""
                 out.write(f"{sep}--- sample {i + 1}/{args.num_samples} ---\n")
@@ -314,6 +336,8 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
                 _fail(str(exc))
             out.write("\n")
             out.flush()
+            if args.show_probs is not None:  # stderr: piping the text stays clean
+                sys.stderr.write(gen.probabilities().table(args.show_probs) + "\n")
             if args.verbose:
                 tag = f"sample {i + 1}: " if args.num_samples > 1 else ""
                 sys.stderr.write(f"{tag}{gen.summary()}\n")
@@ -324,6 +348,8 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not args.interactive and args.prompt is None:
         _fail("give --prompt TEXT (or --prompt - to read stdin) or --interactive")
+    if args.interactive and args.json:
+        _fail("--json applies to --prompt; the interactive prompt prints text")
     if args.interactive and args.num_samples != 1:
         _fail("--num_samples applies to --prompt; in --interactive use /regen for another sample")
     # Cheap checks before torch is imported (seconds), so typos fail at once.
@@ -354,7 +380,8 @@ def _run(argv: list[str] | None) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")  # the REPL reports undecodable bytes
     with _compute_context(model, amp_dtype):
         return Repl(model, tokenizer, settings, stream=not args.no_stream,
-                    verbose=args.verbose, info=info).run()
+                    verbose=args.verbose, info=info,
+                    probs_k=5 if args.show_probs is None else args.show_probs).run()
 
 
 def main(argv: list[str] | None = None) -> int:

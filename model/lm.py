@@ -449,7 +449,8 @@ class LanguageModel(nn.Module):
 
         See `model.generation.generate` for every argument, the batching and the sliding-window
         policy. Extra keywords: max_new_tokens, do_sample, repetition_penalty, seed, generator,
-        pad_token_id, attention_mask, compile.
+        pad_token_id, attention_mask, compile, return_logprobs (then `(ids, TokenLogprobs)` is
+        returned; see `model.scoring`), top_logprobs.
         """
         from model.generation import generate
 

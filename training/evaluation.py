@@ -1,15 +1,9 @@
 """Windowed perplexity evaluation, shared by `evaluate_lm.py` and the trainer's validation.
 
-The windowing is Hugging Face's "perplexity of fixed-length models" loop. Windows of up to
-`seq_len` tokens start every `stride` tokens; each window scores only the tokens that no earlier
-window scored, so every token is scored once, with up to `seq_len - stride` tokens of context:
-
-    window k covers tokens [k*stride, min(k*stride + seq_len, N)) and scores the targets
-    t with prev_end <= t < end and t > begin (a token needs at least one token of context).
-
-With `stride == seq_len` (the default) the windows do not overlap and the first token of each
-window goes unscored, exactly as in Hugging Face's loop. The last window ends at the end of the
-data.
+The windows are Hugging Face's "perplexity of fixed-length models" loop, defined once in
+`model/windows.py` (which `model.scoring` walks too): windows of `seq_len` tokens every `stride`
+tokens, each scoring only the tokens no earlier window scored. With `stride == seq_len` (the
+default) the windows do not overlap and the first token of each window goes unscored.
 """
 
 from __future__ import annotations
@@ -21,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from model.windows import count_windows, resolve_window, window_bounds
 
 _DTYPES = {
     None: None,
@@ -58,21 +54,6 @@ class EvalResult:
     def to_dict(self) -> dict:
         """Return the result as a plain, JSON-serialisable dict."""
         return asdict(self)
-
-
-def count_windows(num_tokens: int, seq_len: int, stride: int) -> int:
-    """Number of windows Hugging Face's loop visits over `num_tokens` tokens."""
-    if num_tokens <= seq_len:
-        return 1
-    return 1 + math.ceil((num_tokens - seq_len) / stride)
-
-
-def window_bounds(k: int, num_tokens: int, seq_len: int, stride: int) -> tuple[int, int, int]:
-    """Return (begin, end, first_scored) of window `k`: it scores targets first_scored..end-1."""
-    begin = k * stride
-    end = min(begin + seq_len, num_tokens)
-    prev_end = 0 if k == 0 else min(begin - stride + seq_len, num_tokens)
-    return begin, end, max(prev_end, begin + 1)
 
 
 def _select_windows(total: int, max_windows: int | None) -> list[int]:
@@ -189,14 +170,7 @@ def evaluate_tokens(
     num_tokens = int(len(tokens))
     base = _unwrap(model)
     max_len = int(getattr(base, "max_seq_len", 0) or base.config.max_seq_len)
-    seq_len = max_len if seq_len is None else int(seq_len)
-    if not 2 <= seq_len <= max_len:
-        raise ValueError(
-            f"seq_len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}"
-        )
-    stride = seq_len if stride is None else int(stride)
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}")
+    seq_len, stride = resolve_window(seq_len, stride, max_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_windows is not None and max_windows < 1:
