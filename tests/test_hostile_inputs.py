@@ -180,10 +180,12 @@ def test_scripts_refuse_broken_checkpoints(tmp_path, tiny, nan_checkpoint):
         "nan_allowed": ["--checkpoint", nan_checkpoint, *gen, "--allow_nonfinite"],
         "nan_allowed_no_stream": ["--checkpoint", nan_checkpoint, *gen, "--allow_nonfinite",
                                   "--no_stream"],
+        "nan_allowed_json": ["--checkpoint", nan_checkpoint, *gen, "--allow_nonfinite", "--json"],
         "absurd": ["--checkpoint", absurd, *gen],
     }, tmp_path)
     for name, needle in (("nan", "non-finite weights"), ("nan_allowed", "non-finite logits"),
                          ("nan_allowed_no_stream", "non-finite logits"),
+                         ("nan_allowed_json", "non-finite logits"),
                          ("absurd", "model_config asks for d_ff")):
         code, _, err = results[name]
         assert code == 2 and "Traceback" not in err, (name, err)
