@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -164,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         # An infinite perplexity is not valid JSON; write it as null.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in report.items()}
-        print(json.dumps(clean))
+        text = json.dumps(clean)
     else:
-        print(format_report(report))
+        text = format_report(report)
+    try:
+        print(text, flush=True)
+    except OSError as exc:  # e.g. redirected to a full disk
+        print(f"evaluate_lm.py: error: cannot write the report ({exc.strerror or exc})",
+              file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure
+        return 1
     return 0
 
 

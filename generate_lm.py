@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same text for the same --seed)")
     r.add_argument("--verbose", "-v", action="store_true",
                    help="print load time, seed and generation speed on stderr")
+    r.add_argument("--allow_nonfinite", action="store_true",
+                   help="load a checkpoint with NaN/inf weights instead of refusing it (to "
+                        "debug a diverged run; generation stops at the first non-finite logits)")
     return p
 
 
@@ -142,7 +145,9 @@ def _fail(message: str) -> NoReturn:
 
 
 def _read_stdin_prompt() -> str:
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None:
+        _fail("--prompt - reads the prompt from stdin, but stdin is closed; pipe text in")
+    if sys.stdin.isatty():
         _fail("--prompt - reads the prompt from stdin, but stdin is a terminal; pipe text in, "
               "e.g. echo 'Once upon a time' | python generate_lm.py --prompt -")
     data = sys.stdin.buffer.read()
@@ -153,6 +158,17 @@ def _read_stdin_prompt() -> str:
     if not text:
         _fail("--prompt -: stdin was empty; pipe a prompt in, or pass --prompt TEXT")
     return text
+
+
+def _from_argv(flag: str, text: str | None) -> str | None:
+    """An argument as text: bytes that were not UTF-8 (kept by Python as lone surrogates, which
+    the tokenizer cannot take) become U+FFFD, with a note, as for stdin."""
+    if text is None:
+        return None
+    fixed = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    if fixed != text:
+        sys.stderr.write(f"note: {flag} was not valid UTF-8; undecodable bytes became U+FFFD\n")
+    return fixed
 
 
 def _autocast_dtype(name: str, device: Any):
@@ -230,7 +246,7 @@ def _load(args: argparse.Namespace):
         origin = "--tokenizer" if args.tokenizer else "the checkpoint's tokenizer (--tokenizer)"
         _fail(f"{origin}: {exc}")
     try:
-        model = build_model(ckpt, device, tokenizer)
+        model = build_model(ckpt, device, tokenizer, allow_nonfinite=args.allow_nonfinite)
     except (CheckpointError, DeviceError) as exc:
         _fail(str(exc))
     sys.stderr.write(_describe(ckpt, model, device, amp_dtype) + "\n")
@@ -270,6 +286,7 @@ def _prompt_ids(model: Any, tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str) -> int:
+    from model.generation import NonFiniteLogitsError
     from model.textstream import TextGeneration
 
     settings = _settings(args)
@@ -288,13 +305,16 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
             try:
                 gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream,
                                      top_logprobs=top)
-                pieces = iter(gen)
-            except ValueError as exc:
+                pieces = iter(gen)  # --no_stream generates here
+            except (ValueError, NonFiniteLogitsError) as exc:
                 _fail(str(exc))
             if args.json:
                 from model.probview import json_record
 
-                text = "".join(pieces)
+                try:
+                    text = "".join(pieces)
+                except NonFiniteLogitsError as exc:
+                    _fail(str(exc))
                 out.write(json_record(gen, prompt, ids, text, settings.seed) + "\n")
                 out.flush()
                 continue
@@ -303,12 +323,17 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
                 out.write(f"{sep}--- sample {i + 1}/{args.num_samples} ---\n")
             out.write(prompt)
             out.flush()
-            if args.no_stream:
-                out.write("".join(pieces))
-            else:
-                for piece in pieces:
-                    out.write(piece)
-                    out.flush()
+            try:
+                if args.no_stream:
+                    out.write("".join(pieces))
+                else:
+                    for piece in pieces:
+                        out.write(piece)
+                        out.flush()
+            except NonFiniteLogitsError as exc:
+                out.write("\n")
+                out.flush()
+                _fail(str(exc))
             out.write("\n")
             out.flush()
             if args.show_probs is not None:  # stderr: piping the text stays clean
@@ -332,7 +357,12 @@ def _run(argv: list[str] | None) -> int:
         _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
     if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
         _fail(f"--checkpoint: not found: {args.checkpoint}")
-    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
+    if sys.stdout is None:
+        _fail("stdout is closed: there is nowhere to write the text")
+    if args.interactive and sys.stdin is None:
+        _fail("--interactive reads prompts from stdin, but stdin is closed")
+    prompt = _read_stdin_prompt() if args.prompt == "-" else _from_argv("--prompt", args.prompt)
+    args.stop = [_from_argv("--stop", s) for s in args.stop]
     if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
     model, tokenizer, ckpt, amp_dtype = _load(args)
@@ -367,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130
+    except OSError as exc:  # writing the text failed: a full disk, an I/O error
+        sys.stderr.write(f"error: cannot write the output ({exc.strerror or exc})\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit-time flush would fail again
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or infinite logits, so no token can be sampled; one-line message."""
+
+
 # -- samplers -------------------------------------------------------------------------------------
 
 
@@ -52,7 +57,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         penalty: the penalty, > 0; 1.0 changes nothing.
     """
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty must not make an inf (then NaN)
+    return torch.where(seen, penalized.clamp_(-big, big), logits)
 
 
 def _nucleus_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -161,15 +167,19 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits; `temperature == 0` is greedy (argmax).
+    """Draw one token per row from (B, V) logits; `temperature == 0` (or one too small to divide
+    by in the logits' dtype) is greedy (argmax).
 
     Order: temperature, then top-k, then top-p, then a draw from the softmax over what is left.
     """
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small it would divide by 0
         return logits.argmax(dim=-1)
+    # Shift the largest logit to 0, then divide: a tiny temperature sends the others to -inf
+    # (weight 0), where dividing first would overflow to inf - inf = NaN.
+    logits = logits - logits.amax(dim=-1, keepdim=True)
     if temperature != 1.0:
-        logits = logits / temperature
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # softmax, unnormalised
+        logits.div_(temperature)
+    weights = logits.exp()  # softmax, unnormalised
     outside = _outside(logits, top_k, top_p, weights)
     if outside is not None:
         weights.masked_fill_(outside, 0.0)
@@ -180,6 +190,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
+_ENDLESS = 2**62  # budgets past this are endless in practice, and must fit a torch int64
 
 
 # -- argument handling ----------------------------------------------------------------------------
@@ -306,12 +319,12 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
             raise ValueError(f"prompt token ids must be in [0, {V}), got {lo if lo < 0 else hi}")
     longest = max(r.numel() for r in rows)
     if max_new_tokens is not None:
-        budgets = [int(max_new_tokens)] * len(rows)
+        budgets = [min(int(max_new_tokens), _ENDLESS)] * len(rows)
     else:
         if max_length <= longest:
             raise ValueError(f"max_length ({max_length}) must be greater than the prompt length "
                              f"({longest} tokens); it counts prompt plus generated tokens")
-        budgets = [int(max_length) - r.numel() for r in rows]
+        budgets = [min(int(max_length), _ENDLESS) - r.numel() for r in rows]
 
     device = model.device
     if generator is not None:
@@ -406,6 +419,16 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
                 position_ids=_positions(real[:, :T]) if padded else None,
                 attn_mask=_prefill_mask(real[:, :T]) if padded else None, last_only=True)[:, -1]
 
+    # NaN/inf logits (broken weights, or a float16 overflow) would sample garbage silently. One
+    # reduction per step flags them on the device; the flag is read where the loop syncs anyway.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def check_finite(step: int) -> None:
+        if bool(nonfinite):
+            raise NonFiniteLogitsError(
+                f"the model produced non-finite logits (NaN or inf) by new token {step + 1}: its "
+                "weights are broken (a diverged checkpoint?) or --dtype float16 overflowed")
+
     was_training = model.training
     owns_cache = not model.has_cache()
     model.eval()
@@ -418,6 +441,9 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
         for step in range(steps):
             if logits.dtype != torch.float32:  # bf16/fp16 models sample in float32
                 logits = logits.float()
+            nonfinite |= ~torch.isfinite(logits.sum())  # a NaN or inf anywhere makes it so
+            if step % check_every == 0 or step == steps - 1:
+                check_finite(step)
             raw_logits = logits
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, plan.repetition_penalty)
@@ -440,6 +466,7 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
             if step == steps - 1:
                 break
             if stops_early and (step + 1) % check_every == 0 and bool(finished.all()):
+                check_finite(step)
                 break
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)

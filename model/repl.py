@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
 from model.probview import ansi_color
 from model.textstream import GenerationSettings, TextGeneration
 
+_KEEP = object()  # no SIGINT handler was replaced, so none is restored
 HISTORY_ENV = "GENERATE_LM_HISTORY"  # where readline history is kept; "" turns it off
 DEFAULT_HISTORY = "~/.generate_lm_history"
 SETTABLE = ("temperature", "top_k", "top_p", "max_length", "max_new_tokens", "seed",
@@ -72,6 +74,7 @@ class Repl:
         self._readline: Any = None
         self._history: Path | None = None
         self._typed = ""
+        self._reading = False  # inside input(): Ctrl-C drops the typed line, not an answer
 
     # -- output helpers ------------------------------------------------------------------------
 
@@ -117,19 +120,28 @@ class Repl:
     def _input(self, prompt: str) -> str:
         """`input()`, remembering in `self._typed` what was on the line when Ctrl-C came."""
         self._typed = ""
-        if self._readline is None:
-            return input(prompt)
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            # Runs inside readline's wait, before it throws the half-typed line away.
-            self._typed = self._readline.get_line_buffer()
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        self._reading = True
         try:
             return input(prompt)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            self._reading = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._reading and self._readline is not None:
+            # Runs inside readline's wait, before it throws the half-typed line away.
+            self._typed = self._readline.get_line_buffer()
+        raise KeyboardInterrupt
+
+    def _catch_sigint(self) -> Any:
+        """Make Ctrl-C raise KeyboardInterrupt for the whole session; return what to restore.
+
+        Not only while a line is read: a process can start with SIGINT ignored (inherited from
+        a shell that ran it in the background, a wrapper script, some CI runners), and then
+        Ctrl-C would work at the prompt but never stop an answer.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return _KEEP  # signal handlers can only be set from the main thread
+        return signal.signal(signal.SIGINT, self._on_sigint)
 
     def _read_line(self) -> str | None:
         """One input line, None at end of input. Raises KeyboardInterrupt on Ctrl-C."""
@@ -280,8 +292,10 @@ class Repl:
 
     def run(self) -> int:
         """Read prompts until /quit, end of input or Ctrl-C at an empty prompt; return 0."""
+        previous = _KEEP
         if self.tty:
             self._setup_readline()
+            previous = self._catch_sigint()
             self._say(self._dim("Type a prompt, or /help. Ctrl-D or /quit to leave."))
         try:
             with self.model:
@@ -317,7 +331,10 @@ class Repl:
                     except BrokenPipeError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - the REPL outlives a failed answer
+                        self.out.write("\n")  # end the half-written answer's line
                         self._note(f"error: {type(exc).__name__}: {exc}")
         finally:
+            if previous is not _KEEP and previous is not None:  # None: set outside Python
+                signal.signal(signal.SIGINT, previous)
             self.out.flush()
             self._save_history()

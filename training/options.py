@@ -48,6 +48,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:  # what numpy's and torch's generators both accept
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -108,7 +118,7 @@ def build_parser() -> OneLineParser:
     t.add_argument("--beta2", type=_nonneg_float, default=0.95)
     t.add_argument("--grad_clip", type=_nonneg_float, default=1.0,
                    help="clip the global gradient norm to this (0: off)")
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=_seed, default=1337)
 
     s = p.add_argument_group("speed")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

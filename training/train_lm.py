@@ -50,6 +50,8 @@ from training.options import (  # noqa: E402
     parse_args,
     resolve_dtype,
 )
+from training.preflight import check_memory, check_output_paths  # noqa: E402
+from training.runlock import lock_run_dir  # noqa: E402
 from training.snapshots import (  # noqa: E402
     SnapshotError,
     capture_rng_state,
@@ -236,6 +238,12 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
         raise UsageError(str(exc)) from None
     if ckpt is not None:
         _check_model_config(cfg, ckpt, ckpt_path)
+    # Before anything is allocated or written: fits in memory, paths usable, nobody else here.
+    check_output_paths(args)
+    check_memory(cfg, args.batch_size, args.seq_len, amp, not args.no_fused_loss, device,
+                 processes=info.world_size if device.type == "cpu" else 1)
+    # The lock lasts while `run_lock` is referenced: until this function returns.
+    run_lock = None if args.explain or not info.is_main else lock_run_dir(args.out_dir)  # noqa: F841
 
     train_tokens, val_tokens, val_bytes = _load_data(args, info)
     batches = EpochBatches(train_tokens, args.seq_len, args.batch_size, args.grad_accum,
@@ -558,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk or an I/O error outside the snapshot writes
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"train_lm.py: error: {exc.strerror or exc}{where}; snapshots are written "
+              "atomically, so those already written are intact", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
