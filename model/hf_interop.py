@@ -161,18 +161,16 @@ def hf_folder(name_or_dir: str | Path) -> Path:
         return Path(snapshot_download(name, cache_dir=str(cache), local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or a broken cache entry): try the hub
         pass
-    how = (f"download it where the hub is reachable (huggingface-cli download {name} "
-           f"--local-dir {name.split('/')[-1]}) and pass that folder, or convert it once with "
-           f"python convert.py --from_hf DIR")
+    how = (f"get it with: huggingface-cli download {name} --local-dir {name.split('/')[-1]} "
+           "(online), then pass that folder")
     if _offline():
-        raise HFLoadError(f"{name}: no such file or folder here, and the Hugging Face model "
-                          f"{name!r} is not in the local cache ({cache}) while offline "
-                          f"(HF_HUB_OFFLINE); {how}")
+        raise HFLoadError(f"{name}: no such file or folder, and Hugging Face model {name!r} is "
+                          f"not in the local cache ({cache}) while offline; {how}")
     try:
         return Path(snapshot_download(name, cache_dir=str(cache), allow_patterns=_HUB_FILES))
     except Exception as exc:  # noqa: BLE001 - network, auth, unknown repo: one line
-        raise HFLoadError(f"{name}: no such file or folder here, and downloading the Hugging "
-                          f"Face model {name!r} failed ({_first_line(exc)[:120]}); {how}") from None
+        raise HFLoadError(f"{name}: no such file or folder, and downloading Hugging Face model "
+                          f"{name!r} failed ({_first_line(exc)[:120]}); {how}") from None
 
 
 def read_hf_folder(src: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -296,7 +294,14 @@ def read_hf_checkpoint(name_or_dir: str | Path) -> dict[str, Any]:
     """`hf_folder` + `read_hf_folder` + `checkpoint_from_hf`: a folder or hub name as one of
     our checkpoint dicts (on the CPU). Raises HFLoadError (one line)."""
     folder = hf_folder(name_or_dir)
-    hf_config, hf_sd = read_hf_folder(folder)
+    try:
+        hf_config, hf_sd = read_hf_folder(folder)
+    except HFLoadError as exc:
+        if Path(name_or_dir).expanduser().is_dir():
+            raise
+        name = str(name_or_dir)  # a hub name whose cache entry is incomplete (e.g. tokenizer only)
+        raise HFLoadError(f"{exc}; the local Hugging Face cache holds only part of {name!r}: "
+                          f"get the weights with huggingface-cli download {name}") from None
     return checkpoint_from_hf(hf_config, hf_sd, folder)
 
 

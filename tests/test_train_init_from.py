@@ -159,6 +159,11 @@ def test_init_from_errors_are_one_line_exit_2(hf_dir, tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=32, n_embd=32, n_layer=1,
                                n_head=2)).save_pretrained(small_vocab)
     capsys.readouterr()
+    partial = tmp_path / "hf-home" / "hub" / "models--tokenizer-only"  # cached without weights
+    (partial / "refs").mkdir(parents=True)
+    (partial / "refs" / "main").write_text("2" * 40)
+    (partial / "snapshots" / ("2" * 40)).mkdir(parents=True)
+    shutil.copy(hf_dir / "config.json", partial / "snapshots" / ("2" * 40) / "config.json")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 not really a checkpoint")
     cases = [
@@ -168,6 +173,7 @@ def test_init_from_errors_are_one_line_exit_2(hf_dir, tmp_path, capsys):
         (["--init_from", str(tmp_path / "missing.pt")], "checkpoint not found"),
         (["--init_from", str(corrupt)], "truncated or corrupt"),
         (["--init_from", "no-such-model"], "not in the local cache"),
+        (["--init_from", "tokenizer-only"], "huggingface-cli download tokenizer-only"),
         (["--init_from", str(small_vocab)], "its vocabulary has 1,000 tokens but tokenizer"),
     ]
     for extra, needle in cases:
