@@ -7,7 +7,9 @@ whose pickle would run code is refused before any of it runs. Every failure is a
 
 Accepted paths: a `.pt` snapshot, `latest.pt`, a run directory (`lm_x/`) or its `snapshots/`
 directory (the snapshot with the highest step wins), or a weights-only `.safetensors` file with
-the model config as JSON under the metadata key "model_config".
+the model config as JSON under the metadata key "model_config". `read_weights_source` (the
+starting point of `train_lm.py --init_from`) also takes a Hugging Face GPT-2 folder or hub name,
+read by `model/hf_interop.py`.
 """
 
 from __future__ import annotations
@@ -245,6 +247,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"{type(ckpt['model_state_dict']).__name__}, not a dict of tensors")
     ckpt["_path"] = str(file)
     return ckpt
+
+
+def read_weights_source(source: str | Path) -> dict[str, Any]:
+    """Read the weights to start from: anything `read_checkpoint` accepts, a Hugging Face GPT-2
+    folder (`config.json` + `model.safetensors` / `pytorch_model.bin`), or a hub name such as
+    `gpt2` (from the local Hugging Face cache; downloaded when online).
+
+    A local path wins over a hub name of the same spelling, as with `from_pretrained`.
+
+    Returns:
+        A checkpoint dict as `read_checkpoint` returns it (with `tokenizer` for HF models).
+
+    Raises:
+        CheckpointError: one line for every way the source can be missing or wrong.
+    """
+    from model.hf_interop import HFLoadError, looks_like_hub_name, read_hf_checkpoint
+
+    p = Path(source).expanduser()
+    is_hf_dir = p.is_dir() and (p / "config.json").is_file() and not (p / "snapshots").is_dir() \
+        and not any(p.glob(_SNAPSHOT_GLOB))
+    if p.exists() and not is_hf_dir:
+        return read_checkpoint(p)
+    if not p.exists() and not looks_like_hub_name(str(source)):
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        return read_hf_checkpoint(p if is_hf_dir else str(source))
+    except HFLoadError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 # -- building the model ------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
                       train_desc: str, val_desc: str, val_tokens: int, device: torch.device,
                       amp: torch.dtype, world_size: int, resumed_from: Path | None,
                       measure_step: Callable[[], tuple[float, float]], argv: list[str],
-                      existing_run: bool = False, out=None) -> None:
+                      existing_run: bool = False, init_from: str | None = None,
+                      out=None) -> None:
     """Print the plan for these flags.
 
     `measure_step` runs one training step and a little validation; it returns the seconds of one
@@ -113,6 +114,11 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
     if existing_run:
         p(f"  Note: {snap_dir} already holds snapshots of a run, so training would refuse to "
           "start there: add --resume auto to continue it, or pick another --out_dir.")
+    if init_from is not None:
+        p(f"  Starting from the weights of {init_from}" + (
+            " (a fine-tune run)." if resumed_from is not None else
+            ": a new run at step 0 with a fresh optimizer and schedule; the model's shape "
+            "and tokenizer come from it."))
     if resumed_from is not None:
         p(f"  Resuming from {resumed_from} at step {start_step:,}: {steps_left:,} steps to go.")
     amp_name = {torch.float32: "float32 (no autocast)", torch.bfloat16: "bfloat16 autocast",

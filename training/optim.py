@@ -1,4 +1,7 @@
-"""The optimizer (AdamW, decay on 2-D weights only) and the learning-rate schedule."""
+"""The optimizer (AdamW, decay on 2-D weights only) and the learning-rate schedule.
+
+`build_optimizer` and `set_lr` are what the trainer calls: one place each.
+"""
 
 from __future__ import annotations
 
@@ -39,3 +42,20 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
     span = max(1, max_steps - warmup_steps)
     progress = (step - warmup_steps) / span
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
+    """The trainer's optimizer for its flags (`--lr`, `--weight_decay`, `--beta1/2`); the one
+    place `train_lm.py` builds it."""
+    return make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
+                          device.type)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, args, max_steps: int) -> float:
+    """Set the learning rate of optimizer step `step` (0-based) from the flags' schedule, in
+    every parameter group; returns it. The one place the trainer sets the rate each step."""
+    lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+               max_steps=max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
