@@ -285,6 +285,11 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
+    if compile and getattr(model, "quantization", "none") != "none":
+        raise ValueError(f"compile=True decodes with the float32 weights, but the model is set "
+                         f"to {model.quantization} (quantize); drop compile or call "
+                         f"model.quantize('none')")
+
     end_token = model.end_token
     pad_id = pad_token_id if pad_token_id is not None else end_token
     rows = _prompt_rows(model, prompt, pad_id, attention_mask)
