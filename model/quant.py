@@ -105,7 +105,7 @@ class Int8Weight:
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
         else:
             y = _int8_fallback(x2, self.q, self.scale)
-        y = y.to(x.dtype)  # (M, out); the bias is added at x's precision
-        if bias is not None:
-            y = y.add_(bias)
+        # (M, out) back in x's dtype, the bias added at that precision: `bf16 + float32` is
+        # one float32 op (dtype promotion) where `.to()` then `add_` would be two.
+        y = y.to(x.dtype) if bias is None else y + bias
         return y.view(*x.shape[:-1], y.size(-1))
