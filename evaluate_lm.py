@@ -153,11 +153,12 @@ def format_report(report: dict) -> str:
         f"windows:       {report['windows']:,} (seq_len {report['seq_len']}, "
         f"stride {report['stride']})",
         f"tokens scored: {report['tokens_scored']:,}",
-        f"weights:       {'float32' if report['quantize'] == 'none' else report['quantize']}",
         f"loss:          {report['loss']:.4f} nats/token",
         f"perplexity:    {report['perplexity']:.4f}",
         f"bits per byte: {report['bits_per_byte']:.4f}",
     ]
+    if report["quantize"] != "none":
+        lines.insert(4, f"weights:       {report['quantize']} (--quantize)")
     return "\n".join(lines)
 
 

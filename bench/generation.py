@@ -116,8 +116,8 @@ def bench_case(models: dict, hf, B: int, n: int, args, device: torch.device) -> 
         nano = f"{B * n / t_nano:.0f}"
     rows = []
     for (fmt, _), t in zip(models.items(), t_ours, strict=True):
-        name = "float32" if fmt == "none" else fmt
-        rows.append(f"{name:>8}{B * n / t:>12.0f}{B * n / t_hf:>10.0f}{t_hf / t:>7.2f}x"
+        name = args.dtype if fmt == "none" else fmt
+        rows.append(f"{name:>9}{B * n / t:>12.0f}{B * n / t_hf:>10.0f}{t_hf / t:>7.2f}x"
                     f"{nano if fmt == 'none' else '':>15}")
     return rows
 
@@ -198,7 +198,7 @@ def main() -> None:
     print(f"device: {device} ({name}); torch {torch.__version__}; dtype {args.dtype}; "
           f"{args.new_tokens} new tokens, prompt {args.prompt_len}, top-p 0.9; best of "
           f"{args.repeats}{'; compiled decode' if args.compile else ''}")
-    print(f"{'case':<12}{'batch':>6}{'weights':>8}{'ours tok/s':>12}{'HF tok/s':>10}"
+    print(f"{'case':<12}{'batch':>6}{'weights':>9}{'ours tok/s':>12}{'HF tok/s':>10}"
           f"{'ratio':>8}{'nanoGPT-style':>15}   (HF: {args.dtype} weights)")
     n = args.new_tokens
     for case in args.cases.split(","):

@@ -4,6 +4,7 @@ what stays untouched (parameters, state_dict, training), and the --quantize comm
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -236,10 +237,10 @@ def test_evaluate_cli(tiny_checkpoint, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Some text to evaluate, long enough for a few windows. " * 10)
     base = ["--checkpoint", str(tiny_checkpoint), "--file", str(text), "--json"]
-    res = run_many(REPO / "evaluate_lm.py",
-                   {f: [*base, "--quantize", f] for f in quant.FORMATS}, tmp_path)
-    import json
-
+    cases = {f: [*base, "--quantize", f] for f in quant.FORMATS}
+    cases["text"] = [*base[:-1], "--quantize", "int8"]
+    res = run_many(REPO / "evaluate_lm.py", cases, tmp_path)
+    assert "weights:       int8 (--quantize)" in res["text"][1]
     reports = {f: json.loads(res[f][1]) for f in quant.FORMATS}
     assert [reports[f]["quantize"] for f in quant.FORMATS] == list(quant.FORMATS)
     ppl = reports["none"]["perplexity"]
