@@ -406,7 +406,7 @@ class LanguageModel(nn.Module):
         """Allocate (or keep, when big enough) a KV cache of max_seq_len positions per row.
 
         On CPU this also makes the decode-time (in, out) weight copies of `Linear`, which double
-        the weights' memory until `clear_cache`.
+        the weights' memory until `clear_cache` (unless `quantize` has made its own copies).
         """
         device = self.device
         if dtype is None:
