@@ -251,3 +251,13 @@ def test_evaluate_cli(tiny_checkpoint, tmp_path):
         "bad": ([*base, "--quantize", "int4"], "--quantize"),
         "combo": ([*base, "--quantize", "bf16", "--dtype", "bfloat16"], "drop --dtype"),
     }, tmp_path)
+
+
+def test_evaluate_cli_refuses_quantize_on_a_gpu(tiny_checkpoint, monkeypatch, capsys):
+    import model.checkpoint
+
+    monkeypatch.setattr(model.checkpoint, "pick_device", lambda name: torch.device("cuda"))
+    code = evaluate_lm.main(["--checkpoint", str(tiny_checkpoint), "--quantize", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--quantize int8 is for the CPU, but the device is cuda" in err
