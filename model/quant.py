@@ -15,10 +15,11 @@ the copies are made from them, and remade if they change.
 
 Decoding at small batch sizes is memory-bound (every weight is read once per token), so fewer
 bytes per weight is most of the speed-up. For int8 the fast kernel is PyTorch's
-`torch._weight_int8pack_mm`; it is vectorised on x86-64 only, and only for bf16 (or fp16)
-inputs: with float32 inputs it runs a scalar loop, 7-11x slower in our measurements. It reads
-the whole weight once per input row, so it is used for up to `INT8_KERNEL_MAX_ROWS` rows (the
-decode steps of a small batch); more rows (a prompt's prefill, evaluation windows) and other
+`torch._weight_int8pack_mm`; it is vectorised on x86-64 only, and only for bf16 inputs: with
+float32 inputs it runs a scalar loop (7-17x slower in our measurements), so inputs are rounded
+to bf16 first. Its cost grows with the number of input rows (about 3.5x from 1 row to 8 on the
+default LM head), so it is used for up to `INT8_KERNEL_MAX_ROWS` rows (the decode steps of a
+small batch); more rows (a prompt's prefill, evaluation windows) and other
 machines take the fallback, which converts the int8 weight to bf16 for one `F.linear` and
 scales its output: the same products, with one more bf16 rounding.
 """
