@@ -181,15 +181,20 @@ class Linear(nn.Linear):
         self.decode_w = packed if self.packed else w.t().contiguous()  # (in, out)
         return self.decode_w
 
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle leave the decode copies out (oneDNN-packed tensors cannot be
+        # copied); setup_cache, or for a `quantize` format the next forward, makes them again.
+        return {**self.__dict__, "decode_w": None, "_decode_key": None, "packed": False}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.decode_format
-        if (self.decode_w is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or (fmt == "none" and (torch.is_autocast_enabled("cpu")
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or (fmt == "none" and (self.decode_w is None or torch.is_autocast_enabled("cpu")
                                        or x.dtype != self.weight.dtype))):
             return F.linear(x, self.weight, self.bias)
         w = self.weight
         wd = self.decode_w
-        if self._decode_key != (w.data_ptr(), w._version, w.dtype):
+        if wd is None or self._decode_key != (w.data_ptr(), w._version, w.dtype):
             wd = self._refresh()
         if fmt == "int8":
             return wd.linear(x, self.bias)

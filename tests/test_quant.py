@@ -4,6 +4,8 @@ what stays untouched (parameters, state_dict, training), and the --quantize comm
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -22,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 # Widths are multiples of 16 so that the int8 kernel is used where the machine has it.
 SMALL = dict(vocab_size=256, d_model=64, num_heads=4, num_layers=2, d_ff=128, max_seq_len=128,
              dropout=0.0)
+
+
+@contextlib.contextmanager
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -261,3 +273,15 @@ def test_evaluate_cli_refuses_quantize_on_a_gpu(tiny_checkpoint, monkeypatch, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "--quantize int8 is for the CPU, but the device is cuda" in err
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_deepcopy_keeps_the_format(random_model, restore, fmt):
+    """copy.deepcopy works after generation (oneDNN-packed copies cannot be copied: the copy
+    remakes its own) and the copy decodes as the original does."""
+    random_model.quantize(fmt)
+    with two_threads():  # float32 packs its copies with oneDNN only on several threads
+        want = random_model.generate([1, 2, 3], max_new_tokens=8, temperature=0)
+        clone = copy.deepcopy(random_model)
+        assert clone.quantization == fmt
+        assert torch.equal(clone.generate([1, 2, 3], max_new_tokens=8, temperature=0), want)
