@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from model.lm import LanguageModel, LMConfig
+from model.quant import check_format
 
 _SNAPSHOT_GLOB = "snapshot_*.pt"
 _STEP_RE = re.compile(r"step_(\d+)")
@@ -427,7 +428,8 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device | None = None,
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device | None = None,
                tokenizer: Any = None, dtype: torch.dtype | None = None,
-               allow_nonfinite: bool = False) -> tuple[LanguageModel, dict[str, Any]]:
+               allow_nonfinite: bool = False, quantize: str = "none"
+               ) -> tuple[LanguageModel, dict[str, Any]]:
     """Load a trained model: find the checkpoint, read it safely, build the model.
 
     Example:
@@ -445,6 +447,8 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
             (`model.tokenizer`, `model.end_token` = its EOS id).
         dtype: optional weight dtype (default: as stored, float32).
         allow_nonfinite: load NaN/inf weights instead of refusing them (to debug a diverged run).
+        quantize: the weight format of inference on CPU, "none", "bf16" or "int8" (see
+            `LanguageModel.quantize`; the model's parameters stay as loaded).
 
     Returns:
         `(model, checkpoint)`: the model in eval mode on the device, and the checkpoint dict
@@ -455,8 +459,15 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
             empty, truncated, non-torch or unsafe file, missing keys, weights that do not fit the
             config (checked before allocating), non-finite weights, or a vocabulary that differs
             from the tokenizer's.
-        DeviceError: an unknown or unavailable device.
+        DeviceError: an unknown or unavailable device, or `quantize` on a device not the CPU.
+        ValueError: an unknown `quantize` format.
     """
     dev = pick_device(device)  # fail on a bad device before reading a large file
+    check_format(quantize)
+    if quantize != "none" and dev.type != "cpu":
+        raise DeviceError(f"quantize={quantize!r} is for CPU inference, but the device is "
+                          f"{dev}; on a GPU use bf16 autocast instead")
     ckpt = read_checkpoint(checkpoint_path)
-    return build_model(ckpt, dev, tokenizer, dtype, allow_nonfinite), ckpt
+    model = build_model(ckpt, dev, tokenizer, dtype, allow_nonfinite)
+    model.quantize(quantize)
+    return model, ckpt

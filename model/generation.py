@@ -304,6 +304,11 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
     if not _is_int(top_logprobs) or top_logprobs < 0:
         raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
 
+    if compile and getattr(model, "quantization", "none") != "none":
+        raise ValueError(f"compile=True decodes with the float32 weights, but the model is set "
+                         f"to {model.quantization} (quantize); drop compile or call "
+                         f"model.quantize('none')")
+
     end_token = model.end_token
     pad_id = pad_token_id if pad_token_id is not None else end_token
     rows = _prompt_rows(model, prompt, pad_id, attention_mask)
