@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -32,97 +31,9 @@ from typing import Any
 from training.cli import OneLineParser
 from training.fileio import atomic_write, fsync_dir
 
-# Weight files of a Hugging Face folder, in the order we look for them.
-_SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-_BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks saved by old transformers
-
 
 class ConvertError(ValueError):
     """A conversion cannot be done; the message is one actionable line."""
-
-
-# -- reading a Hugging Face folder ---------------------------------------------------------------
-
-
-def read_hf_folder(src: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read `config.json` and the weights of a local Hugging Face GPT-2 folder.
-
-    Returns:
-        (config dict, state dict as saved by Hugging Face, on the CPU).
-
-    Raises:
-        ConvertError: missing/invalid config or weight files.
-    """
-    src = Path(src)
-    if not src.is_dir():
-        raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model folder")
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ConvertError(f"no config.json in {src}: not a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"could not read {config_path}: {_first_line(exc)}") from None
-    if not isinstance(config, dict):
-        raise ConvertError(f"{config_path} does not hold a JSON object")
-    return config, _read_weights(src)
-
-
-def _read_weights(src: Path) -> dict[str, Any]:
-    if (src / _SAFETENSORS).is_file():
-        return _load_safetensors(src / _SAFETENSORS)
-    if (src / _SAFETENSORS_INDEX).is_file():
-        return _load_shards(src / _SAFETENSORS_INDEX, _load_safetensors)
-    if (src / _BIN).is_file():
-        return _load_bin(src / _BIN)
-    if (src / _BIN_INDEX).is_file():
-        return _load_shards(src / _BIN_INDEX, _load_bin)
-    raise ConvertError(f"no {_SAFETENSORS} or {_BIN} in {src}; nothing to convert")
-
-
-def _load_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise ConvertError(f"could not read {path}: {_first_line(exc)}") from None
-
-
-def _load_bin(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            found = re.search(r"GLOBAL (\S+)", str(exc))
-            what = f" ({found.group(1)})" if found else ""
-            raise ConvertError(
-                f"refusing to load {path}: it holds Python objects{what} that a safe "
-                "weights_only load does not allow (unpickling them could run code); use "
-                "model.safetensors instead"
-            ) from None
-        raise ConvertError(f"could not read {path}: {_first_line(exc)}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConvertError(f"{path} does not hold a state dict of tensors")
-    return sd
-
-
-def _load_shards(index_path: Path, load) -> dict[str, Any]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConvertError(f"could not read {index_path}: {_first_line(exc)}") from None
-    sd: dict[str, Any] = {}
-    for shard in shards:
-        path = index_path.parent / shard
-        if not path.is_file():
-            raise ConvertError(f"{index_path.name} lists {shard}, which is missing")
-        sd.update(load(path))
-    return sd
 
 
 # -- checks shared by every direction ------------------------------------------------------------
@@ -179,16 +90,6 @@ def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
     return diff
 
 
-def hf_state_dict_for_model(sd: dict[str, Any]) -> dict[str, Any]:
-    """Keys of a `GPT2LMHeadModel` for weights saved by `GPT2LMHeadModel` or `GPT2Model`."""
-    out = {}
-    for key, value in sd.items():
-        if key.endswith(_HF_BUFFERS):
-            continue
-        out[key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key] = value
-    return out
-
-
 # -- the three directions ------------------------------------------------------------------------
 
 
@@ -208,19 +109,17 @@ def from_hf(
     Returns:
         The path written.
     """
-    from model.hf_interop import config_from_hf, state_dict_from_hf
-    from model.lm import LanguageModel
+    from model.hf_interop import checkpoint_from_hf, hf_state_dict_for_model, read_hf_folder
+    from model.lm import LanguageModel, LMConfig
 
     out = _check_output(out, force)
-    hf_config, hf_sd = read_hf_folder(src)
-    try:
-        cfg = config_from_hf(hf_config)
-    except KeyError as exc:
-        raise ConvertError(f"config.json lacks {exc.args[0]!r}; not a GPT-2 config") from None
-    if "transformer.wte.weight" not in hf_state_dict_for_model(hf_sd):
-        raise ConvertError(f"no token embedding (wte.weight) in the weights of {src}")
+    if not Path(src).is_dir():
+        raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model folder")
+    hf_config, hf_sd = read_hf_folder(src)  # the one HF reader (train_lm.py --init_from too)
+    ckpt = checkpoint_from_hf(hf_config, hf_sd, src)
+    cfg = LMConfig.from_dict(ckpt["model_config"])
     model = LanguageModel.from_config(cfg)
-    load_weights_strict(model, state_dict_from_hf(hf_sd))
+    load_weights_strict(model, ckpt["model_state_dict"])
     if verify:
         from transformers import GPT2Config, GPT2LMHeadModel
 

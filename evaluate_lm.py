@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from training.data import DataError, add_data_args, describe_split, load_split
 
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("none", "bf16", "int8")  # model.quant.FORMATS, named here without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="autocast dtype for the forward pass (the loss is summed in float32)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="CPU weight format, as generate_lm.py --quantize: none (float32), bf16 "
+                        "or int8; measures what that format costs in perplexity")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -65,6 +70,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--seq_len must be at least 2 (a token needs context to be scored)")
     if args.seq_len is not None and args.stride is not None and args.stride > args.seq_len:
         raise ValueError(f"--stride {args.stride} is larger than --seq_len {args.seq_len}")
+    if args.quantize != "none" and args.dtype != "float32":
+        raise ValueError(f"--quantize {args.quantize} sets the weight format itself; drop "
+                         f"--dtype {args.dtype}")
     if args.file is not None:
         clash = [f"--{n}" for n in ("split", "train_file", "val_file", "test_file", "data_dir")
                  if getattr(args, n, None) is not None]
@@ -98,6 +106,9 @@ def run(args: argparse.Namespace) -> dict:
     from training.evaluation import evaluate_tokens
 
     device = pick_device(args.device)  # before reading a large file
+    if args.quantize != "none" and device.type != "cpu":
+        raise ValueError(f"--quantize {args.quantize} is for the CPU, but the device is {device}; "
+                         "use --dtype bfloat16 on a GPU, or pass --device cpu")
     checkpoint = read_checkpoint(args.checkpoint)
     args.tokenizer = args.tokenizer or checkpoint.get("tokenizer") or "gpt2"
     try:
@@ -106,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         raise DataError(str(exc)) from None
     # build_model checks that the tokenizer's vocabulary is the model's.
     model = build_model(checkpoint, device, tokenizer)
+    model.quantize(args.quantize)
     if args.file is not None:
         tokens, num_bytes = read_text_file(args.file, tokenizer)
         data = f"file {args.file}"
@@ -129,6 +141,7 @@ def run(args: argparse.Namespace) -> dict:
         **result.to_dict(),
         "device": str(device),
         "dtype": args.dtype,
+        "quantize": args.quantize,
     }
 
 
@@ -145,6 +158,8 @@ def format_report(report: dict) -> str:
         f"perplexity:    {report['perplexity']:.4f}",
         f"bits per byte: {report['bits_per_byte']:.4f}",
     ]
+    if report["quantize"] != "none":
+        lines.insert(4, f"weights:       {report['quantize']} (--quantize)")
     return "\n".join(lines)
 
 
@@ -164,9 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         # An infinite perplexity is not valid JSON; write it as null.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in report.items()}
-        print(json.dumps(clean))
+        text = json.dumps(clean)
     else:
-        print(format_report(report))
+        text = format_report(report)
+    try:
+        print(text, flush=True)
+    except OSError as exc:  # e.g. redirected to a full disk
+        print(f"evaluate_lm.py: error: cannot write the report ({exc.strerror or exc})",
+              file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure
+        return 1
     return 0
 
 

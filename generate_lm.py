@@ -32,6 +32,7 @@ directory (the snapshot with the highest step is used), or a .safetensors export
 """
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("none", "bf16", "int8")  # model.quant.FORMATS, named here without importing torch
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -109,12 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
                         r"\n, \t and \\ are understood (default: none; generation always "
                         "stops at the end-of-text token)")
 
+    o = p.add_argument_group("token probabilities")
+    o.add_argument("--show_probs", type=_number("--show_probs", 0, cast=int), metavar="K",
+                   help="after each sample, print on stderr a table of the generated tokens "
+                        "with their probability, rank and the K likeliest alternatives; in "
+                        "--interactive, K for /probs (default: no table; /probs shows 5)")
+    o.add_argument("--json", action="store_true",
+                   help="print one JSON object per sample on stdout instead of the text: "
+                        "text, tokens with log-probabilities (and --show_probs K "
+                        "alternatives, default 5), timing")
+
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", metavar="DEV",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
     r.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="compute dtype: float32, or bfloat16/float16 autocast (weights stay "
-                        "float32; pays off for large models on GPUs) (default: float32)")
+                   help="compute dtype: float32, or bfloat16/float16 autocast on a GPU; on CPU, "
+                        "bfloat16 means --quantize bf16 and float16 is autocast, which is slower "
+                        "than float32 there (default: float32)")
+    r.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="CPU weight format for decoding: none (float32), bf16 or int8 "
+                        "(per-channel int8 weights, fastest); checkpoints are not changed "
+                        "(default: none)")
     r.add_argument("--tokenizer", metavar="NAME",
                    help="gpt2 (the bundled copy), a local tokenizer folder or a hub name "
                         "(default: the checkpoint's tokenizer, else gpt2)")
@@ -123,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(same text for the same --seed)")
     r.add_argument("--verbose", "-v", action="store_true",
                    help="print load time, seed and generation speed on stderr")
+    r.add_argument("--allow_nonfinite", action="store_true",
+                   help="load a checkpoint with NaN/inf weights instead of refusing it (to "
+                        "debug a diverged run; generation stops at the first non-finite logits)")
     return p
 
 
@@ -132,7 +151,9 @@ def _fail(message: str) -> NoReturn:
 
 
 def _read_stdin_prompt() -> str:
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None:
+        _fail("--prompt - reads the prompt from stdin, but stdin is closed; pipe text in")
+    if sys.stdin.isatty():
         _fail("--prompt - reads the prompt from stdin, but stdin is a terminal; pipe text in, "
               "e.g. echo 'Once upon a time' | python generate_lm.py --prompt -")
     data = sys.stdin.buffer.read()
@@ -143,6 +164,17 @@ def _read_stdin_prompt() -> str:
     if not text:
         _fail("--prompt -: stdin was empty; pipe a prompt in, or pass --prompt TEXT")
     return text
+
+
+def _from_argv(flag: str, text: str | None) -> str | None:
+    """An argument as text: bytes that were not UTF-8 (kept by Python as lone surrogates, which
+    the tokenizer cannot take) become U+FFFD, with a note, as for stdin."""
+    if text is None:
+        return None
+    fixed = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    if fixed != text:
+        sys.stderr.write(f"note: {flag} was not valid UTF-8; undecodable bytes became U+FFFD\n")
+    return fixed
 
 
 def _autocast_dtype(name: str, device: Any):
@@ -156,6 +188,27 @@ def _autocast_dtype(name: str, device: Any):
         _fail(f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name(device)}) does not "
               "support it; use float16 or float32")
     return dtype
+
+
+def _weight_format(args: argparse.Namespace, device: Any) -> tuple[str, Any]:
+    """--quantize and --dtype: (the CPU weight format, the autocast dtype or None)."""
+    fmt = args.quantize
+    if fmt != "none":
+        if device.type != "cpu":
+            _fail(f"--quantize {fmt} is for CPU decoding, but the device is {device}; on a GPU "
+                  "use --dtype bfloat16, or pass --device cpu")
+        if args.dtype != "float32":
+            _fail(f"--quantize {fmt} sets the weight format itself; drop --dtype {args.dtype}")
+        return fmt, None
+    if device.type == "cpu" and args.dtype == "bfloat16":
+        # Autocast would convert every weight at every step, slower than float32 on CPU; bf16
+        # weight copies are the fast form of the same request.
+        return "bf16", None
+    if device.type == "cpu" and args.dtype == "float16":
+        sys.stderr.write("note: --dtype float16 on CPU is autocast, which converts the weights at "
+                         "every step and is usually slower than float32; --quantize bf16 or int8 "
+                         "is faster\n")
+    return "none", _autocast_dtype(args.dtype, device)
 
 
 def _compute_context(model: Any, amp_dtype: Any):
@@ -175,7 +228,8 @@ def _describe(ckpt: dict, model: Any, device: Any, dtype: Any) -> str:
             else None,
             f"{model.num_params() / 1e6:.2f}M params",
             f"context {model.max_seq_len}",
-            f"{device}, " + ("float32" if dtype is None
+            f"{device}, " + (f"{model.quantization} weights" if model.quantization != "none"
+                             else "float32" if dtype is None
                              else f"{str(dtype).replace('torch.', '')} autocast")]
     return f"loaded {ckpt['_path']} (" + ", ".join(b for b in bits if b) + ")"
 
@@ -198,7 +252,7 @@ def _load(args: argparse.Namespace):
         device = pick_device(args.device)
     except DeviceError as exc:
         _fail(f"--device: {exc}")
-    amp_dtype = _autocast_dtype(args.dtype, device)
+    fmt, amp_dtype = _weight_format(args, device)
     path = args.checkpoint
     if path is None:
         path = find_default_checkpoint(".")
@@ -220,9 +274,10 @@ def _load(args: argparse.Namespace):
         origin = "--tokenizer" if args.tokenizer else "the checkpoint's tokenizer (--tokenizer)"
         _fail(f"{origin}: {exc}")
     try:
-        model = build_model(ckpt, device, tokenizer)
+        model = build_model(ckpt, device, tokenizer, allow_nonfinite=args.allow_nonfinite)
     except (CheckpointError, DeviceError) as exc:
         _fail(str(exc))
+    model.quantize(fmt)
     sys.stderr.write(_describe(ckpt, model, device, amp_dtype) + "\n")
     if args.verbose:
         sys.stderr.write(f"loaded in {time.perf_counter() - t0:.2f} s; tokenizer {name}\n")
@@ -260,6 +315,7 @@ def _prompt_ids(model: Any, tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str) -> int:
+    from model.generation import NonFiniteLogitsError
     from model.textstream import TextGeneration
 
     settings = _settings(args)
@@ -271,27 +327,46 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
     if args.verbose and args.seed is None:
         sys.stderr.write(f"seed {base_seed} (pass --seed {base_seed} to reproduce)\n")
     out = sys.stdout
+    top = args.show_probs if args.show_probs is not None else 5 if args.json else None
     with model:
         for i in range(args.num_samples):
             settings.seed = base_seed + i
             try:
-                gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream)
-                pieces = iter(gen)
-            except ValueError as exc:
+                gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream,
+                                     top_logprobs=top)
+                pieces = iter(gen)  # --no_stream generates here
+            except (ValueError, NonFiniteLogitsError) as exc:
                 _fail(str(exc))
+            if args.json:
+                from model.probview import json_record
+
+                try:
+                    text = "".join(pieces)
+                except NonFiniteLogitsError as exc:
+                    _fail(str(exc))
+                out.write(json_record(gen, prompt, ids, text, settings.seed) + "\n")
+                out.flush()
+                continue
             if args.num_samples > 1:
                 sep = "\n" if i else ""
                 out.write(f"{sep}--- sample {i + 1}/{args.num_samples} ---\n")
             out.write(prompt)
             out.flush()
-            if args.no_stream:
-                out.write("".join(pieces))
-            else:
-                for piece in pieces:
-                    out.write(piece)
-                    out.flush()
+            try:
+                if args.no_stream:
+                    out.write("".join(pieces))
+                else:
+                    for piece in pieces:
+                        out.write(piece)
+                        out.flush()
+            except NonFiniteLogitsError as exc:
+                out.write("\n")
+                out.flush()
+                _fail(str(exc))
             out.write("\n")
             out.flush()
+            if args.show_probs is not None:  # stderr: piping the text stays clean
+                sys.stderr.write(gen.probabilities().table(args.show_probs) + "\n")
             if args.verbose:
                 tag = f"sample {i + 1}: " if args.num_samples > 1 else ""
                 sys.stderr.write(f"{tag}{gen.summary()}\n")
@@ -302,6 +377,8 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not args.interactive and args.prompt is None:
         _fail("give --prompt TEXT (or --prompt - to read stdin) or --interactive")
+    if args.interactive and args.json:
+        _fail("--json applies to --prompt; the interactive prompt prints text")
     if args.interactive and args.num_samples != 1:
         _fail("--num_samples applies to --prompt; in --interactive use /regen for another sample")
     # Cheap checks before torch is imported (seconds), so typos fail at once.
@@ -309,7 +386,12 @@ def _run(argv: list[str] | None) -> int:
         _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
     if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
         _fail(f"--checkpoint: not found: {args.checkpoint}")
-    prompt = _read_stdin_prompt() if args.prompt == "-" else args.prompt
+    if sys.stdout is None:
+        _fail("stdout is closed: there is nowhere to write the text")
+    if args.interactive and sys.stdin is None:
+        _fail("--interactive reads prompts from stdin, but stdin is closed")
+    prompt = _read_stdin_prompt() if args.prompt == "-" else _from_argv("--prompt", args.prompt)
+    args.stop = [_from_argv("--stop", s) for s in args.stop]
     if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
     model, tokenizer, ckpt, amp_dtype = _load(args)
@@ -327,7 +409,8 @@ def _run(argv: list[str] | None) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")  # the REPL reports undecodable bytes
     with _compute_context(model, amp_dtype):
         return Repl(model, tokenizer, settings, stream=not args.no_stream,
-                    verbose=args.verbose, info=info).run()
+                    verbose=args.verbose, info=info,
+                    probs_k=5 if args.show_probs is None else args.show_probs).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")
         return 130
+    except OSError as exc:  # writing the text failed: a full disk, an I/O error
+        sys.stderr.write(f"error: cannot write the output ({exc.strerror or exc})\n")
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit-time flush would fail again
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ whose pickle would run code is refused before any of it runs. Every failure is a
 
 Accepted paths: a `.pt` snapshot, `latest.pt`, a run directory (`lm_x/`) or its `snapshots/`
 directory (the snapshot with the highest step wins), or a weights-only `.safetensors` file with
-the model config as JSON under the metadata key "model_config".
+the model config as JSON under the metadata key "model_config". `read_weights_source` (the
+starting point of `train_lm.py --init_from`) also takes a Hugging Face GPT-2 folder or hub name,
+read by `model/hf_interop.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from model.lm import LanguageModel, LMConfig
+from model.quant import check_format
 
 _SNAPSHOT_GLOB = "snapshot_*.pt"
 _STEP_RE = re.compile(r"step_(\d+)")
@@ -247,6 +250,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def read_weights_source(source: str | Path) -> dict[str, Any]:
+    """Read the weights to start from: anything `read_checkpoint` accepts, a Hugging Face GPT-2
+    folder (`config.json` + `model.safetensors` / `pytorch_model.bin`), or a hub name such as
+    `gpt2` (from the local Hugging Face cache; downloaded when online).
+
+    A local path wins over a hub name of the same spelling, as with `from_pretrained`.
+
+    Returns:
+        A checkpoint dict as `read_checkpoint` returns it (with `tokenizer` for HF models).
+
+    Raises:
+        CheckpointError: one line for every way the source can be missing or wrong.
+    """
+    from model.hf_interop import HFLoadError, looks_like_hub_name, read_hf_checkpoint
+
+    p = Path(source).expanduser()
+    is_hf_dir = p.is_dir() and (p / "config.json").is_file() and not (p / "snapshots").is_dir() \
+        and not any(p.glob(_SNAPSHOT_GLOB))
+    if p.exists() and not is_hf_dir:
+        return read_checkpoint(p)
+    if not p.exists() and not looks_like_hub_name(str(source)):
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        return read_hf_checkpoint(p if is_hf_dir else str(source))
+    except HFLoadError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 # -- building the model ------------------------------------------------------------------------
 
 
@@ -263,14 +294,37 @@ def _clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _check_state_dict(state: dict[str, Any], model: LanguageModel, file: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _check_size(cfg: LMConfig, state: dict[str, Any], file: str) -> None:
+    # Refuse what no tensor here could hold before even a `meta` model is built: its time grows
+    # with num_layers (12 tensors each), and a dimension past about 3e9 overflows a shape. Past
+    # this check, the exact shape comparison bounds every size.
+    held = sum(v.numel() for k, v in state.items()
+               if isinstance(v, torch.Tensor) and k != _TIED[0])  # the tied head is wte again
+    absurd = [f"{k} {getattr(cfg, k):,}" for k in ("vocab_size", "d_model", "d_ff", "max_seq_len")
+              if getattr(cfg, k) > held]
+    if cfg.num_layers > len(state):
+        absurd.append(f"num_layers {cfg.num_layers:,} (the file has {len(state)} tensors)")
+    if absurd:
+        raise CheckpointError(
+            f"checkpoint {file}: model_config asks for {', '.join(absurd)}, more than the "
+            f"{held:,} weights in the file can hold; the config does not describe these weights")
+
+
+def _check_state_dict(state: dict[str, Any], expected: dict[str, tuple[int, ...]],
+                      file: str) -> None:
     bad_type = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad_type:
         raise CheckpointError(f"checkpoint {file}: state dict entries are not tensors: "
                               f"{_few(sorted(map(str, bad_type)))}")
+    odd = [f"{k} ({str(v.dtype).replace('torch.', '')}"
+           + ("" if v.layout == torch.strided else f", {str(v.layout).replace('torch.', '')}")
+           + (", meta" if v.is_meta else "") + ")" for k, v in state.items()
+           if not v.is_floating_point() or v.layout != torch.strided or v.is_meta]
+    if odd:
+        raise CheckpointError(f"checkpoint {file}: weights must be dense floating-point tensors "
+                              f"with data, got {_few(sorted(odd), 3)}")
     missing = sorted(set(expected) - set(state) - {_TIED[0]})  # a tied head may be left out
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(map(str, set(state) - set(expected)))  # keys may be any type
     shapes = [f"{k} {list(state[k].shape)} vs {list(shp)}" for k, shp in expected.items()
               if k in state and tuple(state[k].shape) != shp]
     problems = []
@@ -289,8 +343,55 @@ def _check_state_dict(state: dict[str, Any], model: LanguageModel, file: str) ->
                               "transformer.wte.weight, but this model ties them")
 
 
+def _check_finite(state: dict[str, Any], file: str) -> None:
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {file}: non-finite weights (NaN or inf) in {_few(sorted(bad), 3)}; the "
+            "run diverged: use an earlier snapshot (to inspect it anyway: generate_lm.py "
+            "--allow_nonfinite, or load_model(..., allow_nonfinite=True))")
+
+
+def validate_weights(ckpt: dict[str, Any], allow_nonfinite: bool = False
+                     ) -> tuple[LMConfig, dict[str, Any]]:
+    """Check a checkpoint's config against its tensors without allocating the model.
+
+    In order: the config is valid; its sizes are possible for the file; every tensor has
+    the shape a model of that config (built on the `meta` device, so no memory is used)
+    expects, so the model to build is exactly as big as the tensors present; and, unless
+    `allow_nonfinite`, every weight is finite.
+
+    Args:
+        ckpt: a dict from `read_checkpoint` (or any dict with the two keys).
+        allow_nonfinite: accept NaN/inf weights (to inspect a diverged run).
+
+    Returns:
+        The config and the state dict (wrapper prefixes removed, the tied head filled in).
+
+    Raises:
+        CheckpointError: one line naming what does not fit.
+    """
+    file = ckpt.get("_path", "<dict>")
+    try:
+        cfg = LMConfig.from_dict(dict(ckpt["model_config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {file}: bad model_config: {_first_line(exc)}") from None
+    state = _clean_state_dict(ckpt["model_state_dict"])
+    _check_size(cfg, state, file)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        expected = {k: tuple(v.shape) for k, v in LanguageModel.from_config(cfg)
+                    .state_dict().items()}
+    _check_state_dict(state, expected, file)
+    if not allow_nonfinite:
+        _check_finite(state, file)
+    if _TIED[0] not in state:
+        state = {**state, _TIED[0]: state[_TIED[1]]}
+    return cfg, state
+
+
 def build_model(ckpt: dict[str, Any], device: str | torch.device | None = None,
-                tokenizer: Any = None, dtype: torch.dtype | None = None) -> LanguageModel:
+                tokenizer: Any = None, dtype: torch.dtype | None = None,
+                allow_nonfinite: bool = False) -> LanguageModel:
     """Build the model a checkpoint dict describes, in eval mode on `device`.
 
     Args:
@@ -299,28 +400,23 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device | None = None,
         tokenizer: when given, its vocabulary must match the model's; it becomes
             `model.tokenizer` and its EOS id `model.end_token`.
         dtype: cast the weights (e.g. torch.bfloat16); None keeps the stored float32.
+        allow_nonfinite: load NaN/inf weights instead of refusing them (see `validate_weights`).
 
     Raises:
-        CheckpointError: bad config, weights that do not fit it, or a tokenizer mismatch.
+        CheckpointError: bad config, weights that do not fit it (checked before the model is
+            allocated), non-finite weights, or a tokenizer mismatch.
         DeviceError: an unknown or unavailable device.
     """
     file = ckpt.get("_path", "<dict>")
     dev = pick_device(device)
-    try:
-        cfg = LMConfig.from_dict(dict(ckpt["model_config"]))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {file}: bad model_config: {_first_line(exc)}") from None
+    cfg, state = validate_weights(ckpt, allow_nonfinite)
     if tokenizer is not None and cfg.vocab_size != len(tokenizer):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise CheckpointError(
             f"checkpoint {file} has vocab_size {cfg.vocab_size} but tokenizer {name!r} has "
             f"{len(tokenizer)} tokens; pass the tokenizer the model was trained with (--tokenizer)"
         )
-    state = _clean_state_dict(ckpt["model_state_dict"])
     model = LanguageModel.from_config(cfg)
-    _check_state_dict(state, model, file)
-    if _TIED[0] not in state:
-        state = {**state, _TIED[0]: state[_TIED[1]]}
     model.load_state_dict(state)
     model.to(device=dev, dtype=dtype)
     model.eval()
@@ -331,7 +427,8 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device | None = None,
 
 
 def load_model(checkpoint_path: str | Path, device: str | torch.device | None = None,
-               tokenizer: Any = None, dtype: torch.dtype | None = None
+               tokenizer: Any = None, dtype: torch.dtype | None = None,
+               allow_nonfinite: bool = False, quantize: str = "none"
                ) -> tuple[LanguageModel, dict[str, Any]]:
     """Load a trained model: find the checkpoint, read it safely, build the model.
 
@@ -349,6 +446,9 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
         tokenizer: optional; checked against the model's vocabulary and attached to the model
             (`model.tokenizer`, `model.end_token` = its EOS id).
         dtype: optional weight dtype (default: as stored, float32).
+        allow_nonfinite: load NaN/inf weights instead of refusing them (to debug a diverged run).
+        quantize: the weight format of inference on CPU, "none", "bf16" or "int8" (see
+            `LanguageModel.quantize`; the model's parameters stay as loaded).
 
     Returns:
         `(model, checkpoint)`: the model in eval mode on the device, and the checkpoint dict
@@ -357,9 +457,17 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
     Raises:
         CheckpointError: one-line message for a missing path, a directory without snapshots, an
             empty, truncated, non-torch or unsafe file, missing keys, weights that do not fit the
-            config, or a vocabulary that differs from the tokenizer's.
-        DeviceError: an unknown or unavailable device.
+            config (checked before allocating), non-finite weights, or a vocabulary that differs
+            from the tokenizer's.
+        DeviceError: an unknown or unavailable device, or `quantize` on a device not the CPU.
+        ValueError: an unknown `quantize` format.
     """
     dev = pick_device(device)  # fail on a bad device before reading a large file
+    check_format(quantize)
+    if quantize != "none" and dev.type != "cpu":
+        raise DeviceError(f"quantize={quantize!r} is for CPU inference, but the device is "
+                          f"{dev}; on a GPU use bf16 autocast instead")
     ckpt = read_checkpoint(checkpoint_path)
-    return build_model(ckpt, dev, tokenizer, dtype), ckpt
+    model = build_model(ckpt, dev, tokenizer, dtype, allow_nonfinite)
+    model.quantize(quantize)
+    return model, ckpt

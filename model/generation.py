@@ -36,6 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or infinite logits, so no token can be sampled; one-line message."""
+
+
 # -- samplers -------------------------------------------------------------------------------------
 
 
@@ -52,7 +57,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         penalty: the penalty, > 0; 1.0 changes nothing.
     """
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty must not make an inf (then NaN)
+    return torch.where(seen, penalized.clamp_(-big, big), logits)
 
 
 def _nucleus_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -161,15 +167,19 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from (B, V) logits; `temperature == 0` is greedy (argmax).
+    """Draw one token per row from (B, V) logits; `temperature == 0` (or one too small to divide
+    by in the logits' dtype) is greedy (argmax).
 
     Order: temperature, then top-k, then top-p, then a draw from the softmax over what is left.
     """
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small it would divide by 0
         return logits.argmax(dim=-1)
+    # Shift the largest logit to 0, then divide: a tiny temperature sends the others to -inf
+    # (weight 0), where dividing first would overflow to inf - inf = NaN.
+    logits = logits - logits.amax(dim=-1, keepdim=True)
     if temperature != 1.0:
-        logits = logits / temperature
-    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp_()  # softmax, unnormalised
+        logits.div_(temperature)
+    weights = logits.exp()  # softmax, unnormalised
     outside = _outside(logits, top_k, top_p, weights)
     if outside is not None:
         weights.masked_fill_(outside, 0.0)
@@ -180,6 +190,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
+_ENDLESS = 2**62  # budgets past this are endless in practice, and must fit a torch int64
 
 
 # -- argument handling ----------------------------------------------------------------------------
@@ -197,6 +210,7 @@ class _Plan:
     end_token: int | None
     pad_id: int
     compile: bool
+    top_logprobs: int | None = None  # record log-probabilities with this many alternatives
 
 
 def _is_real(x: Any) -> bool:
@@ -266,7 +280,8 @@ def _prompt_rows(model, prompt: Any, pad_id: int | None, attention_mask: Any) ->
 
 
 def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
-          repetition_penalty, seed, generator, pad_token_id, attention_mask, compile) -> _Plan:
+          repetition_penalty, seed, generator, pad_token_id, attention_mask, compile,
+          return_logprobs=False, top_logprobs=5) -> _Plan:
     if not _is_real(temperature) or math.isnan(temperature) or temperature < 0 \
             or math.isinf(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
@@ -284,6 +299,15 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
         raise ValueError(f"max_length must be an integer, got {max_length!r}")
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(return_logprobs, bool):
+        raise ValueError(f"return_logprobs must be True or False, got {return_logprobs!r}")
+    if not _is_int(top_logprobs) or top_logprobs < 0:
+        raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+
+    if compile and getattr(model, "quantization", "none") != "none":
+        raise ValueError(f"compile=True decodes with the float32 weights, but the model is set "
+                         f"to {model.quantization} (quantize); drop compile or call "
+                         f"model.quantize('none')")
 
     end_token = model.end_token
     pad_id = pad_token_id if pad_token_id is not None else end_token
@@ -300,12 +324,12 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
             raise ValueError(f"prompt token ids must be in [0, {V}), got {lo if lo < 0 else hi}")
     longest = max(r.numel() for r in rows)
     if max_new_tokens is not None:
-        budgets = [int(max_new_tokens)] * len(rows)
+        budgets = [min(int(max_new_tokens), _ENDLESS)] * len(rows)
     else:
         if max_length <= longest:
             raise ValueError(f"max_length ({max_length}) must be greater than the prompt length "
                              f"({longest} tokens); it counts prompt plus generated tokens")
-        budgets = [int(max_length) - r.numel() for r in rows]
+        budgets = [min(int(max_length), _ENDLESS) - r.numel() for r in rows]
 
     device = model.device
     if generator is not None:
@@ -318,7 +342,8 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
     greedy = temperature == 0 or not do_sample
     return _Plan(rows, budgets, 0.0 if greedy else float(temperature), top_k, top_p,
                  float(repetition_penalty), generator, end_token,
-                 pad_id if pad_id is not None else 0, bool(compile))
+                 pad_id if pad_id is not None else 0, bool(compile),
+                 int(top_logprobs) if return_logprobs else None)
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -355,7 +380,8 @@ def _static_step(model, tok, input_pos, position_ids, attn_mask):
 
 
 @torch.no_grad()
-def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
+def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
+    """Yield each step's (B,) tokens, or (tokens, TokenLogprobs) when the plan records them."""
     device, W = model.device, model.max_seq_len
     keep = max(1, W - W // 4)
     B = len(plan.rows)
@@ -379,6 +405,8 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
     budgets = torch.tensor(plan.budgets, device=device)
     steps = max(plan.budgets)
     stops_early = plan.end_token is not None or min(plan.budgets) != steps
+    if plan.top_logprobs is not None:
+        from model.scoring import step_logprobs  # only when asked: the default path stays lean
 
     step_fn = None
     if plan.compile:
@@ -396,6 +424,16 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
                 position_ids=_positions(real[:, :T]) if padded else None,
                 attn_mask=_prefill_mask(real[:, :T]) if padded else None, last_only=True)[:, -1]
 
+    # NaN/inf logits (broken weights, or a float16 overflow) would sample garbage silently. One
+    # reduction per step flags them on the device; the flag is read where the loop syncs anyway.
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def check_finite(step: int) -> None:
+        if bool(nonfinite):
+            raise NonFiniteLogitsError(
+                f"the model produced non-finite logits (NaN or inf) by new token {step + 1}: its "
+                "weights are broken (a diverged checkpoint?) or --dtype float16 overflowed")
+
     was_training = model.training
     owns_cache = not model.has_cache()
     model.eval()
@@ -408,18 +446,32 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[torch.Tensor]:
         for step in range(steps):
             if logits.dtype != torch.float32:  # bf16/fp16 models sample in float32
                 logits = logits.float()
+            nonfinite |= ~torch.isfinite(logits.sum())  # a NaN or inf anywhere makes it so
+            if step % check_every == 0 or step == steps - 1:
+                check_finite(step)
+            raw_logits = logits
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, plan.repetition_penalty)
             tok = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
+            if plan.top_logprobs is not None:
+                probs = step_logprobs(raw_logits, logits, tok, plan.temperature, plan.top_k,
+                                      plan.top_p, plan.top_logprobs)
+                if stops_early:
+                    probs = probs.blank(finished)  # a finished row's step is padding
             if stops_early:
                 tok = tok.masked_fill(finished, plan.pad_id)
                 finished |= budgets <= step + 1
                 if plan.end_token is not None:
                     finished |= tok == plan.end_token
-            yield tok
+            if plan.top_logprobs is not None:
+                probs.tokens = tok
+                yield tok, probs
+            else:
+                yield tok
             if step == steps - 1:
                 break
             if stops_early and (step + 1) % check_every == 0 and bool(finished.all()):
+                check_finite(step)
                 break
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
@@ -458,14 +510,18 @@ def stream(model, prompt: Any, max_length: int = 100, temperature: float = 1.0,
            max_new_tokens: int | None = None, do_sample: bool = True,
            repetition_penalty: float = 1.0, seed: int | None = None,
            generator: torch.Generator | None = None, pad_token_id: int | None = None,
-           attention_mask: Any = None, compile: bool = False) -> Iterator[torch.Tensor]:
+           attention_mask: Any = None, compile: bool = False, return_logprobs: bool = False,
+           top_logprobs: int = 5) -> Iterator[Any]:
     """Validate the arguments now; return an iterator of (B,) next-token tensors, one per step.
 
     Rows that have finished (sampled `model.end_token`, or used their budget) yield the pad id.
-    The iterator ends when every row has finished. Arguments as in `generate`.
+    The iterator ends when every row has finished. Arguments as in `generate`; with
+    `return_logprobs=True` each step yields `(tokens, TokenLogprobs)` instead, the record's
+    tensors (B,) and (B, top_logprobs), NaN for finished rows (see `model.scoring`).
     """
     plan = _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
-                 repetition_penalty, seed, generator, pad_token_id, attention_mask, compile)
+                 repetition_penalty, seed, generator, pad_token_id, attention_mask, compile,
+                 return_logprobs, top_logprobs)
     return _loop(model, plan, check_every=1)
 
 
@@ -474,7 +530,8 @@ def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0
              max_new_tokens: int | None = None, do_sample: bool = True,
              repetition_penalty: float = 1.0, seed: int | None = None,
              generator: torch.Generator | None = None, pad_token_id: int | None = None,
-             attention_mask: Any = None, compile: bool = False) -> torch.Tensor:
+             attention_mask: Any = None, compile: bool = False, return_logprobs: bool = False,
+             top_logprobs: int = 5) -> Any:
     """Generate continuations; returns (B, T) token ids on the model's device, prompt included.
 
     Args:
@@ -493,14 +550,28 @@ def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0
         attention_mask: for a 2-D prompt, 1 where a token is real (default: strip right padding).
         compile: decode with a static-shape step compiled by `torch.compile` (CUDA graphs on
             CUDA); worth it for long generations on a GPU.
+        return_logprobs: also return the chosen tokens' log-probabilities and the likeliest
+            alternatives, under the sampling and the raw model distribution.
+        top_logprobs: how many alternatives `return_logprobs` keeps per step.
+
+    Returns:
+        The (B, T) ids; with `return_logprobs`, `(ids, TokenLogprobs)` whose tensors are
+        (B, n) and (B, n, top_logprobs) over the n new-token columns, NaN past a row's end.
 
     Raises:
         ValueError: naming the argument, for any invalid value or prompt.
     """
     plan = _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
-                 repetition_penalty, seed, generator, pad_token_id, attention_mask, compile)
+                 repetition_penalty, seed, generator, pad_token_id, attention_mask, compile,
+                 return_logprobs, top_logprobs)
     check_every = 1 if model.device.type == "cpu" else 8  # each check is a device sync
     new = list(_loop(model, plan, check_every))
+    probs = None
+    if plan.top_logprobs is not None:
+        from model.scoring import TokenLogprobs
+
+        new, steps = [t for t, _ in new], [p for _, p in new]
+        probs = TokenLogprobs.stack([p.cpu() for p in steps])
     gen = torch.stack(new, dim=1).cpu()  # (B, n)
     lens, n = [r.numel() for r in plan.rows], gen.size(1)
     used = []
@@ -516,4 +587,8 @@ def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0
     for b, row in enumerate(plan.rows):
         out[b, :lens[b]] = row
         out[b, lens[b]:lens[b] + used[b]] = gen[b, :used[b]]
+    if probs is not None:  # aligned with the new tokens: NaN past each row's end
+        n_used = max(used)
+        past_end = torch.arange(n_used)[None, :] >= torch.tensor(used)[:, None]  # (B, n_used)
+        return out.to(model.device), probs.index(slice(None), slice(0, n_used)).blank(past_end)
     return out.to(model.device)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
+from model.probview import ansi_color
 from model.textstream import GenerationSettings, TextGeneration
 
+_KEEP = object()  # no SIGINT handler was replaced, so none is restored
 HISTORY_ENV = "GENERATE_LM_HISTORY"  # where readline history is kept; "" turns it off
 DEFAULT_HISTORY = "~/.generate_lm_history"
 SETTABLE = ("temperature", "top_k", "top_p", "max_length", "max_new_tokens", "seed",
@@ -25,8 +28,11 @@ HELP = """\
 Type a prompt and press Enter; the model continues it. Commands:
   /set NAME VALUE   change a setting: temperature, top_k, top_p, max_length, max_new_tokens,
                     seed, repetition_penalty ("/set top_k none" clears an optional one)
+  /set color on|off colour the answers by token probability (terminals only; off with NO_COLOR)
   /show             show the current settings
   /regen            generate again for the last prompt
+  /probs            the last answer's tokens: probability, rank, likeliest alternatives
+  /score TEXT       score TEXT: each token's probability, rank and alternatives; perplexity
   /help             this help
   /quit             leave (also Ctrl-D, or Ctrl-C at an empty prompt)
 Ctrl-C while the model writes stops that answer. Start a prompt with "//" to begin it with "/".
@@ -43,6 +49,7 @@ class Repl:
         stream: stream tokens (True) or print each answer at once.
         verbose: print timing after each answer, on stderr.
         info: a description of the loaded model for the banner and `/show`.
+        probs_k: alternatives per token in `/probs` and `/score` tables.
         stdin, stdout, stderr: streams (defaults: the process's).
         interactive: prompt decoration, readline and colours; default: stdin is a terminal.
     """
@@ -50,7 +57,8 @@ class Repl:
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings, *,
                  stream: bool = True, verbose: bool = False, info: str = "",
                  stdin: TextIO | None = None, stdout: TextIO | None = None,
-                 stderr: TextIO | None = None, interactive: bool | None = None) -> None:
+                 stderr: TextIO | None = None, interactive: bool | None = None,
+                 probs_k: int = 5) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.stream, self.verbose, self.info = stream, verbose, info
         self.stdin = stdin or sys.stdin
@@ -60,9 +68,13 @@ class Repl:
         self.color = (self.tty and self.out.isatty() and "NO_COLOR" not in os.environ
                       and os.environ.get("TERM") != "dumb")
         self.last_prompt: str | None = None
+        self.probs_k = probs_k
+        self.prob_color = False  # `/set color on`: answers coloured by token probability
+        self.last_gen: TextGeneration | None = None
         self._readline: Any = None
         self._history: Path | None = None
         self._typed = ""
+        self._reading = False  # inside input(): Ctrl-C drops the typed line, not an answer
 
     # -- output helpers ------------------------------------------------------------------------
 
@@ -108,19 +120,28 @@ class Repl:
     def _input(self, prompt: str) -> str:
         """`input()`, remembering in `self._typed` what was on the line when Ctrl-C came."""
         self._typed = ""
-        if self._readline is None:
-            return input(prompt)
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            # Runs inside readline's wait, before it throws the half-typed line away.
-            self._typed = self._readline.get_line_buffer()
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
+        self._reading = True
         try:
             return input(prompt)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            self._reading = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._reading and self._readline is not None:
+            # Runs inside readline's wait, before it throws the half-typed line away.
+            self._typed = self._readline.get_line_buffer()
+        raise KeyboardInterrupt
+
+    def _catch_sigint(self) -> Any:
+        """Make Ctrl-C raise KeyboardInterrupt for the whole session; return what to restore.
+
+        Not only while a line is read: a process can start with SIGINT ignored (inherited from
+        a shell that ran it in the background, a wrapper script, some CI runners), and then
+        Ctrl-C would work at the prompt but never stop an answer.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return _KEEP  # signal handlers can only be set from the main thread
+        return signal.signal(signal.SIGINT, self._on_sigint)
 
     def _read_line(self) -> str | None:
         """One input line, None at end of input. Raises KeyboardInterrupt on Ctrl-C."""
@@ -149,17 +170,52 @@ class Repl:
     # -- commands ------------------------------------------------------------------------------
 
     def _show(self) -> None:
-        self._say(self.info + "\n" + self.settings.describe() if self.info
-                  else self.settings.describe())
+        text = self.settings.describe() + f"\n{'color':<19} {'on' if self.prob_color else 'off'}"
+        self._say(self.info + "\n" + text if self.info else text)
+
+    def _set_color(self, value: str) -> None:
+        value = value.strip().lower()
+        if value not in ("on", "off"):
+            self._note(f"error: color must be on or off, got {value!r}")
+            return
+        if value == "on" and not self.color:
+            why = "NO_COLOR is set" if "NO_COLOR" in os.environ else "this is not a terminal"
+            self._note(f"color stays off: {why}")
+            return
+        self.prob_color = value == "on"
+        self._say(f"color = {value}" + ("  (green >= 50%, yellow >= 10%, red below)"
+                                        if self.prob_color else ""))
+
+    def _probs(self) -> None:
+        if self.last_gen is None:
+            self._note("no answer yet: type a prompt first")
+            return
+        self._say(self.last_gen.probabilities().table(self.probs_k))
+
+    def _score(self, text: str) -> None:
+        if not text.strip():
+            self._note("usage: /score TEXT  (each token's probability and the perplexity)")
+            return
+        from model.scoring import score
+
+        try:
+            scores = score(self.model, text, top_k=self.probs_k, tokenizer=self.tokenizer)
+        except ValueError as exc:
+            self._note(f"error: {exc}")
+            return
+        self._say(scores.view(self.tokenizer).table(self.probs_k))
 
     def _set(self, args: str) -> None:
         parts = args.split(None, 1)
         if len(parts) != 2:
-            self._note("usage: /set NAME VALUE  (NAME: " + ", ".join(SETTABLE) + ")")
+            self._note("usage: /set NAME VALUE  (NAME: " + ", ".join(SETTABLE) + ", color)")
             return
         name, value = parts[0].lower(), parts[1]
+        if name == "color":
+            self._set_color(value)
+            return
         if name not in SETTABLE:
-            self._note(f"error: unknown setting {name!r}; one of: {', '.join(SETTABLE)}")
+            self._note(f"error: unknown setting {name!r}; one of: {', '.join(SETTABLE)}, color")
             return
         old = getattr(self.settings, name)
         try:
@@ -182,6 +238,10 @@ class Repl:
             self._show()
         elif cmd == "set":
             self._set(args.strip())
+        elif cmd == "probs":
+            self._probs()
+        elif cmd == "score":
+            self._score(args)
         elif cmd == "regen":
             if self.last_prompt is None:
                 self._note("nothing to regenerate yet: type a prompt first")
@@ -207,16 +267,19 @@ class Repl:
                        "prompt; /set max_new_tokens N (or a larger max_length)")
             return
         try:
-            gen = TextGeneration(self.model, self.tokenizer, ids, s, stream=self.stream)
+            # Recorded for /probs and colours: a few full-vocabulary ops per token.
+            gen = TextGeneration(self.model, self.tokenizer, ids, s, stream=self.stream,
+                                 top_logprobs=self.probs_k)
             pieces = iter(gen)
         except ValueError as exc:
             self._note(f"error: {exc}")
             return
+        self.last_gen = gen
         self.out.write(self._dim(prompt) if self.tty else prompt)
         self.out.flush()
         try:
             for piece in pieces:
-                self.out.write(piece)
+                self.out.write(ansi_color(piece, gen.last_prob) if self.prob_color else piece)
                 self.out.flush()
         finally:
             pieces.close()  # on Ctrl-C too: ends the model's stream and frees its cache
@@ -229,8 +292,10 @@ class Repl:
 
     def run(self) -> int:
         """Read prompts until /quit, end of input or Ctrl-C at an empty prompt; return 0."""
+        previous = _KEEP
         if self.tty:
             self._setup_readline()
+            previous = self._catch_sigint()
             self._say(self._dim("Type a prompt, or /help. Ctrl-D or /quit to leave."))
         try:
             with self.model:
@@ -266,7 +331,10 @@ class Repl:
                     except BrokenPipeError:
                         raise
                     except Exception as exc:  # noqa: BLE001 - the REPL outlives a failed answer
+                        self.out.write("\n")  # end the half-written answer's line
                         self._note(f"error: {type(exc).__name__}: {exc}")
         finally:
+            if previous is not _KEEP and previous is not None:  # None: set outside Python
+                signal.signal(signal.SIGINT, previous)
             self.out.flush()
             self._save_history()

@@ -299,31 +299,48 @@ class TextGeneration:
         prompt_ids: the prompt, a list of token ids (at most `model.max_seq_len`).
         settings: sampling settings; `settings.seed` seeds the sampler.
         stream: use `model.stream` (True) or one `model.generate` call (False); same text.
+        top_logprobs: record each printed token's probabilities with this many alternatives
+            (`probabilities()` returns them; `last_prob` is the latest token's); None: don't.
     """
 
     def __init__(self, model: Any, tokenizer: Any, prompt_ids: list[int],
-                 settings: GenerationSettings, stream: bool = True) -> None:
+                 settings: GenerationSettings, stream: bool = True,
+                 top_logprobs: int | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.prompt_ids = list(prompt_ids)
         self.settings, self.stream = settings, stream
+        self.top_logprobs = top_logprobs
+        self.records: list[Any] = []  # one `TokenLogprobs` (row 0) per counted token
         self.new_tokens = 0
         self.seconds = 0.0
         self.first_token_seconds: float | None = None
         self.finish_reason = "length"
 
-    def _token_ids(self) -> Iterator[int]:
+    def _token_ids(self) -> Iterator[tuple[int, Any]]:
+        """(token, its `TokenLogprobs` or None) pairs."""
         # Called eagerly, so bad settings raise ValueError before anything is printed.
         kwargs = self.settings.sampling_kwargs()
         kwargs["seed"] = self.settings.seed
+        probs = self.top_logprobs is not None
+        if probs:
+            kwargs.update(return_logprobs=True, top_logprobs=self.top_logprobs)
         if not self.stream:
             out = self.model.generate(self.prompt_ids, **kwargs)
-            return iter(out[0, len(self.prompt_ids):].tolist())
+            if not probs:
+                return ((t, None) for t in out[0, len(self.prompt_ids):].tolist())
+            out, lp = out
+            new = out[0, len(self.prompt_ids):].tolist()
+            return ((t, lp.index(0, i)) for i, t in enumerate(new))
         steps = self.model.stream(self.prompt_ids, **kwargs)
 
-        def ids() -> Iterator[int]:
+        def ids() -> Iterator[tuple[int, Any]]:
             try:
                 for step in steps:
-                    yield int(step[0])
+                    if probs:
+                        tok, lp = step
+                        yield int(tok[0]), lp.index(0)
+                    else:
+                        yield int(step[0]), None
             finally:
                 steps.close()  # frees the model's KV cache when we stop early
 
@@ -334,18 +351,20 @@ class TextGeneration:
         start = time.perf_counter()
         return self._run(self._token_ids(), start)
 
-    def _run(self, tokens: Iterator[int], start: float) -> Iterator[str]:
+    def _run(self, tokens: Iterator[tuple[int, Any]], start: float) -> Iterator[str]:
         detok = Detokenizer(self.tokenizer, prefix_ids=self.prompt_ids)
         stops = StopFilter(self.settings.stop)
         end = self.model.end_token
         try:
-            for tok in tokens:
+            for tok, record in tokens:
                 if self.first_token_seconds is None:
                     self.first_token_seconds = time.perf_counter() - start
                 if end is not None and tok == end:
                     self.finish_reason = "end"
                     break
                 self.new_tokens += 1
+                if record is not None:
+                    self.records.append(record)
                 text = stops.feed(detok.feed(tok))
                 if text:
                     yield text
@@ -370,6 +389,23 @@ class TextGeneration:
     def text(self) -> str:
         """Run to the end and return the whole continuation."""
         return "".join(self)
+
+    @property
+    def last_prob(self) -> float | None:
+        """The model's probability of the latest printed token (with `top_logprobs` set)."""
+        return math.exp(float(self.records[-1].raw_logprobs)) if self.records else None
+
+    def probabilities(self, title: str | None = None):
+        """A `ProbabilityView` of the printed tokens (needs `top_logprobs`)."""
+        from model.scoring import TokenLogprobs
+
+        if self.top_logprobs is None:
+            raise ValueError("this generation did not record probabilities (top_logprobs)")
+        if not self.records:
+            from model.probview import ProbabilityView
+
+            return ProbabilityView([], title, sampled=True)
+        return TokenLogprobs.stack(self.records, dim=0).view(self.tokenizer, title=title)
 
     def summary(self) -> str:
         """A one-line timing summary (tokens, tokens/s, time to first token, why it stopped)."""

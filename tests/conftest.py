@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny random-weight checkpoint and an offline Hugging Face cache."""
+"""Fixtures of tests/: a tiny random-weight checkpoint and an offline Hugging Face cache.
+
+The tiny model's config (`tiny_config`) is in the repo root's conftest.py, shared with test_lm.py.
+"""
 
 from __future__ import annotations
 
@@ -13,21 +16,11 @@ from model.tokenizer import BUNDLED_GPT2_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_CONFIG = dict(vocab_size=50257, d_model=32, num_heads=2, num_layers=2, d_ff=64,
-                   max_seq_len=32, dropout=0.0)
-
-
-@pytest.fixture(scope="session")
-def tiny_config() -> dict:
-    """Constructor arguments of a tiny model with the GPT-2 vocabulary."""
-    return dict(TINY_CONFIG)
-
-
-def save_tiny_checkpoint(path: Path, **overrides) -> Path:
+def save_tiny_checkpoint(path: Path, config: dict, **overrides) -> Path:
     """Write a checkpoint in the trainer's format holding a random-weight tiny model (seeded);
-    `overrides` change entries of TINY_CONFIG."""
+    `overrides` change entries of `config`."""
     torch.manual_seed(1234)
-    model = LanguageModel(**{**TINY_CONFIG, **overrides})
+    model = LanguageModel(**{**config, **overrides})
     torch.save({
         "model_config": model.config.to_dict(),
         "model_state_dict": model.state_dict(),
@@ -38,15 +31,16 @@ def save_tiny_checkpoint(path: Path, **overrides) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_tiny_checkpoint():
-    """`save_tiny_checkpoint`, for fixtures that need a variant of the tiny checkpoint."""
-    return save_tiny_checkpoint
+def make_tiny_checkpoint(tiny_config):
+    """`save_tiny_checkpoint(path, **overrides)` of the tiny config, for fixtures that need a
+    variant of the tiny checkpoint."""
+    return lambda path, **overrides: save_tiny_checkpoint(path, tiny_config, **overrides)
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def tiny_checkpoint(tmp_path_factory, make_tiny_checkpoint) -> Path:
     """A checkpoint file in the trainer's format holding a random-weight tiny model."""
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 @pytest.fixture(scope="session")

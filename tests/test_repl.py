@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,11 @@ def _env(tmp_path: Path) -> dict:
                 TERM="xterm")
 
 
-def _spawn(checkpoint: Path, tmp_path: Path, *args: str) -> pexpect.spawn:
+def _spawn(checkpoint: Path, tmp_path: Path, *args: str, preexec_fn=None) -> pexpect.spawn:
     child = pexpect.spawn(sys.executable, [str(SCRIPT), "--checkpoint", str(checkpoint),
                                            "--interactive", *args],
                           env=_env(tmp_path), cwd=str(tmp_path), timeout=60, encoding="utf-8",
-                          codec_errors="replace", dimensions=(40, 200))
+                          codec_errors="replace", dimensions=(40, 200), preexec_fn=preexec_fn)
     child.expect_exact(PROMPT)
     return child
 
@@ -107,6 +108,28 @@ def test_session(endless_checkpoint, tmp_path):
     child.sendeof()  # Ctrl-D at an empty prompt
     assert _exit_status(child) == 0
     assert b"Hello there" in (tmp_path / "history").read_bytes()  # readline history was saved
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def test_ctrl_c_stops_an_answer_when_started_with_sigint_ignored(endless_checkpoint, tmp_path):
+    """The cause of test_session's flake: a process that starts with SIGINT ignored (inherited,
+    as a shell without job control gives its background jobs; so the test suite's children when
+    the suite ran in the background) kept Python's SIG_IGN, and the REPL caught Ctrl-C only
+    while reading a line: Ctrl-C at the prompt worked, Ctrl-C mid-answer did nothing."""
+    child = _spawn(endless_checkpoint, tmp_path, "--max_new_tokens", "100000",
+                   preexec_fn=_ignore_sigint)
+    child.sendline("Once")
+    child.expect_exact("Once")  # the terminal's echo of the input line
+    child.expect_exact("Once")  # the answer has started
+    child.read_nonblocking(size=40, timeout=30)  # ... and is under way
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(PROMPT)
+    child.sendintr()  # at an empty prompt: leave
+    assert _exit_status(child) == 0
 
 
 def test_ctrl_c_at_prompt(tiny_checkpoint, tmp_path):

@@ -1,15 +1,9 @@
 """Windowed perplexity evaluation, shared by `evaluate_lm.py` and the trainer's validation.
 
-The windowing is Hugging Face's "perplexity of fixed-length models" loop. Windows of up to
-`seq_len` tokens start every `stride` tokens; each window scores only the tokens that no earlier
-window scored, so every token is scored once, with up to `seq_len - stride` tokens of context:
-
-    window k covers tokens [k*stride, min(k*stride + seq_len, N)) and scores the targets
-    t with prev_end <= t < end and t > begin (a token needs at least one token of context).
-
-With `stride == seq_len` (the default) the windows do not overlap and the first token of each
-window goes unscored, exactly as in Hugging Face's loop. The last window ends at the end of the
-data.
+The windows are Hugging Face's "perplexity of fixed-length models" loop, defined once in
+`model/windows.py` (which `model.scoring` walks too): windows of `seq_len` tokens every `stride`
+tokens, each scoring only the tokens no earlier window scored. With `stride == seq_len` (the
+default) the windows do not overlap and the first token of each window goes unscored.
 """
 
 from __future__ import annotations
@@ -21,6 +15,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from model.windows import count_windows, resolve_window, window_bounds
 
 _DTYPES = {
     None: None,
@@ -58,21 +54,6 @@ class EvalResult:
     def to_dict(self) -> dict:
         """Return the result as a plain, JSON-serialisable dict."""
         return asdict(self)
-
-
-def count_windows(num_tokens: int, seq_len: int, stride: int) -> int:
-    """Number of windows Hugging Face's loop visits over `num_tokens` tokens."""
-    if num_tokens <= seq_len:
-        return 1
-    return 1 + math.ceil((num_tokens - seq_len) / stride)
-
-
-def window_bounds(k: int, num_tokens: int, seq_len: int, stride: int) -> tuple[int, int, int]:
-    """Return (begin, end, first_scored) of window `k`: it scores targets first_scored..end-1."""
-    begin = k * stride
-    end = min(begin + seq_len, num_tokens)
-    prev_end = 0 if k == 0 else min(begin - stride + seq_len, num_tokens)
-    return begin, end, max(prev_end, begin + 1)
 
 
 def _select_windows(total: int, max_windows: int | None) -> list[int]:
@@ -180,76 +161,16 @@ def evaluate_tokens(
     Raises:
         ValueError: for bad arguments, too few tokens, or token ids outside the vocabulary.
     """
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dim() != 1 or tokens.dtype.is_floating_point:
-            raise ValueError("tokens must be a 1-D integer tensor")
-    else:
-        if getattr(tokens, "ndim", None) != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError("tokens must be a 1-D integer numpy array or LongTensor")
-    num_tokens = int(len(tokens))
-    base = _unwrap(model)
-    max_len = int(getattr(base, "max_seq_len", 0) or base.config.max_seq_len)
-    seq_len = max_len if seq_len is None else int(seq_len)
-    if not 2 <= seq_len <= max_len:
-        raise ValueError(
-            f"seq_len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}"
-        )
-    stride = seq_len if stride is None else int(stride)
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
-    if num_tokens < 2:
-        raise ValueError(f"need at least 2 tokens to evaluate, got {num_tokens}")
-    if num_bytes is not None and num_bytes <= 0:
-        raise ValueError(f"num_bytes must be positive, got {num_bytes}")
+    seq_len, stride = _check_arguments(model, tokens, seq_len, stride, batch_size, max_windows,
+                                       num_bytes)
     amp_dtype = _resolve_dtype(dtype)
     dev = _resolve_device(model, device)
-    vocab_size = int(base.config.vocab_size)
-
+    num_tokens = int(len(tokens))
     total = count_windows(num_tokens, seq_len, stride)
     indices = _select_windows(total, max_windows)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(indices), unit="window", desc="evaluating", dynamic_ncols=True)
-
-    was_training = model.training
-    model.eval()
-    nll_sum, scored = 0.0, 0
-    try:
-        with torch.no_grad():
-            for inputs, targets, n in _batches(
-                tokens, indices, num_tokens, seq_len, stride, batch_size
-            ):
-                if inputs.numel() == 0:  # a lone one-token last window: nothing to score
-                    if bar is not None:
-                        bar.update(n)
-                    continue
-                if int(inputs.max()) >= vocab_size:
-                    raise ValueError(
-                        f"token id {int(inputs.max())} is outside the model's vocabulary "
-                        f"({vocab_size}); was the data encoded with another tokenizer?"
-                    )
-                inputs, targets = inputs.to(dev), targets.to(dev)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(inputs)
-                # Only the scored positions go through the (fp32) softmax: with a small stride
-                # that is a fraction of the window, and it keeps memory at one copy of the logits.
-                mask = targets != -100
-                picked = logits[mask].float()
-                nll_sum += F.cross_entropy(picked, targets[mask], reduction="sum").item()
-                scored += int(mask.sum())
-                if bar is not None:
-                    bar.update(n)
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
-
+    batches = _batches(tokens, indices, num_tokens, seq_len, stride, batch_size)
+    nll_sum, scored = _score(model, batches, device=dev, amp_dtype=amp_dtype,
+                             progress_total=len(indices) if progress else None)
     if scored == 0:
         raise ValueError("no tokens were scored (every window was a single token)")
     loss = nll_sum / scored
@@ -279,3 +200,70 @@ def _scorable(num_tokens: int, seq_len: int, stride: int) -> int:
         return num_tokens - 1  # overlapping windows: every token but the first
     # Non-overlapping windows: each window's first token is unscored.
     return num_tokens - count_windows(num_tokens, seq_len, stride)
+
+
+def _check_arguments(model: torch.nn.Module, tokens, seq_len: int | None, stride: int | None,
+                     batch_size: int, max_windows: int | None,
+                     num_bytes: int | None) -> tuple[int, int]:
+    """Validate `evaluate_tokens`' arguments; returns (seq_len, stride) with defaults filled."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            raise ValueError("tokens must be a 1-D integer tensor")
+    else:
+        if getattr(tokens, "ndim", None) != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError("tokens must be a 1-D integer numpy array or LongTensor")
+    base = _unwrap(model)
+    max_len = int(getattr(base, "max_seq_len", 0) or base.config.max_seq_len)
+    seq_len, stride = resolve_window(seq_len, stride, max_len)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
+    if len(tokens) < 2:
+        raise ValueError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
+    if num_bytes is not None and num_bytes <= 0:
+        raise ValueError(f"num_bytes must be positive, got {num_bytes}")
+    return seq_len, stride
+
+
+def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]], *,
+           device: torch.device, amp_dtype: torch.dtype | None,
+           progress_total: int | None) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) over `batches`, in eval mode, no grad."""
+    vocab_size = int(_unwrap(model).config.vocab_size)
+    bar = None
+    if progress_total is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=progress_total, unit="window", desc="evaluating", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    nll_sum, scored = 0.0, 0
+    try:
+        with torch.no_grad():
+            for inputs, targets, n in batches:
+                if inputs.numel() == 0:  # a lone one-token last window: nothing to score
+                    if bar is not None:
+                        bar.update(n)
+                    continue
+                if int(inputs.max()) >= vocab_size:
+                    raise ValueError(
+                        f"token id {int(inputs.max())} is outside the model's vocabulary "
+                        f"({vocab_size}); was the data encoded with another tokenizer?"
+                    )
+                inputs, targets = inputs.to(device), targets.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(inputs)
+                # Only the scored positions go through the (fp32) softmax: with a small stride
+                # that is a fraction of the window, and it keeps memory at one copy of the logits.
+                mask = targets != -100
+                picked = logits[mask].float()
+                nll_sum += F.cross_entropy(picked, targets[mask], reduction="sum").item()
+                scored += int(mask.sum())
+                if bar is not None:
+                    bar.update(n)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return nll_sum, scored

@@ -22,7 +22,8 @@ def human(n: float) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20),
+                       ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} bytes"
@@ -78,7 +79,8 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
                       train_desc: str, val_desc: str, val_tokens: int, device: torch.device,
                       amp: torch.dtype, world_size: int, resumed_from: Path | None,
                       measure_step: Callable[[], tuple[float, float]], argv: list[str],
-                      existing_run: bool = False, out=None) -> None:
+                      existing_run: bool = False, init_from: str | None = None,
+                      out=None) -> None:
     """Print the plan for these flags.
 
     `measure_step` runs one training step and a little validation; it returns the seconds of one
@@ -109,6 +111,11 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
     if existing_run:
         p(f"  Note: {snap_dir} already holds snapshots of a run, so training would refuse to "
           "start there: add --resume auto to continue it, or pick another --out_dir.")
+    if init_from is not None:
+        p(f"  Starting from the weights of {init_from}" + (
+            " (a fine-tune run)." if resumed_from is not None else
+            ": a new run at step 0 with a fresh optimizer and schedule; the model's shape "
+            "and tokenizer come from it."))
     if resumed_from is not None:
         p(f"  Resuming from {resumed_from} at step {start_step:,}: {steps_left:,} steps to go.")
     amp_name = {torch.float32: "float32 (no autocast)", torch.bfloat16: "bfloat16 autocast",
@@ -139,7 +146,7 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
 
 def describe_recipe(args, max_steps: int) -> str:
     """The optimizer, learning-rate schedule and weight averaging of a run, in words."""
-    ratio = args.min_lr / args.lr
+    ratio = args.min_lr / args.lr if args.lr else 0.0
     if args.schedule == "wsd":
         decay = max(1, round(args.cooldown * max_steps))
         sched = (f"linear warmup over {args.warmup_steps} steps, constant, then a linear "

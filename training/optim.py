@@ -241,3 +241,25 @@ class WeightAverage:
             with torch.no_grad():
                 for name, p in _float_params(model):
                     p.copy_(saved[name])
+
+
+def build_optimizer(model: torch.nn.Module, args, device: torch.device
+                    ) -> torch.optim.Optimizer | MuonAdamW:
+    """The trainer's optimizer for its flags (`--optimizer`, `--lr`, `--weight_decay`,
+    `--beta1/2`, `--muon_*`); the one place `train_lm.py` builds it."""
+    return make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
+                          device.type, optimizer=args.optimizer, muon_lr=args.muon_lr,
+                          muon_momentum=args.muon_momentum,
+                          muon_weight_decay=args.muon_weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, step: int, args, max_steps: int
+           ) -> float:
+    """Set every parameter group's rate for optimizer step `step` (0-based) from the flags'
+    schedule (`--schedule`, `--warmup_steps`, `--min_lr`, `--cooldown`); returns AdamW's rate
+    (`--lr` times the multiplier). The one place the trainer sets the rate each step."""
+    scale = lr_scale(step, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                     max_steps=max_steps, min_ratio=args.min_lr / args.lr if args.lr else 0.0,
+                     cooldown=args.cooldown)
+    set_lr_scale(optimizer, scale)
+    return args.lr * scale

@@ -32,6 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
                       dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
                       warmup_steps=200, weight_decay=0.1, eval_interval=250, eval_windows=200),
+    # Fine-tuning with --init_from (as nanoGPT's Shakespeare fine-tune of GPT-2): a small peak
+    # rate decaying to a tenth, a short warmup, weight decay on matrices only (never LayerNorm
+    # or biases; see training/optim.py). The model's shape comes from --init_from.
+    "finetune": dict(lr=6e-5, min_lr=6e-6, warmup_steps=10, weight_decay=0.1, max_steps=200,
+                     batch_size=8, eval_interval=50, eval_windows=100),
 }
 
 
@@ -46,6 +51,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:  # what numpy's and torch's generators both accept
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
     return value
 
 
@@ -72,7 +87,8 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a tested recipe; other flags override its values. demo: ~3 minutes on "
-                        "a CPU; cpu-10min: best loss in 10 CPU minutes; gpt2-124m: GPT-2 small")
+                        "a CPU; cpu-10min: best loss in 10 CPU minutes; gpt2-124m: GPT-2 small; "
+                        "finetune: a small learning rate, to train on from --init_from weights")
     p.add_argument("--explain", action="store_true",
                    help="print what this command would do (sizes, time, memory, paths) and exit")
     add_data_args(p)
@@ -100,7 +116,8 @@ def build_parser() -> OneLineParser:
     t.add_argument("--epochs", type=_nonneg_float, default=5.0,
                    help="passes over the training data when --max_steps is not given")
     t.add_argument("--lr", "--learning_rate", dest="lr", type=_nonneg_float, default=2e-3,
-                   help="peak learning rate")
+                   help="peak learning rate (0: the weights never change, e.g. to measure a "
+                        "starting point)")
     t.add_argument("--min_lr", type=_nonneg_float, default=None,
                    help="final learning rate of the cosine decay (default: lr / 10)")
     t.add_argument("--warmup_steps", type=int, default=30)
@@ -128,7 +145,7 @@ def build_parser() -> OneLineParser:
     t.add_argument("--beta2", type=_nonneg_float, default=0.95)
     t.add_argument("--grad_clip", type=_nonneg_float, default=1.0,
                    help="clip the global gradient norm to this (0: off)")
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=_seed, default=1337)
 
     s = p.add_argument_group("speed")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -156,6 +173,11 @@ def build_parser() -> OneLineParser:
     e.add_argument("--out_dir", default=None, help="run directory (default: lm_<dataset>)")
     e.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the run directory's latest snapshot, or from PATH")
+    e.add_argument("--init_from", default=None, metavar="SOURCE",
+                   help="start a new run (step 0, fresh optimizer) from the weights of SOURCE: "
+                        "a checkpoint, run or snapshots directory, .safetensors file, Hugging "
+                        "Face GPT-2 folder, or hub name such as gpt2 (from the local Hugging "
+                        "Face cache); the model's shape and tokenizer come from it")
     e.add_argument("--sample_tokens", type=int, default=0,
                    help="print a sample of N tokens at each evaluation (0: none)")
     e.add_argument("--sample_prompt", default="\n", help="prompt for those samples")
@@ -201,8 +223,6 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
                          f"{args.num_heads}")
     if args.dropout >= 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.lr <= 0:
-        raise UsageError("--lr must be positive")
     if args.min_lr is None:
         args.min_lr = args.lr / 10
     if args.min_lr > args.lr:
@@ -232,9 +252,6 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
         args.eval_batch_size = args.batch_size
     if args.out_dir is None:
         args.out_dir = f"lm_{dataset_label(args)}"
-    if args.resume is not None and args.resume != "auto" and not Path(args.resume).is_file():
-        raise UsageError(f"--resume: no snapshot file at {args.resume!r} (use --resume auto for "
-                         "the run directory's latest)")
     return args
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import CheckpointError, validate_weights
 from training.fileio import atomic_link_or_copy, atomic_write
 
 LATEST, BEST = "latest.pt", "best.pt"
@@ -28,6 +29,20 @@ REQUIRED_KEYS = ("model_config", "model_state_dict", "optimizer_state_dict", "st
 
 class SnapshotError(ValueError):
     """A snapshot cannot be loaded or used; the message is one line."""
+
+
+class SnapshotWriteError(SnapshotError):
+    """A snapshot could not be written (disk full, quota, I/O error); nothing was replaced."""
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` (itself, or what it was raised while handling), if any."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def snapshot_name(epoch: int, step: int, when: datetime | None = None) -> str:
@@ -124,14 +139,33 @@ def save_snapshot(snap_dir: str | Path, payload: dict[str, Any], *, name: str | 
 
     Returns:
         The path of the new timestamped snapshot.
+
+    Raises:
+        SnapshotWriteError: the disk is full or a write failed; every file that was not yet
+            replaced (`latest.pt`, `best.pt`) is as it was, and no temporary file is left.
     """
     snap_dir = Path(snap_dir)
     path = snap_dir / (name or snapshot_name(int(payload["epoch"]), int(payload["step"])))
-    with atomic_write(path) as f:
-        torch.save(payload, f)
-    atomic_link_or_copy(path, snap_dir / LATEST)
-    if is_best:
-        atomic_link_or_copy(path, snap_dir / BEST)
+    done = []
+    try:
+        with atomic_write(path) as f:
+            torch.save(payload, f)
+        atomic_link_or_copy(path, snap_dir / LATEST)
+        done.append(LATEST)
+        if is_best:
+            atomic_link_or_copy(path, snap_dir / BEST)
+    except (OSError, RuntimeError) as exc:  # torch.save wraps a failed write in a RuntimeError
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        # Every write above is atomic: what was not replaced is exactly as it was.
+        kept = " and ".join(n for n in (LATEST, BEST) if n not in done and (snap_dir / n).exists())
+        raise SnapshotWriteError(
+            f"could not write the step {payload.get('step')} snapshot in {snap_dir} "
+            f"({cause.strerror or cause}); "
+            + (f"{kept} {'are' if ' and ' in kept else 'is'} unchanged" if kept
+               else "no snapshot was replaced")
+            + "; free some space, then continue with --resume auto") from None
     prune_snapshots(snap_dir, keep_last, protect={path.name, *protect})
     return path
 
@@ -159,7 +193,8 @@ def load_snapshot(path: str | Path) -> dict[str, Any]:
     """Load a snapshot with `weights_only=True` onto the CPU and check its keys.
 
     Raises:
-        SnapshotError: unreadable file, not a snapshot, or missing keys.
+        SnapshotError: unreadable file, not a snapshot, missing keys, weights that do not fit
+            the model_config or are not finite (`model.checkpoint.validate_weights`).
     """
     path = Path(path)
     if not path.is_file():
@@ -174,6 +209,10 @@ def load_snapshot(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise SnapshotError(f"{path} is not a train_lm.py snapshot (missing {', '.join(missing)})")
+    try:  # the loader's checks: config against tensors (before allocating), finite weights
+        validate_weights({**ckpt, "_path": str(path)})
+    except CheckpointError as exc:
+        raise SnapshotError(str(exc)) from None
     return ckpt
 
 

@@ -1,4 +1,8 @@
-"""The model core: Hugging Face parity, the KV cache, batching, sliding window, the `with` block."""
+"""The model's core unit tests: shapes, Hugging Face parity, the KV cache, the samplers,
+batching, the sliding window and the `with model:` block.
+
+Run alone with `python -m pytest test_lm.py`; `python -m pytest -q` runs it with tests/.
+"""
 
 from __future__ import annotations
 

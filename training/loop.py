@@ -1,0 +1,340 @@
+"""The training loop (`Trainer.run`), and what it does along the way: one optimizer step,
+logging, validation with samples (`Trainer.evaluate`), snapshots (`Trainer.snapshot`) and stopping
+on Ctrl-C / SIGTERM (`StopRequest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.lm import LanguageModel, LMConfig
+from training import distributed as D
+from training.batches import EpochBatches
+from training.build import Parts
+from training.evaluation import EvalResult, count_windows, evaluate_tokens
+from training.metrics import MetricsLog, plot_losses
+from training.optim import set_lr
+from training.options import DTYPE_NAMES
+from training.run_state import RunState, snapshot_payload
+from training.snapshots import capture_rng_state, save_snapshot, snapshot_name
+from training.step import train_step
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: finish the current step, snapshot, exit. A second signal aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # second signal: stop right now (atomic writes stay safe)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then writing a "
+              "snapshot (send it again to abort without one)", file=sys.stderr, flush=True)
+
+
+def sample_text(model: LanguageModel, tok, args: argparse.Namespace) -> str:
+    """A sample from the model for the log (never raises: a sample is a nicety)."""
+    try:
+        with model:
+            out = model.generate(args.sample_prompt, max_new_tokens=args.sample_tokens,
+                                 temperature=0.8, top_k=200, seed=args.seed)
+        return tok.decode(out[0].tolist())
+    except Exception as exc:  # noqa: BLE001 - never stop training for a sample
+        return f"(no sample: {exc})"
+
+
+class Trainer:
+    """Runs the steps of one run from `state` to `stop_at`, evaluating and saving on the way.
+
+    Args:
+        args: the finalized flags. cfg: the model config. tok: the tokenizer (for samples).
+        parts: model, optimizer, scaler (see `training.build`).
+        batches: the training batches. val_tokens, val_bytes: the validation split.
+        state: where the run stands (restored on resume).
+        info: the process group. device, amp: where and in which precision it trains.
+        max_steps: steps of the whole run (the schedule); stop_at: where this invocation stops.
+        label: the dataset label. metrics: the metrics log (rank 0 only, else None).
+    """
+
+    def __init__(self, *, args: argparse.Namespace, cfg: LMConfig, tok: Any, parts: Parts,
+                 batches: EpochBatches, val_tokens: np.ndarray, val_bytes: int,
+                 state: RunState, info: D.DistInfo, device: torch.device, amp: torch.dtype,
+                 max_steps: int, stop_at: int, label: str,
+                 metrics: MetricsLog | None = None) -> None:
+        self.args, self.cfg, self.tok, self.parts, self.batches = args, cfg, tok, parts, batches
+        self.val_tokens, self.val_bytes, self.state, self.info = val_tokens, val_bytes, state, info
+        self.device, self.amp, self.max_steps, self.stop_at = device, amp, max_steps, stop_at
+        self.label, self.metrics = label, metrics
+        self.snap_dir = Path(args.out_dir) / "snapshots"
+        self.params = list(parts.model.parameters())
+        self.lr = args.lr
+        self.write = lambda s: None  # the progress bar's print, once the loop runs
+        self._log_tokens, self._log_time = 0, 0.0  # since the last logged training loss
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def train_step(self, epoch: int, batch_idx: int, runner: torch.nn.Module | None = None
+                   ) -> torch.Tensor:
+        """One optimizer step on batch `batch_idx` of `epoch`; returns the (device) loss."""
+        args, device, parts = self.args, self.device, self.parts
+        runner = runner or parts.runner
+
+        def micro_batches():
+            for micro in range(args.grad_accum):
+                x, y = self.batches.get(epoch, batch_idx, micro)
+                if device.type == "cuda":
+                    yield (x.pin_memory().to(device, non_blocking=True),
+                           y.pin_memory().to(device, non_blocking=True))
+                else:
+                    yield x.to(device), y.to(device)
+
+        return train_step(runner, parts.optimizer, parts.scaler, micro_batches(), args.grad_accum,
+                          parts.autocast, self.params, args.grad_clip,
+                          parts.ddp if runner is parts.ddp else None)
+
+    # -- evaluation and sampling ---------------------------------------------------------------
+
+    def validation_loss(self, max_windows: int | None) -> EvalResult:
+        """The validation split's loss over `max_windows` windows (None: all)."""
+        return evaluate_tokens(self.parts.model, self.val_tokens, seq_len=self.args.seq_len,
+                               batch_size=self.args.eval_batch_size, max_windows=max_windows,
+                               dtype=None if self.amp == torch.float32 else DTYPE_NAMES[self.amp],
+                               num_bytes=self.val_bytes)
+
+    def evaluate(self, step: int, baseline: bool = False) -> bool:
+        """Validate (rank 0), log, plot, sample; returns whether this is the best loss so far.
+
+        `baseline`: the loss of the starting weights (`--init_from`, step 0), logged but never
+        "best" (no snapshot holds it).
+        """
+        args, state = self.args, self.state
+        with self.parts.averaged():  # under --ema, the averaged weights are what is judged
+            res = self.validation_loss(args.eval_windows or None)
+            sample = sample_text(self.parts.model, self.tok, args) if args.sample_tokens else ""
+        if not math.isfinite(res.loss):
+            raise DivergedError(f"the validation loss is {res.loss} at step {step}")
+        state.last_val = (res.loss, res.perplexity, step)
+        is_best = not baseline and (state.best_val is None or res.loss < state.best_val)
+        if is_best:
+            state.best_val = res.loss
+        spe = self.batches.steps_per_epoch
+        self.metrics.log(step, "val", step / spe, state.tokens_seen, self.lr, res.loss, None,
+                         state.train_time)
+        bpb = f" | {res.bits_per_byte:.3f} bits/byte" if res.bits_per_byte else ""
+        self.write(f"step {step:,} | val loss {res.loss:.4f} | ppl {res.perplexity:.1f}{bpb}"
+                   f"{' | best' if is_best else ''}")
+        if not args.no_plot:
+            plot_losses(self.metrics.path, Path(args.out_dir) / "loss_curve.png",
+                        f"{self.label}: {self.cfg.num_layers} layers x {self.cfg.d_model}")
+        if args.sample_tokens:
+            self.write("  sample: " + sample.replace("\n", "\n  | "))
+        return is_best
+
+    def measure(self) -> tuple[float, float]:
+        """For `--explain`: seconds of one training step, and of one evaluation (extrapolated).
+
+        Runs without DDP (the other ranks are not stepping; communication is not timed) and with
+        a learning rate of 0: nothing here is saved anyway.
+        """
+        for g in self.parts.optimizer.param_groups:
+            g["lr"] = 0.0
+        module, spe = self.parts.module, self.batches.steps_per_epoch
+        cuda = self.device.type == "cuda"
+        self.train_step(0, 0, module)  # warm-up (and compilation with --compile)
+        if cuda:
+            torch.cuda.synchronize()
+        times = []  # up to 3 steps or ~5 s; the median
+        while len(times) < 3 and sum(times) < 5.0:
+            t0 = time.perf_counter()
+            self.train_step(0, min(len(times) + 1, spe - 1), module)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        step_time = sorted(times)[len(times) // 2]
+        t1 = time.perf_counter()
+        res = self.validation_loss(self.args.eval_batch_size)
+        t2 = time.perf_counter()
+        windows = count_windows(len(self.val_tokens), self.args.seq_len, self.args.seq_len)
+        if self.args.eval_windows:
+            windows = min(windows, self.args.eval_windows)
+        return step_time, (t2 - t1) * windows / max(1, res.windows)
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self, epoch_of_step: int, is_best: bool) -> Path | None:
+        """Write a snapshot of the run as it stands (rank 0; every rank's RNG is gathered)."""
+        rng = D.gather_objects(self.info, capture_rng_state())
+        if not self.info.is_main:
+            return None
+        state, parts = self.state, self.parts
+        name = snapshot_name(epoch_of_step, state.step)
+        if is_best:
+            state.best_name = name
+        payload = snapshot_payload(state=state, epoch_of_step=epoch_of_step, cfg=self.cfg,
+                                   model=parts.model, optimizer=parts.optimizer,
+                                   scaler=parts.scaler, args=self.args, batches=self.batches,
+                                   rng=rng, dataset=self.label, average=parts.average)
+        return save_snapshot(self.snap_dir, payload, name=name, is_best=is_best,
+                             keep_last=self.args.keep_last,
+                             protect=[state.best_name] if state.best_name else [])
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, resumed: bool) -> int:
+        """Train to `stop_at`; returns the exit status (0 done, 1 diverged, 128+N on signal N)."""
+        stop = StopRequest()
+        stop.install()
+        bar = self._progress_bar()
+        last_saved = None
+        try:
+            if self.state.init_from and self.state.step == 0:
+                self._evaluate_everywhere(0, baseline=True)  # where a fine-tune starts
+            while self.state.step < self.stop_at:
+                save_now, stop_now, epoch_of_step, is_best = self._one_step(stop, bar)
+                if save_now:
+                    self.snapshot(epoch_of_step, is_best)
+                    last_saved = self.state.step
+                if stop_now:
+                    break
+        except DivergedError as exc:
+            bar.close()
+            kept = (f"the last good snapshot is {self.snap_dir / 'latest.pt'}"
+                    if last_saved or resumed else "no snapshot was written")
+            print(f"error: {exc}; stopped without saving ({kept}). Try a lower --lr (it is "
+                  f"{self.args.lr:g}), more --warmup_steps, or --dtype float32.", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            bar.close()
+            where = f"; the last snapshot is step {last_saved}" if last_saved else ""
+            print(f"aborted at step {self.state.step}{where}", file=sys.stderr)
+            return 128 + (stop.signum or signal.SIGINT)
+        finally:
+            stop.restore()
+        bar.close()
+        return self._report(stop)
+
+    def _progress_bar(self):
+        """A tqdm bar on rank 0 (its `write` prints above it); a silent stand-in elsewhere."""
+        if not self.info.is_main:
+            return _NoBar()
+        from tqdm.auto import tqdm
+
+        tty = sys.stderr.isatty()  # in log files, a line every 30 s rather than every update
+        bar = tqdm(total=self.stop_at, initial=self.state.step, unit="step", desc="training",
+                   dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if tty else 30.0)
+        self.write = bar.write
+        return bar
+
+    def _evaluate_everywhere(self, step: int, baseline: bool = False) -> bool:
+        """Evaluate on rank 0 and tell every rank whether it was the best loss so far."""
+        is_best = self.evaluate(step, baseline) if self.info.is_main else False
+        return D.broadcast_object(self.info, is_best)
+
+    def _one_step(self, stop: StopRequest, bar) -> tuple[bool, bool, int, bool]:
+        """Step, log, maybe evaluate; returns (save now, stop now, epoch of the step, is best)."""
+        args, state, info = self.args, self.state, self.info
+        self.lr = set_lr(self.parts.optimizer, state.step, args, self.max_steps)
+        t0 = time.perf_counter()
+        step_loss = self.train_step(state.epoch, state.batch)
+        if self.parts.average is not None:
+            self.parts.average.update(self.parts.model)
+        epoch_of_step = state.advance(self.batches)
+        step = state.step
+        if info.enabled:  # mean loss over ranks, and whether any rank was asked to stop
+            flags = torch.stack([step_loss, torch.tensor(float(stop.signum or 0),
+                                                         device=self.device)])
+            D.all_reduce_sum(info, flags)
+            step_loss, stop_now = flags[0] / info.world_size, bool(flags[1].item() > 0)
+        else:
+            stop_now = stop.signum is not None
+        final = step >= self.stop_at
+        eval_now = final or step % args.eval_interval == 0
+        save_now = final or stop_now or step % args.save_interval == 0
+        log_now = final or step % args.log_interval == 0
+        if log_now or eval_now or save_now or info.enabled or self.device.type == "cpu":
+            value = float(step_loss.item())  # a host sync: on GPUs only when needed
+            if not math.isfinite(value):
+                raise DivergedError(f"the training loss is {value} at step {step}")
+            state.last_train = value
+        elapsed = time.perf_counter() - t0
+        state.train_time += elapsed
+        self._log_speed(elapsed, log_now, bar)
+        is_best = False
+        if eval_now and not stop_now:
+            is_best = self._evaluate_everywhere(step)
+            save_now = save_now or is_best
+        return save_now, stop_now, epoch_of_step, is_best
+
+    def _log_speed(self, elapsed: float, log_now: bool, bar) -> None:
+        """Accumulate tokens/s since the last log line; log the training loss when due."""
+        state = self.state
+        self._log_time += elapsed
+        self._log_tokens += self.batches.tokens_per_step
+        if log_now and self.info.is_main:
+            speed = self._log_tokens / max(self._log_time, 1e-9)
+            self.metrics.log(state.step, "train", state.step / self.batches.steps_per_epoch,
+                             state.tokens_seen, self.lr, state.last_train, speed, state.train_time)
+            ppl = math.exp(min(state.last_train, 700))
+            bar.set_postfix_str(f"loss {state.last_train:.3f} ppl {ppl:.1f} {speed:,.0f} tok/s",
+                                refresh=False)
+            self._log_tokens, self._log_time = 0, 0.0
+        bar.update(1)
+
+    def _report(self, stop: StopRequest) -> int:
+        """The closing lines: how it ended, and how to continue or generate."""
+        state, latest = self.state, self.snap_dir / "latest.pt"
+        say = print if self.info.is_main else (lambda *a, **k: None)
+        if stop.signum is not None:
+            say(f"stopped at step {state.step:,} by {signal.Signals(stop.signum).name}; snapshot "
+                f"written. Continue with --resume auto. ({latest})", flush=True)
+            return 128 + stop.signum
+        val = (f"val loss {state.last_val[0]:.4f} (ppl {state.last_val[1]:.1f})"
+               if state.last_val else "no validation")
+        best = (f"; best val loss {state.best_val:.4f} ({self.snap_dir / 'best.pt'})"
+                if state.best_val else "")
+        say(f"done: step {state.step:,}, {val}{best}; {state.train_time / 60:.1f} min of "
+            "training.", flush=True)
+        say(f"generate: python generate_lm.py --checkpoint {latest} --prompt "
+            f"{'ROMEO:' if self.label == 'shakespeare' else 'The'} --max_length 100", flush=True)
+        return 0
+
+
+class _NoBar:
+    """The progress bar of ranks other than 0: does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,172 @@
+"""Where a training run starts from: a new model, the weights of `--init_from`, or `--resume`.
+
+- new: random weights (seeded), step 0.
+- `--init_from SOURCE`: a new run (step 0, fresh optimizer and schedule) from the weights of
+  SOURCE: anything `generate_lm.py --checkpoint` accepts, a Hugging Face GPT-2 folder, or a hub
+  name (read by `model.checkpoint.read_weights_source`, the one loader). The model's shape and
+  tokenizer come from SOURCE.
+- `--resume auto|PATH`: continue a run exactly where its snapshot stopped, with its flags.
+
+`--resume auto` with no snapshot yet starts as if it were not given, so the same command (with
+`--init_from` or without) both starts a run and continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import build_model, read_weights_source
+from model.lm import LMConfig
+from training.data import dataset_label
+from training.options import UsageError
+from training.snapshots import SnapshotError, find_resume_snapshot, load_snapshot
+
+SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
+NEVER_INHERITED = {"resume", "explain", "device", "out_dir", "cache_dir"}
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class RunStart:
+    """Where this run starts.
+
+    Attributes:
+        kind: "new", "init" (`--init_from`) or "resume".
+        ckpt: the snapshot to resume, or the source checkpoint of `--init_from` (CPU tensors).
+        path: the file `ckpt` was read from.
+        source: `--init_from` as given (also kept by a resumed fine-tune run).
+    """
+
+    kind: str = "new"
+    ckpt: dict[str, Any] | None = None
+    path: Path | None = None
+    source: str | None = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.kind == "resume"
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    """The run directory: `--out_dir`, else `lm_<dataset>`."""
+    return Path(args.out_dir or f"lm_{dataset_label(args)}")
+
+
+def choose_start(args: argparse.Namespace, explicit: set[str], say: Say) -> RunStart:
+    """Find the snapshot to resume or read the `--init_from` source, and adopt its flags.
+
+    On resume the snapshot's flags replace those not given on this command line; with
+    `--init_from` the model shape (and tokenizer, unless `--tokenizer`) come from the source.
+
+    Raises:
+        UsageError, SnapshotError, CheckpointError: one line each.
+    """
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise UsageError(f"--resume: no snapshot file at {args.resume!r} (use --resume auto for "
+                         "the run directory's latest)")
+    ckpt, path = None, None
+    if args.resume == "auto":
+        snap_dir = run_dir(args) / "snapshots"
+        path, ckpt, problems = find_resume_snapshot(snap_dir)
+        for problem in problems:
+            say(f"warning: skipping unloadable snapshot: {problem}")
+        if ckpt is None:
+            say(f"--resume auto: no snapshot in {snap_dir}; starting a new run")
+    elif args.resume:
+        path = Path(args.resume)
+        ckpt = load_snapshot(path)
+        if "out_dir" not in explicit and path.parent.name == "snapshots":
+            args.out_dir = str(path.parent.parent)  # keep writing next to that snapshot
+    if ckpt is not None:
+        _inherit_from_snapshot(args, explicit, ckpt, say)
+        return RunStart("resume", ckpt, path, ckpt.get("init_from") or args.init_from)
+    if args.init_from:
+        return _read_source(args, explicit)
+    return RunStart()
+
+
+def _inherit_from_snapshot(args: argparse.Namespace, explicit: set[str], ckpt: dict,
+                           say: Say) -> None:
+    """Resume with the snapshot's flags, except those given on this command line."""
+    saved = ckpt.get("args") or {}
+    changed = []
+    for key, value in saved.items():
+        if key in NEVER_INHERITED or not hasattr(args, key):
+            continue
+        if key in explicit:
+            if getattr(args, key) != value and key not in SHAPE_KEYS:
+                changed.append(f"{key} {value!r} -> {getattr(args, key)!r}")
+            continue
+        setattr(args, key, value)
+    if changed:
+        say("note: resuming with changed flags (the result will differ from an "
+            "uninterrupted run): " + ", ".join(changed))
+
+
+def _read_source(args: argparse.Namespace, explicit: set[str]) -> RunStart:
+    """Read `--init_from`, check its weights, and take the model shape and tokenizer from it."""
+    source = str(args.init_from)
+    ckpt = read_weights_source(source)
+    path = Path(ckpt["_path"])
+    model = build_model(ckpt, "cpu")  # the loader's checks: config, weight shapes, tied head
+    src = model.config
+    conflicts = [f"--{key} {getattr(args, key)} (it has {getattr(src, key)})"
+                 for key in SHAPE_KEYS[:-1]
+                 if key in explicit and getattr(args, key) != getattr(src, key)]
+    if conflicts:
+        raise UsageError(f"--init_from {source}: the model's shape comes from it, but "
+                         f"{', '.join(conflicts)}; drop those flags")
+    if "max_seq_len" in explicit and args.max_seq_len > src.max_seq_len:
+        raise UsageError(f"--init_from {source}: --max_seq_len {args.max_seq_len} is larger than "
+                         f"its context of {src.max_seq_len} (it can be made smaller, not larger)")
+    for key in SHAPE_KEYS:
+        if key != "max_seq_len" or "max_seq_len" not in explicit:
+            setattr(args, key, getattr(src, key))
+    if "dropout" not in explicit:
+        args.dropout = src.dropout
+    if "tokenizer" not in explicit:
+        args.tokenizer = str(ckpt.get("tokenizer") or "gpt2")
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return RunStart("init", {"model_config": src.to_dict(), "model_state_dict": weights},
+                    path, source)
+
+
+def source_weights(start: RunStart, cfg: LMConfig) -> dict[str, torch.Tensor]:
+    """The `--init_from` weights for `cfg`: position embeddings cropped to its context (as
+    nanoGPT's `crop_block_size` does) when `--max_seq_len` is smaller than the source's."""
+    state = dict(start.ckpt["model_state_dict"])
+    wpe = state["transformer.wpe.weight"]
+    state["transformer.wpe.weight"] = wpe[:cfg.max_seq_len].clone()
+    return state
+
+
+def check_vocabulary(start: RunStart, vocab_size: int, tokenizer_size: int, tokenizer: str) -> None:
+    """Raise UsageError when the model's vocabulary cannot hold the tokenizer's tokens."""
+    if vocab_size >= tokenizer_size:
+        return
+    if start.kind == "init":
+        raise UsageError(f"--init_from {start.source}: its vocabulary has {vocab_size:,} tokens "
+                         f"but tokenizer {tokenizer!r} has {tokenizer_size:,}; pass the tokenizer "
+                         "it was trained with (--tokenizer)")
+    raise UsageError(f"--vocab_size {vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer_size:,} tokens")
+
+
+def check_resume_fits(cfg: LMConfig, start: RunStart) -> None:
+    """Raise UsageError when the snapshot to resume holds a model of another shape."""
+    try:
+        saved = LMConfig.from_dict(dict(start.ckpt["model_config"]))
+    except (ValueError, TypeError) as exc:
+        raise SnapshotError(f"{start.path}: bad model_config ({exc})") from None
+    diffs = [f"{k} {getattr(saved, k)} in the snapshot, {getattr(cfg, k)} here"
+             for k in SHAPE_KEYS if getattr(saved, k) != getattr(cfg, k)]  # dropout may change
+    if diffs:
+        raise UsageError(f"--resume: {start.path} holds a different model ({'; '.join(diffs)}); "
+                         "drop those flags to use the snapshot's, or use a new --out_dir")
