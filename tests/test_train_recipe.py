@@ -62,7 +62,7 @@ def test_muon_takes_the_block_matrices_only(tiny_config):
         n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     assert muon_ids.isdisjoint(adamw_ids) and len(muon_ids | adamw_ids) == len(names)
     assert names[id(model.transformer.wte.weight)] in {names[i] for i in adamw_ids}
-    optim.set_lr_scale(opt, 0.5)
+    optim.set_lr_scale(opt, 0.5, 1e-3, 0.02)
     assert {g["lr"] for g in opt.muon.param_groups} == {0.01}
     assert {g["lr"] for g in opt.adamw.param_groups} == {5e-4}
 

@@ -6,7 +6,7 @@ attention and MLP matrices), AdamW on the rest (the tied token embedding / LM he
 embedding, LayerNorms and biases). Muon orthogonalises each matrix's momentum (Newton-Schulz), so
 every direction of a matrix moves at the same rate; it needs its own, larger learning rate.
 
-Both schedules are a multiplier of each parameter group's own peak rate (`base_lr`), so AdamW and
+Both schedules are a multiplier of each optimizer's peak rate (`--lr`, `--muon_lr`), so AdamW and
 Muon warm up and cool down together.
 """
 
@@ -86,7 +86,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                    betas: tuple[float, float], device_type: str, *, optimizer: str = "adamw",
                    muon_lr: float = 0.02, muon_momentum: float = 0.95,
                    muon_weight_decay: float = 0.0) -> torch.optim.Optimizer | MuonAdamW:
-    """The training optimizer; every parameter group records its peak rate as `base_lr`.
+    """The training optimizer (set its rates per step with `set_lr_scale`).
 
     Args:
         model: a `LanguageModel`.
@@ -113,8 +113,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     ]
     groups = [g for g in groups if g["params"]]
     adamw = _adamw(groups, lr, betas, device_type)
-    for g in adamw.param_groups:
-        g["base_lr"] = lr
     if optimizer == "adamw":
         return adamw
     # adjust_lr_fn "original": the step is scaled by sqrt(max(1, rows / cols)), as in the
@@ -122,8 +120,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     muon = torch.optim.Muon([p for p in params if id(p) in muon_ids], lr=muon_lr,
                             momentum=muon_momentum, weight_decay=muon_weight_decay,
                             nesterov=True, adjust_lr_fn="original")
-    for g in muon.param_groups:
-        g["base_lr"] = muon_lr
     return MuonAdamW(muon, adamw)
 
 
@@ -173,10 +169,19 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
                          max_steps=max_steps, min_ratio=min_lr / lr if lr else 0.0)
 
 
-def set_lr_scale(optimizer: torch.optim.Optimizer | MuonAdamW, scale: float) -> None:
-    """Set every parameter group's rate to its peak rate (`base_lr`) times `scale`."""
+def set_lr_scale(optimizer: torch.optim.Optimizer | MuonAdamW, scale: float, lr: float,
+                 muon_lr: float = 0.0) -> None:
+    """Set the rates to `scale` times the peaks: `lr` for AdamW's groups, `muon_lr` for Muon's.
+
+    The peaks come from the caller (the flags), never from the optimizer's saved state, so that
+    a resumed run follows the flags it is resumed with.
+    """
+    if isinstance(optimizer, MuonAdamW):
+        for g in optimizer.muon.param_groups:
+            g["lr"] = muon_lr * scale
+        optimizer = optimizer.adamw
     for g in optimizer.param_groups:
-        g["lr"] = g["base_lr"] * scale
+        g["lr"] = lr * scale
 
 
 def _float_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -261,5 +266,5 @@ def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, step: int, args, max_st
     scale = lr_scale(step, schedule=args.schedule, warmup_steps=args.warmup_steps,
                      max_steps=max_steps, min_ratio=args.min_lr / args.lr if args.lr else 0.0,
                      cooldown=args.cooldown)
-    set_lr_scale(optimizer, scale)
+    set_lr_scale(optimizer, scale, args.lr, args.muon_lr)
     return args.lr * scale

@@ -20,13 +20,16 @@ MAX_STEPS_ENV = "LM_MAX_STEPS"
 # `bench/training.py` and from running these presets (see the README's training section).
 PRESETS: dict[str, dict[str, Any]] = {
     # About 3 minutes on a 2-core CPU: Shakespeare-shaped samples (names, verse lines) after it.
+    # Muon + AdamW with a warmup-stable-decay schedule (see README "Training recipe").
     "demo": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128, dropout=0.0,
-                 batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, max_steps=300,
+                 batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3, min_lr=0.0,
+                 schedule="wsd", cooldown=0.3, warmup_steps=30, max_steps=300,
                  eval_interval=100, eval_windows=100, sample_tokens=80),
-    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16): 4.93 after 800
-    # steps on Tiny Shakespeare (nanoGPT's 4x256 model: 5.26 after 300 iterations).
+    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16); figures and the
+    # runs behind them in README "Training recipe" and bench/results/quality_cpu_2core.txt.
     "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
-                      dropout=0.1, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                      dropout=0.1, batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3,
+                      min_lr=0.0, schedule="wsd", cooldown=0.3, warmup_steps=30,
                       max_steps=800, eval_interval=100, eval_windows=0),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
