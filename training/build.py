@@ -7,6 +7,7 @@ run's state back into them and `Parts.load_weights` the `--init_from` weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from model.lm import LanguageModel, LMConfig
 from training import distributed as D
 from training.fused_loss import TrainingModule
-from training.optim import build_optimizer
+from training.optim import MuonAdamW, WeightAverage, build_optimizer
 from training.snapshots import SnapshotError
 from training.step import AutocastFactory, autocast_context
 
@@ -31,23 +32,33 @@ class Parts:
         ddp: the DistributedDataParallel wrapper of `module`, or None in one process.
         optimizer, scaler: the optimizer and its GradScaler (enabled for float16 only).
         autocast: factory of the forward passes' autocast context.
+        average: the weight average of `--ema`, or None.
     """
 
     model: LanguageModel
     module: TrainingModule
     ddp: torch.nn.parallel.DistributedDataParallel | None
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonAdamW
     scaler: torch.amp.GradScaler
     autocast: AutocastFactory
+    average: WeightAverage | None = None
 
     @property
     def runner(self) -> torch.nn.Module:
         """What a training step calls: the DDP wrapper, else the training module."""
         return self.ddp or self.module
 
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """`with parts.averaged():` the model holds the averaged weights (`--ema`), if any."""
+        if self.average is None:
+            return contextlib.nullcontext(self.model)
+        return self.average.applied(self.model)
+
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Start from these weights (`--init_from`); the optimizer stays fresh."""
         self.model.load_state_dict(state_dict)
+        if self.average is not None:  # the average starts from them too
+            self.average = WeightAverage(self.model, self.average.decay)
 
     def load_snapshot(self, ckpt: dict[str, Any], path: Path | None) -> None:
         """Restore weights, optimizer and scaler from a snapshot being resumed.
@@ -56,8 +67,15 @@ class Parts:
             SnapshotError: the snapshot does not fit this model/optimizer (one line).
         """
         try:
-            self.model.load_state_dict(ckpt["model_state_dict"])
+            # Under --ema the snapshot's model_state_dict is the average; the training weights
+            # are kept beside it.
+            self.model.load_state_dict(ckpt.get("raw_model_state_dict")
+                                       or ckpt["model_state_dict"])
             self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+            if self.average is not None:
+                if ckpt.get("ema_state") is None:
+                    raise ValueError("it holds no weight average: it was trained without --ema")
+                self.average.load_state_dict(ckpt["ema_state"])
             if self.scaler.is_enabled() and ckpt.get("scaler_state_dict"):
                 self.scaler.load_state_dict(ckpt["scaler_state_dict"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -81,4 +99,6 @@ def build_parts(cfg: LMConfig, tokenizer: Any, args: argparse.Namespace, device:
             module, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    return Parts(model, module, ddp, optimizer, scaler, autocast_context(device.type, amp))
+    average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    return Parts(model, module, ddp, optimizer, scaler, autocast_context(device.type, amp),
+                 average)

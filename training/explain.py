@@ -104,10 +104,7 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
       f"accumulation step(s) x {world_size} process(es) = {tps:,} tokens.")
     epochs = max_steps / batches.steps_per_epoch
     p(f"  Schedule: {max_steps:,} steps = {epochs:.2f} epochs of {batches.steps_per_epoch:,} "
-      f"steps, {human(max_steps * tps)} tokens in total. Learning rate: linear warmup over "
-      f"{args.warmup_steps} steps to {args.lr:g}, cosine decay to {args.min_lr:g}; AdamW "
-      f"(betas {args.beta1}, {args.beta2}, weight decay {args.weight_decay} on matrices), "
-      f"gradient clipping at {args.grad_clip:g}.")
+      f"steps, {human(max_steps * tps)} tokens in total. " + describe_recipe(args, max_steps))
     if stop_at < max_steps:
         p(f"  LM_MAX_STEPS={stop_at} stops this run after step {stop_at:,} (the schedule above is "
           "unchanged).")
@@ -145,3 +142,28 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
     p(f"  Generate: python generate_lm.py --checkpoint {snap_dir / 'latest.pt'} --prompt "
       f"{shlex.quote(prompt)} --max_length 100 --temperature 0.8 --top_p 0.9")
     p("Nothing was trained or written (except the token cache). Drop --explain to train.")
+
+
+def describe_recipe(args, max_steps: int) -> str:
+    """The optimizer, learning-rate schedule and weight averaging of a run, in words."""
+    ratio = args.min_lr / args.lr if args.lr else 0.0
+    if args.schedule == "wsd":
+        decay = max(1, round(args.cooldown * max_steps))
+        sched = (f"linear warmup over {args.warmup_steps} steps, constant, then a linear "
+                 f"cool-down over the last {decay:,} steps ({args.cooldown:g} of the run) to "
+                 f"{ratio:g} of the peak")
+    else:
+        sched = (f"linear warmup over {args.warmup_steps} steps, then cosine decay to "
+                 f"{ratio:g} of the peak")
+    adamw = (f"AdamW (peak {args.lr:g}, betas {args.beta1}, {args.beta2}, weight decay "
+             f"{args.weight_decay} on matrices)")
+    if args.optimizer == "muon":
+        opt = (f"Muon on the blocks' matrices (peak {args.muon_lr:g}, momentum "
+               f"{args.muon_momentum}, weight decay {args.muon_weight_decay}), {adamw} on "
+               "embeddings, LayerNorms and biases")
+    else:
+        opt = adamw
+    ema = (f" Weights averaged with decay {args.ema:g}: evaluation and snapshots use the average."
+           if args.ema > 0 else "")
+    return (f"Learning rate: {sched}. Optimizer: {opt}; gradient clipping at "
+            f"{args.grad_clip:g}.{ema}")

@@ -136,7 +136,9 @@ class Trainer:
         "best" (no snapshot holds it).
         """
         args, state = self.args, self.state
-        res = self.validation_loss(args.eval_windows or None)
+        with self.parts.averaged():  # under --ema, the averaged weights are what is judged
+            res = self.validation_loss(args.eval_windows or None)
+            sample = sample_text(self.parts.model, self.tok, args) if args.sample_tokens else ""
         if not math.isfinite(res.loss):
             raise DivergedError(f"the validation loss is {res.loss} at step {step}")
         state.last_val = (res.loss, res.perplexity, step)
@@ -153,8 +155,7 @@ class Trainer:
             plot_losses(self.metrics.path, Path(args.out_dir) / "loss_curve.png",
                         f"{self.label}: {self.cfg.num_layers} layers x {self.cfg.d_model}")
         if args.sample_tokens:
-            self.write("  sample: " + sample_text(self.parts.model, self.tok, args)
-                       .replace("\n", "\n  | "))
+            self.write("  sample: " + sample.replace("\n", "\n  | "))
         return is_best
 
     def measure(self) -> tuple[float, float]:
@@ -200,7 +201,7 @@ class Trainer:
         payload = snapshot_payload(state=state, epoch_of_step=epoch_of_step, cfg=self.cfg,
                                    model=parts.model, optimizer=parts.optimizer,
                                    scaler=parts.scaler, args=self.args, batches=self.batches,
-                                   rng=rng, dataset=self.label)
+                                   rng=rng, dataset=self.label, average=parts.average)
         return save_snapshot(self.snap_dir, payload, name=name, is_best=is_best,
                              keep_last=self.args.keep_last,
                              protect=[state.best_name] if state.best_name else [])
@@ -263,6 +264,8 @@ class Trainer:
         self.lr = set_lr(self.parts.optimizer, state.step, args, self.max_steps)
         t0 = time.perf_counter()
         step_loss = self.train_step(state.epoch, state.batch)
+        if self.parts.average is not None:
+            self.parts.average.update(self.parts.model)
         epoch_of_step = state.advance(self.batches)
         step = state.step
         if info.enabled:  # mean loss over ranks, and whether any rank was asked to stop

@@ -1,27 +1,37 @@
-"""The optimizer (AdamW, decay on 2-D weights only) and the learning-rate schedule.
+"""The optimizer (AdamW, or Muon + AdamW) and the learning-rate schedule (cosine or WSD).
 
-`build_optimizer` and `set_lr` are what the trainer calls: one place each.
+`--optimizer adamw`: AdamW on everything, weight decay on matrices and embeddings only.
+`--optimizer muon`: `torch.optim.Muon` on the 2-D weights inside the Transformer blocks (the
+attention and MLP matrices), AdamW on the rest (the tied token embedding / LM head, the position
+embedding, LayerNorms and biases). Muon orthogonalises each matrix's momentum (Newton-Schulz), so
+every direction of a matrix moves at the same rate; it needs its own, larger learning rate.
+
+Both schedules are a multiplier of each optimizer's peak rate (`--lr`, `--muon_lr`), so AdamW and
+Muon warm up and cool down together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                   betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorm).
 
-    Uses the fused implementation where this PyTorch has one for the device (CUDA, and CPU
-    since 2.4), else the multi-tensor one.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def muon_available() -> bool:
+    """Whether this PyTorch has `torch.optim.Muon` (added in 2.9)."""
+    return hasattr(torch.optim, "Muon")
+
+
+def _adamw(groups: list[dict], lr: float, betas: tuple[float, float],
+           device_type: str) -> torch.optim.AdamW:
+    """AdamW, fused where this PyTorch has a kernel for the device (CUDA, and CPU since 2.4)."""
     if device_type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
@@ -30,32 +40,231 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`.
+def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The matrices Muon trains: every 2-D weight inside the Transformer blocks."""
+    blocks = model.transformer.h
+    return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
 
-    `step` counts optimizer steps from 0; the first step already uses a non-zero rate.
+
+class MuonAdamW:
+    """Muon for the blocks' matrices and AdamW for the rest, stepped together.
+
+    It has the parts of `torch.optim.Optimizer` the trainer and `GradScaler` use
+    (`param_groups`, `step`, `zero_grad`, `state_dict`, `load_state_dict`). Its state dict is
+    `{"muon": ..., "adamw": ...}`, one entry per inner optimizer.
     """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def step(self, closure=None) -> None:
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise ValueError("not a Muon + AdamW optimizer state (was the run trained with "
+                             "--optimizer adamw?)")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   betas: tuple[float, float], device_type: str, *, optimizer: str = "adamw",
+                   muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                   muon_weight_decay: float = 0.0) -> torch.optim.Optimizer | MuonAdamW:
+    """The training optimizer (set its rates per step with `set_lr_scale`).
+
+    Args:
+        model: a `LanguageModel`.
+        lr, weight_decay, betas: AdamW's peak rate, decoupled weight decay (on matrices and
+            embeddings only, never on biases or LayerNorm) and betas.
+        device_type: "cpu", "cuda", ...: picks the fused AdamW kernel where there is one.
+        optimizer: "adamw", or "muon" (Muon on the blocks' matrices, AdamW on the rest). Where
+            this PyTorch has no `torch.optim.Muon`, "muon" says so on stderr and uses AdamW.
+        muon_lr, muon_momentum, muon_weight_decay: Muon's peak rate, Nesterov momentum and
+            decoupled weight decay.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if optimizer == "muon" and not muon_available():
+        print(f"warning: torch {torch.__version__} has no torch.optim.Muon (added in 2.9); "
+              "training with AdamW instead", file=sys.stderr)
+        optimizer = "adamw"
+    params = [p for p in model.parameters() if p.requires_grad]
+    muon_ids = {id(p) for p in muon_parameters(model)} if optimizer == "muon" else set()
+    rest = [p for p in params if id(p) not in muon_ids]
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    adamw = _adamw(groups, lr, betas, device_type)
+    if optimizer == "adamw":
+        return adamw
+    # adjust_lr_fn "original": the step is scaled by sqrt(max(1, rows / cols)), as in the
+    # reference Muon, so c_attn (3C x C) and c_fc (4C x C) move as much per entry as C x C.
+    muon = torch.optim.Muon([p for p in params if id(p) in muon_ids], lr=muon_lr,
+                            momentum=muon_momentum, weight_decay=muon_weight_decay,
+                            nesterov=True, adjust_lr_fn="original")
+    return MuonAdamW(muon, adamw)
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer | MuonAdamW) -> str:
+    """"muon" or "adamw": what `make_optimizer` actually built."""
+    return "muon" if isinstance(optimizer, MuonAdamW) else "adamw"
+
+
+def lr_scale(step: int, *, schedule: str, warmup_steps: int, max_steps: int,
+             min_ratio: float, cooldown: float = 0.2) -> float:
+    """The learning-rate multiplier (of each group's peak rate) for optimizer step `step`.
+
+    Both schedules warm up linearly over `warmup_steps` (the first step already uses a non-zero
+    rate) and end at `min_ratio` at `max_steps`.
+      cosine: half a cosine from 1 down to `min_ratio` over the steps after the warm-up.
+      wsd (warmup-stable-decay): 1 until the last `cooldown` fraction of `max_steps`, then a
+        straight line down to `min_ratio`.
+
+    Args:
+        step: optimizer steps taken so far (0 for the first).
+        schedule: "cosine" or "wsd".
+        warmup_steps: steps of linear warm-up.
+        max_steps: the run's length in steps.
+        min_ratio: the final multiplier (min_lr / lr).
+        cooldown: wsd only, the fraction of `max_steps` spent decaying, in (0, 1].
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
     if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     if step >= max_steps:
-        return min_lr
-    span = max(1, max_steps - warmup_steps)
-    progress = (step - warmup_steps) / span
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+        return min_ratio
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
+    decay_steps = max(1, round(cooldown * max_steps))
+    decay_start = max(warmup_steps, max_steps - decay_steps)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, max_steps - decay_start)
+    return 1.0 - progress * (1.0 - min_ratio)
 
 
-def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
-    """The trainer's optimizer for its flags (`--lr`, `--weight_decay`, `--beta1/2`); the one
-    place `train_lm.py` builds it."""
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """The cosine schedule as an absolute rate: warm-up to `lr`, cosine decay to `min_lr`."""
+    return lr * lr_scale(step, schedule="cosine", warmup_steps=warmup_steps,
+                         max_steps=max_steps, min_ratio=min_lr / lr if lr else 0.0)
+
+
+def set_lr_scale(optimizer: torch.optim.Optimizer | MuonAdamW, scale: float, lr: float,
+                 muon_lr: float = 0.0) -> None:
+    """Set the rates to `scale` times the peaks: `lr` for AdamW's groups, `muon_lr` for Muon's.
+
+    The peaks come from the caller (the flags), never from the optimizer's saved state, so that
+    a resumed run follows the flags it is resumed with.
+    """
+    if isinstance(optimizer, MuonAdamW):
+        for g in optimizer.muon.param_groups:
+            g["lr"] = muon_lr * scale
+        optimizer = optimizer.adamw
+    for g in optimizer.param_groups:
+        g["lr"] = lr * scale
+
+
+def _float_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (`--ema DECAY`).
+
+    After optimizer step t the average moves towards the weights by `1 - d_t`, where
+    d_t = min(decay, (1 + t) / (10 + t)): early on the average follows the weights closely, so
+    the random initialisation does not linger in it (0.999 ** 800 would still weigh it at 45%).
+    The average is kept in float32 whatever the parameters' dtype, and is what evaluation,
+    `best.pt` and every snapshot's `model_state_dict` hold.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the averaging decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {n: p.detach().float().clone() for n, p in _float_params(model)}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """Fold the model's current weights into the average (call after each optimizer step)."""
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        names = list(self.shadow)
+        params = dict(_float_params(model))
+        avg = [self.shadow[n] for n in names]
+        new = [params[n].detach().float() for n in names]
+        torch._foreach_lerp_(avg, new, 1.0 - d)
+        self.updates += 1
+
+    def averaged_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's `state_dict` (tied weights included) with the averaged values."""
+        with self.applied(model):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state.get("shadow", {})) != set(self.shadow):
+            raise ValueError("the saved weight average does not match this model's parameters")
+        self.updates = int(state["updates"])
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """`with avg.applied(model):` runs the block with the averaged weights in the model,
+        and puts the training weights back (bit for bit) after it."""
+        saved = {}
+        with torch.no_grad():
+            for name, p in _float_params(model):
+                saved[name] = p.detach().clone()
+                p.copy_(self.shadow[name])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in _float_params(model):
+                    p.copy_(saved[name])
+
+
+def build_optimizer(model: torch.nn.Module, args, device: torch.device
+                    ) -> torch.optim.Optimizer | MuonAdamW:
+    """The trainer's optimizer for its flags (`--optimizer`, `--lr`, `--weight_decay`,
+    `--beta1/2`, `--muon_*`); the one place `train_lm.py` builds it."""
     return make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                          device.type)
+                          device.type, optimizer=args.optimizer, muon_lr=args.muon_lr,
+                          muon_momentum=args.muon_momentum,
+                          muon_weight_decay=args.muon_weight_decay)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, args, max_steps: int) -> float:
-    """Set the learning rate of optimizer step `step` (0-based) from the flags' schedule, in
-    every parameter group; returns it. The one place the trainer sets the rate each step."""
-    lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-               max_steps=max_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, step: int, args, max_steps: int
+           ) -> float:
+    """Set every parameter group's rate for optimizer step `step` (0-based) from the flags'
+    schedule (`--schedule`, `--warmup_steps`, `--min_lr`, `--cooldown`); returns AdamW's rate
+    (`--lr` times the multiplier). The one place the trainer sets the rate each step."""
+    scale = lr_scale(step, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                     max_steps=max_steps, min_ratio=args.min_lr / args.lr if args.lr else 0.0,
+                     cooldown=args.cooldown)
+    set_lr_scale(optimizer, scale, args.lr, args.muon_lr)
+    return args.lr * scale

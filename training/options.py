@@ -12,6 +12,7 @@ import torch
 
 from training.cli import OneLineParser
 from training.data import add_data_args, dataset_label
+from training.optim import OPTIMIZERS, SCHEDULES
 
 MAX_STEPS_ENV = "LM_MAX_STEPS"
 
@@ -19,13 +20,16 @@ MAX_STEPS_ENV = "LM_MAX_STEPS"
 # `bench/training.py` and from running these presets (see the README's training section).
 PRESETS: dict[str, dict[str, Any]] = {
     # About 3 minutes on a 2-core CPU: Shakespeare-shaped samples (names, verse lines) after it.
+    # Muon + AdamW with a warmup-stable-decay schedule (see README "Training recipe").
     "demo": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128, dropout=0.0,
-                 batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30, max_steps=300,
+                 batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3, min_lr=0.0,
+                 schedule="wsd", cooldown=0.3, warmup_steps=30, max_steps=300,
                  eval_interval=100, eval_windows=100, sample_tokens=80),
-    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16): 4.93 after 800
-    # steps on Tiny Shakespeare (nanoGPT's 4x256 model: 5.26 after 300 iterations).
+    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16); figures and the
+    # runs behind them in README "Training recipe" and bench/results/quality_cpu_2core.txt.
     "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
-                      dropout=0.1, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                      dropout=0.1, batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3,
+                      min_lr=0.0, schedule="wsd", cooldown=0.3, warmup_steps=30,
                       max_steps=800, eval_interval=100, eval_windows=0),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
@@ -120,7 +124,26 @@ def build_parser() -> OneLineParser:
     t.add_argument("--min_lr", type=_nonneg_float, default=None,
                    help="final learning rate of the cosine decay (default: lr / 10)")
     t.add_argument("--warmup_steps", type=int, default=30)
-    t.add_argument("--weight_decay", type=_nonneg_float, default=0.1)
+    t.add_argument("--weight_decay", type=_nonneg_float, default=0.1,
+                   help="AdamW's decoupled weight decay (matrices and embeddings only)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw: AdamW on everything; muon: Muon on the blocks' matrices, AdamW "
+                        "(--lr) on embeddings, LayerNorms and biases")
+    t.add_argument("--muon_lr", type=_nonneg_float, default=0.02,
+                   help="Muon's peak learning rate (--optimizer muon)")
+    t.add_argument("--muon_momentum", type=_nonneg_float, default=0.95,
+                   help="Muon's Nesterov momentum")
+    t.add_argument("--muon_weight_decay", type=_nonneg_float, default=0.0,
+                   help="Muon's decoupled weight decay")
+    t.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="learning-rate schedule after the warm-up: cosine decay to --min_lr, or "
+                        "wsd (warmup-stable-decay: constant, then a linear cool-down to --min_lr "
+                        "over the last --cooldown of the run)")
+    t.add_argument("--cooldown", type=_nonneg_float, default=0.2,
+                   help="wsd: the fraction of the steps spent cooling down, in (0, 1]")
+    t.add_argument("--ema", type=_nonneg_float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay "
+                        "(e.g. 0.99); evaluation and every snapshot's weights use it (0: off)")
     t.add_argument("--beta1", type=_nonneg_float, default=0.9)
     t.add_argument("--beta2", type=_nonneg_float, default=0.95)
     t.add_argument("--grad_clip", type=_nonneg_float, default=1.0,
@@ -209,6 +232,15 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--min_lr {args.min_lr} is larger than --lr {args.lr}")
     if args.warmup_steps < 0:
         raise UsageError("--warmup_steps must be >= 0")
+    if not 0 <= args.ema < 1:
+        raise UsageError(f"--ema must be in [0, 1) (0: off; 0.99 averages over ~100 steps), got "
+                         f"{args.ema:g}")
+    if not 0 < args.cooldown <= 1:
+        raise UsageError(f"--cooldown must be in (0, 1], got {args.cooldown:g}")
+    if not 0 <= args.muon_momentum < 1:
+        raise UsageError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum:g}")
+    if args.optimizer == "muon" and args.muon_lr <= 0:
+        raise UsageError("--muon_lr must be positive")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UsageError("--beta1 and --beta2 must be in [0, 1)")
     if args.epochs <= 0 and args.max_steps is None:

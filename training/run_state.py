@@ -121,10 +121,10 @@ def versions() -> dict[str, str]:
 
 
 def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
-                     model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     model: torch.nn.Module, optimizer: Any,
                      scaler: torch.amp.GradScaler, args: argparse.Namespace,
                      batches: EpochBatches, rng: list[dict[str, Any]],
-                     dataset: str) -> dict[str, Any]:
+                     dataset: str, average: Any = None) -> dict[str, Any]:
     """Everything a snapshot saves (weights_only-loadable types only).
 
     Args:
@@ -132,10 +132,15 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
         epoch_of_step: the epoch the saved step belonged to (names the file).
         rng: every process's `capture_rng_state()`, in rank order.
         dataset: the dataset label.
+        average: the `--ema` weight average (`training.optim.WeightAverage`), or None. With
+            one, `model_state_dict` holds the averaged weights (what `generate_lm.py` and
+            `evaluate_lm.py` load), `raw_model_state_dict` the training weights and `ema_state`
+            the average's own state, so that a resumed run continues both exactly.
     """
+    weights = model.state_dict() if average is None else average.averaged_state_dict(model)
     payload = {
         "model_config": cfg.to_dict(),
-        "model_state_dict": clean_state_dict(model.state_dict()),
+        "model_state_dict": clean_state_dict(weights),
         "optimizer_state_dict": to_cpu(optimizer.state_dict()),
         "epoch": epoch_of_step,
         **state.fields(batches, args.seed),
@@ -146,6 +151,9 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
     }
     if scaler.is_enabled():
         payload["scaler_state_dict"] = scaler.state_dict()
+    if average is not None:
+        payload["raw_model_state_dict"] = clean_state_dict(model.state_dict())
+        payload["ema_state"] = to_cpu(average.state_dict())
     return payload
 
 
