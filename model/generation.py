@@ -379,6 +379,35 @@ def _static_step(model, tok, input_pos, position_ids, attn_mask):
                                 attn_mask=attn_mask, last_only=True)[:, -1]
 
 
+def _start_context(plan: _Plan, W: int, vocab_size: int, device: torch.device):
+    """The prompts left-padded into a (B, W) frame: (tokens, real-token mask, seen-token mask or
+    None); the seen mask (B, V) exists only with a repetition penalty."""
+    B, lens = len(plan.rows), [r.numel() for r in plan.rows]
+    P = max(lens)
+    ctx = torch.full((B, W), plan.pad_id, dtype=torch.long)  # the tokens held in the cache
+    real = torch.zeros((B, W), dtype=torch.bool)
+    for b, row in enumerate(plan.rows):
+        ctx[b, P - lens[b]:P] = row
+        real[b, P - lens[b]:P] = True
+    seen = None
+    if plan.repetition_penalty != 1.0:
+        seen = torch.zeros((B, vocab_size), dtype=torch.bool)
+        for b, row in enumerate(plan.rows):
+            seen[b, row] = True
+        seen = seen.to(device)
+    return ctx.to(device), real.to(device), seen
+
+
+def _compiled_step(model):
+    """The model's compiled static decode step, compiled on first use and kept on the model."""
+    step_fn = getattr(model, "_compiled_step", None)
+    if step_fn is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        step_fn = torch.compile(_static_step, mode=mode, fullgraph=True)
+        model._compiled_step = step_fn
+    return step_fn
+
+
 @torch.no_grad()
 def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
     """Yield each step's (B,) tokens, or (tokens, TokenLogprobs) when the plan records them."""
@@ -389,32 +418,13 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
     P = max(lens)
     # Most left padding of any row, tracked on the host (no syncs); 0 means no masks are needed.
     max_pad = P - min(lens)
-
-    ctx = torch.full((B, W), plan.pad_id, dtype=torch.long)  # the tokens held in the cache
-    real = torch.zeros((B, W), dtype=torch.bool)
-    for b, row in enumerate(plan.rows):
-        ctx[b, P - lens[b]:P] = row
-        real[b, P - lens[b]:P] = True
-    seen = None
-    if plan.repetition_penalty != 1.0:
-        seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool)
-        for b, row in enumerate(plan.rows):
-            seen[b, row] = True
-        seen = seen.to(device)
-    ctx, real = ctx.to(device), real.to(device)
+    ctx, real, seen = _start_context(plan, W, model.config.vocab_size, device)
     budgets = torch.tensor(plan.budgets, device=device)
     steps = max(plan.budgets)
     stops_early = plan.end_token is not None or min(plan.budgets) != steps
     if plan.top_logprobs is not None:
         from model.scoring import step_logprobs  # only when asked: the default path stays lean
-
-    step_fn = None
-    if plan.compile:
-        step_fn = getattr(model, "_compiled_step", None)
-        if step_fn is None:
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            step_fn = torch.compile(_static_step, mode=mode, fullgraph=True)
-            model._compiled_step = step_fn
+    step_fn = _compiled_step(model) if plan.compile else None
 
     def prefill(T: int) -> torch.Tensor:
         padded = max_pad > 0

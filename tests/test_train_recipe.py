@@ -10,6 +10,7 @@ import torch
 from test_train_helpers import tiny_flags
 
 import evaluate_lm
+import generate_lm
 from model.checkpoint import load_model
 from model.lm import LanguageModel
 from training import optim, train_lm
@@ -142,6 +143,9 @@ def test_ema_snapshots_hold_the_average(tmp_path, monkeypatch, capsys):
                              "--stride", "32", "--dtype", "float32", "--json"])
     assert code == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])
+    code = generate_lm.main(["--checkpoint", str(out / "snapshots" / "best.pt"), "--prompt",
+                             "The", "--max_new_tokens", "5", "--seed", "0", "--no_stream"])
+    assert code == 0 and capsys.readouterr().out.startswith("The")
 
 
 def test_without_ema_snapshots_are_as_before(tmp_path, capsys):
