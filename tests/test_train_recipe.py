@@ -44,8 +44,8 @@ def test_cosine_schedule_is_the_old_one():
     for step in (0, 5, 29, 30, 100, 299, 300, 400):
         expected = (2e-3 * (step + 1) / 30 if step < 30 else 2e-4 if step >= 300 else
                     2e-4 + 0.5 * (1 + math.cos(math.pi * (step - 30) / 270)) * 1.8e-3)
-        assert optim.lr_at(step, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                           max_steps=300) == pytest.approx(expected, rel=1e-12)
+        assert 2e-3 * optim.lr_scale(step, schedule="cosine", warmup_steps=30, max_steps=300,
+                                     min_ratio=0.1) == pytest.approx(expected, rel=1e-12)
 
 
 # -- optimizer ------------------------------------------------------------------------------------

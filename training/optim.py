@@ -123,11 +123,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     return MuonAdamW(muon, adamw)
 
 
-def optimizer_name(optimizer: torch.optim.Optimizer | MuonAdamW) -> str:
-    """"muon" or "adamw": what `make_optimizer` actually built."""
-    return "muon" if isinstance(optimizer, MuonAdamW) else "adamw"
-
-
 def lr_scale(step: int, *, schedule: str, warmup_steps: int, max_steps: int,
              min_ratio: float, cooldown: float = 0.2) -> float:
     """The learning-rate multiplier (of each group's peak rate) for optimizer step `step`.
@@ -161,12 +156,6 @@ def lr_scale(step: int, *, schedule: str, warmup_steps: int, max_steps: int,
         return 1.0
     progress = (step - decay_start) / max(1, max_steps - decay_start)
     return 1.0 - progress * (1.0 - min_ratio)
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """The cosine schedule as an absolute rate: warm-up to `lr`, cosine decay to `min_lr`."""
-    return lr * lr_scale(step, schedule="cosine", warmup_steps=warmup_steps,
-                         max_steps=max_steps, min_ratio=min_lr / lr if lr else 0.0)
 
 
 def set_lr_scale(optimizer: torch.optim.Optimizer | MuonAdamW, scale: float, lr: float,
