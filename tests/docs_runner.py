@@ -69,6 +69,7 @@ CHECKPOINT_PATHS = (
 # Environment of every block (on top of the caller's).
 BLOCK_ENV = {
     "LM_MAX_STEPS": "2",  # training/train_lm.py stops after this many optimizer steps
+    "LM_MAX_EVAL_WINDOWS": "4",  # ... and validates on at most this many windows
     # One thread per process: the test models are tiny, and on a small, busy CPU a second
     # OpenMP thread mostly waits for a core (measured: 6x slower generation at load 6 on 2 cores).
     "OMP_NUM_THREADS": "1",

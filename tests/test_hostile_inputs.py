@@ -224,16 +224,23 @@ def test_closed_streams_and_a_full_output(tmp_path, tiny_checkpoint):
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "PYTHONIOENCODING": "utf-8"}
-    for command, (code, needle) in cases.items():
-        proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=300)
-        errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
-        assert proc.returncode == code and "Traceback" not in proc.stderr, (command, proc.stderr)
-        assert len(errors) == 1 and needle in errors[0], (command, proc.stderr)
     # Not UTF-8 on the command line (before: a TypeError from the tokenizer).
-    proc = subprocess.run(["bash", "-c", f"{gen} --prompt $'caf\\xe9' --stop $'\\xff' "
-                           "--max_new_tokens 2 --seed 1"],
-                          capture_output=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout.decode("utf-8").startswith("caf\ufffd")
-    assert proc.stderr.decode().count("was not valid UTF-8") == 2
+    not_utf8 = f"{gen} --prompt $'caf\\xe9' --stop $'\\xff' --max_new_tokens 2 --seed 1"
+    # All at once (each waits only for its own exit): the imports dominate, and there are 2 cores.
+    procs = {command: subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+             for command in (*cases, not_utf8)}
+    results = {}
+    for command, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        results[command] = (p.returncode, out, err)
+    for command, (code, needle) in cases.items():
+        rc, _, err = results[command]
+        err = err.decode()
+        errors = [ln for ln in err.splitlines() if "error:" in ln]
+        assert rc == code and "Traceback" not in err, (command, err)
+        assert len(errors) == 1 and needle in errors[0], (command, err)
+    rc, out, err = results[not_utf8]
+    assert rc == 0, err.decode()
+    assert out.decode("utf-8").startswith("caf\ufffd")
+    assert err.decode().count("was not valid UTF-8") == 2

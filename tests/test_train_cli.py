@@ -69,6 +69,28 @@ def test_bad_data_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LM_MAX_STEPS", "ten")
     code, _, err = _run(tiny_flags(tmp_path), capsys)
     assert code == 2 and "LM_MAX_STEPS" in err
+    monkeypatch.delenv("LM_MAX_STEPS")
+    monkeypatch.setenv("LM_MAX_EVAL_WINDOWS", "0")
+    code, _, err = _run(tiny_flags(tmp_path), capsys)
+    assert code == 2 and "LM_MAX_EVAL_WINDOWS" in err
+
+
+def test_explicit_epochs_override_a_presets_steps(tmp_path, capsys):
+    out_dir = ["--out_dir", str(tmp_path / "run")]
+    code, _, err = _run(["--preset", "demo", "--epochs", "0", *out_dir], capsys)
+    assert code == 2 and "--epochs must be positive" in err  # before: 300 steps, silently
+    code, out, _ = _run(["--preset", "demo", "--epochs", "1", "--explain", *out_dir], capsys)
+    assert code == 0 and "= 1.00 epochs of" in out, out
+    code, out, _ = _run(["--preset", "demo", "--epochs", "1", "--max_steps", "7", "--explain",
+                         *out_dir], capsys)
+    assert code == 0 and "Schedule: 7 steps" in out, out
+
+
+def test_max_eval_windows_caps_every_evaluation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LM_MAX_EVAL_WINDOWS", "3")
+    for flag, shown in (("0", "3 windows"), ("2", "2 windows"), ("50", "3 windows")):
+        code, out, _ = _run(tiny_flags(tmp_path, "--eval_windows", flag, "--explain"), capsys)
+        assert code == 0 and f"{shown} per evaluation" in out, (flag, out)
 
 
 def test_cli_errors_have_no_traceback_in_a_real_process(tmp_path):

@@ -15,6 +15,7 @@ from training.data import add_data_args, dataset_label
 from training.optim import OPTIMIZERS, SCHEDULES
 
 MAX_STEPS_ENV = "LM_MAX_STEPS"
+MAX_EVAL_WINDOWS_ENV = "LM_MAX_EVAL_WINDOWS"
 
 # Presets set defaults; flags given on the command line win. Figures in README come from
 # `bench/training.py` and from running these presets (see the README's training section).
@@ -85,7 +86,8 @@ def build_parser() -> OneLineParser:
                     "lm_<dataset>/snapshots/ (latest.pt, best.pt, snapshot_*.pt).",
         epilog=f"Environment: {MAX_STEPS_ENV}=N stops after N optimizer steps in total, keeping "
                "the learning-rate schedule of the full run (for smoke tests and docs); a "
-               "snapshot is written when it stops. Multi-GPU / multi-process: "
+               f"snapshot is written when it stops. {MAX_EVAL_WINDOWS_ENV}=N caps the windows of "
+               "each evaluation (--eval_windows, 0 = all) at N. Multi-GPU / multi-process: "
                "torchrun --nproc_per_node=N training/train_lm.py ...",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -117,7 +119,8 @@ def build_parser() -> OneLineParser:
     t.add_argument("--max_steps", type=_positive_int, default=None,
                    help="optimizer steps in the whole run (default: --epochs worth)")
     t.add_argument("--epochs", type=_nonneg_float, default=5.0,
-                   help="passes over the training data when --max_steps is not given")
+                   help="passes over the training data when --max_steps is not given (an "
+                        "explicit --epochs also replaces a preset's step count)")
     t.add_argument("--lr", "--learning_rate", dest="lr", type=_nonneg_float, default=2e-3,
                    help="peak learning rate (0: the weights never change, e.g. to measure a "
                         "starting point)")
@@ -210,7 +213,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     if pre.preset:
         parser.set_defaults(**PRESETS[pre.preset])
     args = parser.parse_args(argv)
-    return args, _explicit_dests(parser, argv)
+    explicit = _explicit_dests(parser, argv)
+    if pre.preset and "epochs" in explicit and "max_steps" not in explicit:
+        args.max_steps = None  # an explicit --epochs sets the length, not the preset's steps
+    return args, explicit
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:
@@ -258,18 +264,30 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def max_steps_cap() -> int | None:
-    """The `LM_MAX_STEPS` cap, or None; raises UsageError for a bad value."""
-    raw = os.environ.get(MAX_STEPS_ENV, "").strip()
+def _env_positive_int(name: str) -> int | None:
+    """A positive integer from the environment variable `name`, or None when it is unset."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return None
     try:
-        cap = int(raw)
+        value = int(raw)
     except ValueError:
-        cap = 0
-    if cap < 1:
-        raise UsageError(f"{MAX_STEPS_ENV} must be a positive integer, got {raw!r}")
-    return cap
+        value = 0
+    if value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def max_steps_cap() -> int | None:
+    """The `LM_MAX_STEPS` cap, or None; raises UsageError for a bad value."""
+    return _env_positive_int(MAX_STEPS_ENV)
+
+
+def cap_eval_windows(args: argparse.Namespace) -> None:
+    """Apply `LM_MAX_EVAL_WINDOWS` (smoke tests, docs) to `args.eval_windows` (0 means all)."""
+    cap = _env_positive_int(MAX_EVAL_WINDOWS_ENV)
+    if cap is not None:
+        args.eval_windows = min(args.eval_windows or cap, cap)
 
 
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:

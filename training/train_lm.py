@@ -10,7 +10,8 @@
 
 Everything goes to the run directory (`lm_<dataset>/` unless `--out_dir`): `snapshots/`
 (`snapshot_epoch_*_step_*.pt`, `latest.pt`, `best.pt`), `metrics.csv`, `loss_curve.png` and the
-token cache. See `--help` for every flag; `LM_MAX_STEPS=N` caps the steps of one invocation.
+token cache. See `--help` for every flag; `LM_MAX_STEPS=N` caps the steps of one invocation
+and `LM_MAX_EVAL_WINDOWS=N` the windows of each evaluation (smoke tests and docs use both).
 
 The trainer's parts, each in one place:
     where a run starts (new, --init_from, --resume)   training/start.py
@@ -45,6 +46,7 @@ from training.metrics import MetricsLog  # noqa: E402
 from training.options import (  # noqa: E402
     DTYPE_NAMES,
     UsageError,
+    cap_eval_windows,
     finalize,
     max_steps_cap,
     parse_args,
@@ -135,6 +137,7 @@ def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, explicit = parse_args(argv)
     cap = max_steps_cap()
+    cap_eval_windows(args)
     device = pick_device(args.device)
     info = D.init_distributed(device.type)
     try:
