@@ -36,6 +36,15 @@ BAD_FLAGS = [
     (["--eval_windows", "-1"], "--eval_windows"),
     (["--preset", "huge"], "invalid choice"),
     (["--device", "tpu"], "unknown device"),
+    # the training recipe (training/optim.py)
+    (["--ema", "-0.1"], "number >= 0"),
+    (["--ema", "1"], "--ema must be in [0, 1)"),
+    (["--ema", "1.5"], "--ema must be in [0, 1)"),
+    (["--optimizer", "sgd"], "invalid choice"),
+    (["--schedule", "linear"], "invalid choice"),
+    (["--cooldown", "0"], "--cooldown must be in (0, 1]"),
+    (["--muon_momentum", "1"], "--muon_momentum"),
+    (["--optimizer", "muon", "--muon_lr", "0"], "--muon_lr must be positive"),
 ]
 
 
