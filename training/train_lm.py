@@ -137,7 +137,6 @@ def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, explicit = parse_args(argv)
     cap = max_steps_cap()
-    cap_eval_windows(args)
     device = pick_device(args.device)
     info = D.init_distributed(device.type)
     try:
@@ -153,6 +152,7 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     """Start (or resume) a run and train it: the order of things, each done elsewhere."""
     start = choose_start(args, explicit, lambda line: _say(info, line))
     finalize(args)
+    cap_eval_windows(args)  # after a resume has inherited the run's --eval_windows
     snap_dir = Path(args.out_dir) / "snapshots"
     if not start.resuming and not args.explain and list_snapshots(snap_dir):
         raise UsageError(f"{snap_dir} already holds snapshots of another run; continue it with "
