@@ -9,7 +9,8 @@ weight format of ours (`--quantize`: float32 oneDNN-packed copies, bf16, int8) a
 Face's GPT-2 modules on the same weights (float32 `Conv1D` + LM head, what its `generate` runs):
 
 - matmul ms: one token's products alone (every `Linear` of the model on a (rows, in) input, in
-  the order decoding runs them; weights are far larger than the core's caches, so they stream);
+  the order decoding runs them), averaged over --passes passes in a row: the first products
+  after another format's run slower (by up to ~10 ms on the Xeon of the recorded run);
 - GB/s: the weight bytes of one token over that time;
 - step ms: one whole decode step of ours (`generate`, 200 tokens, top-p 0.9, per token), so
   step - matmul is everything else (attention, LayerNorms, per-op overhead, sampling).
@@ -55,8 +56,9 @@ def weight_bytes(model: nn.Module, fmt: str) -> int:
     return total
 
 
-def matmul_pass(modules: list[nn.Module], rows: int):
-    """A function running every module once on a (rows, in_features) float32 input."""
+def matmul_pass(modules: list[nn.Module], rows: int, times: int):
+    """A function running every module `times` times over, each on a (rows, in_features)
+    float32 input (many passes per call: the first products after another format's are slow)."""
     inputs = []
     for m in modules:
         n_in = m.in_features if hasattr(m, "in_features") else m.weight.size(0)  # Conv1D: (in, out)
@@ -64,8 +66,9 @@ def matmul_pass(modules: list[nn.Module], rows: int):
 
     def run() -> None:
         with torch.no_grad():
-            for m, x in zip(modules, inputs, strict=True):
-                m(x)
+            for _ in range(times):
+                for m, x in zip(modules, inputs, strict=True):
+                    m(x)
 
     return run
 
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--cases", default="default,gpt2-124M")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new_tokens", type=int, default=200)
+    ap.add_argument("--passes", type=int, default=20, help="matmul passes per timed call")
     args = ap.parse_args()
     cpu = torch.device("cpu")
     print(f"{torch.get_num_threads()} threads; torch {torch.__version__}; memory read bandwidth "
@@ -95,14 +99,15 @@ def main() -> None:
         hf_bytes = sum(m.weight.numel() * 4 for m in hf_modules)
         for B in batches:
             prompt = torch.randint(0, cfg.vocab_size, (B, 16))
-            passes = [matmul_pass([m for m in model.modules() if isinstance(m, Linear)], B)
-                      for model in models.values()]
-            passes.append(matmul_pass(hf_modules, B))
+            passes = [matmul_pass([m for m in model.modules() if isinstance(m, Linear)], B,
+                                  args.passes) for model in models.values()]
+            passes.append(matmul_pass(hf_modules, B, args.passes))
             steps = [lambda model=model, prompt=prompt: model.generate(
                          prompt, max_new_tokens=args.new_tokens, top_p=0.9, seed=0)
                      for model in models.values()]
             times = timed([*passes, *steps], cpu, args.repeats)
-            t_mm, t_step = times[:len(passes)], times[len(passes):]
+            t_mm = [t / args.passes for t in times[:len(passes)]]
+            t_step = times[len(passes):]
             for i, fmt in enumerate([*models, "HF"]):
                 nbytes = hf_bytes if fmt == "HF" else weight_bytes(models[fmt], fmt)
                 name = {"none": "float32", "HF": "HF fp32"}.get(fmt, fmt)
