@@ -100,6 +100,12 @@ def test_max_eval_windows_caps_every_evaluation(tmp_path, capsys, monkeypatch):
     for flag, shown in (("0", "3 windows"), ("2", "2 windows"), ("50", "3 windows")):
         code, out, _ = _run(tiny_flags(tmp_path, "--eval_windows", flag, "--explain"), capsys)
         assert code == 0 and f"{shown} per evaluation" in out, (flag, out)
+    # The cap is not the run's setting: snapshots keep --eval_windows, so a resume without the
+    # cap evaluates as the flag says.
+    monkeypatch.setenv("LM_MAX_STEPS", "1")
+    assert train_lm.main(tiny_flags(tmp_path, "--eval_windows", "50")) == 0
+    saved = torch.load(tmp_path / "run" / "snapshots" / "latest.pt", weights_only=True)
+    assert saved["args"]["eval_windows"] == 50
 
 
 def test_cli_errors_have_no_traceback_in_a_real_process(tmp_path):

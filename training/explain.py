@@ -76,7 +76,8 @@ def resume_command(argv: list[str], world_size: int) -> str:
 
 def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: int,
                       batches: EpochBatches, max_steps: int, stop_at: int, start_step: int,
-                      train_desc: str, val_desc: str, val_tokens: int, device: torch.device,
+                      train_desc: str, val_desc: str, val_tokens: int, eval_windows: int,
+                      device: torch.device,
                       amp: torch.dtype, world_size: int, resumed_from: Path | None,
                       measure_step: Callable[[], tuple[float, float]], argv: list[str],
                       existing_run: bool = False, init_from: str | None = None,
@@ -98,8 +99,8 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
       "position embeddings; the token embedding doubles as the output layer).")
     p(f"  Data: training on {train_desc}: {len(batches.tokens):,} tokens, "
       f"{batches.num_windows:,} windows of {batches.seq_len} tokens. Validation on {val_desc}: "
-      f"{val_tokens:,} tokens" + (f", {args.eval_windows} windows per evaluation."
-                                  if args.eval_windows else ", all of it each time."))
+      f"{val_tokens:,} tokens" + (f", {eval_windows} windows per evaluation."
+                                  if eval_windows else ", all of it each time."))
     p(f"  Each step: {args.batch_size} sequences x {batches.seq_len} tokens x {args.grad_accum} "
       f"accumulation step(s) x {world_size} process(es) = {tps:,} tokens.")
     epochs = max_steps / batches.steps_per_epoch

@@ -87,11 +87,12 @@ class Trainer:
     def __init__(self, *, args: argparse.Namespace, cfg: LMConfig, tok: Any, parts: Parts,
                  batches: EpochBatches, val_tokens: np.ndarray, val_bytes: int,
                  state: RunState, info: D.DistInfo, device: torch.device, amp: torch.dtype,
-                 max_steps: int, stop_at: int, label: str,
+                 max_steps: int, stop_at: int, eval_windows: int, label: str,
                  metrics: MetricsLog | None = None) -> None:
         self.args, self.cfg, self.tok, self.parts, self.batches = args, cfg, tok, parts, batches
         self.val_tokens, self.val_bytes, self.state, self.info = val_tokens, val_bytes, state, info
         self.device, self.amp, self.max_steps, self.stop_at = device, amp, max_steps, stop_at
+        self.eval_windows = eval_windows  # per evaluation, 0: all (`windows_per_eval`)
         self.label, self.metrics = label, metrics
         self.snap_dir = Path(args.out_dir) / "snapshots"
         self.params = list(parts.model.parameters())
@@ -137,7 +138,7 @@ class Trainer:
         """
         args, state = self.args, self.state
         with self.parts.averaged():  # under --ema, the averaged weights are what is judged
-            res = self.validation_loss(args.eval_windows or None)
+            res = self.validation_loss(self.eval_windows or None)
             sample = sample_text(self.parts.model, self.tok, args) if args.sample_tokens else ""
         if not math.isfinite(res.loss):
             raise DivergedError(f"the validation loss is {res.loss} at step {step}")
@@ -183,8 +184,8 @@ class Trainer:
         res = self.validation_loss(self.args.eval_batch_size)
         t2 = time.perf_counter()
         windows = count_windows(len(self.val_tokens), self.args.seq_len, self.args.seq_len)
-        if self.args.eval_windows:
-            windows = min(windows, self.args.eval_windows)
+        if self.eval_windows:
+            windows = min(windows, self.eval_windows)
         return step_time, (t2 - t1) * windows / max(1, res.windows)
 
     # -- snapshots -----------------------------------------------------------------------------

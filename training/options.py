@@ -283,11 +283,12 @@ def max_steps_cap() -> int | None:
     return _env_positive_int(MAX_STEPS_ENV)
 
 
-def cap_eval_windows(args: argparse.Namespace) -> None:
-    """Apply `LM_MAX_EVAL_WINDOWS` (smoke tests, docs) to `args.eval_windows` (0 means all)."""
+def windows_per_eval(args: argparse.Namespace) -> int:
+    """`--eval_windows` (0: all) capped by `LM_MAX_EVAL_WINDOWS` (smoke tests, docs); raises
+    UsageError for a bad value. `args` is left as it is, so snapshots keep the flag's value and a
+    resume without the cap evaluates as the flag says (as `LM_MAX_STEPS` leaves `--max_steps`)."""
     cap = _env_positive_int(MAX_EVAL_WINDOWS_ENV)
-    if cap is not None:
-        args.eval_windows = min(args.eval_windows or cap, cap)
+    return args.eval_windows if cap is None else min(args.eval_windows or cap, cap)
 
 
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -46,11 +46,11 @@ from training.metrics import MetricsLog  # noqa: E402
 from training.options import (  # noqa: E402
     DTYPE_NAMES,
     UsageError,
-    cap_eval_windows,
     finalize,
     max_steps_cap,
     parse_args,
     resolve_dtype,
+    windows_per_eval,
 )
 from training.preflight import check_memory, check_output_paths  # noqa: E402
 from training.run_state import RunState, restore_rng  # noqa: E402
@@ -152,7 +152,7 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     """Start (or resume) a run and train it: the order of things, each done elsewhere."""
     start = choose_start(args, explicit, lambda line: _say(info, line))
     finalize(args)
-    cap_eval_windows(args)  # after a resume has inherited the run's --eval_windows
+    eval_windows = windows_per_eval(args)  # after a resume has inherited the run's flag
     snap_dir = Path(args.out_dir) / "snapshots"
     if not start.resuming and not args.explain and list_snapshots(snap_dir):
         raise UsageError(f"{snap_dir} already holds snapshots of another run; continue it with "
@@ -190,7 +190,7 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     trainer = Trainer(args=args, cfg=cfg, tok=tok, parts=parts, batches=batches,
                       val_tokens=val_tokens, val_bytes=val_bytes, state=state, info=info,
                       device=device, amp=amp, max_steps=max_steps, stop_at=stop_at,
-                      label=dataset_label(args))
+                      eval_windows=eval_windows, label=dataset_label(args))
 
     if args.explain:
         if info.is_main:
@@ -201,7 +201,8 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
                     cfg.vocab_size + cfg.max_seq_len) * cfg.d_model,
                 batches=batches, max_steps=max_steps, stop_at=stop_at, start_step=state.step,
                 train_desc=describe_split(args, "train"), val_desc=describe_split(args, "val"),
-                val_tokens=len(val_tokens), device=device, amp=amp, world_size=info.world_size,
+                val_tokens=len(val_tokens), eval_windows=eval_windows, device=device, amp=amp,
+                world_size=info.world_size,
                 resumed_from=start.path if start.resuming else None,
                 measure_step=trainer.measure, argv=argv, init_from=state.init_from,
                 existing_run=not start.resuming and bool(list_snapshots(snap_dir)))
