@@ -28,6 +28,7 @@ import sys
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -88,8 +89,6 @@ def main() -> None:
     for case in args.cases.split(","):
         cfg, batches = CASES[case]
         ours, hf = build(cfg, cpu, torch.float32)
-        from transformers.pytorch_utils import Conv1D
-
         models = {}
         for fmt in FORMATS:
             models[fmt] = ours if fmt == "none" else copy.deepcopy(ours)
