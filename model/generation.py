@@ -5,28 +5,28 @@ at once, then returns a generator that yields the next token of every row, one (
 step; `generate` collects that stream into a (B, T) tensor that includes the prompt.
 
 Batches. A prompt may be one sequence (1-D tensor, list of ints or a str) or many of different
-lengths (a list of them, or a 2-D tensor). Rows are left-padded inside, with an attention mask and
-per-row position ids, so each row gets the continuation it gets alone. A 2-D tensor is read as the
-guide's batch example builds it: with more than one row, trailing `pad_token_id` (default
-`model.end_token`) ids are right padding, not prompt (pass `attention_mask` to say exactly which
-tokens are real). The output
-row is that row's prompt, then its new tokens, right-padded with `pad_token_id` (default
-`end_token`, else 0) to the batch's width.
+lengths (a list of them, or a 2-D tensor). The rows decode together on a `DecodeEngine`
+(`model/engine.py`, the engine the HTTP server's continuous batching runs on too): each row has
+its own slot of the KV cache and its own positions, so each row gets the continuation it gets
+alone. A 2-D tensor is read as the guide's batch example builds it: with more than one row,
+trailing `pad_token_id` (default `model.end_token`) ids are right padding, not prompt (pass
+`attention_mask` to say exactly which tokens are real). The output row is that row's prompt,
+then its new tokens, right-padded with `pad_token_id` (default `end_token`, else 0) to the
+batch's width.
 
-Sliding window. The KV cache holds `W = max_seq_len` positions. When it is full and another token
-must be fed, the model keeps the most recent `keep = W - W // 4` tokens (the new one included),
-recomputes their keys and values at positions 0..keep-1, and decodes on from there. So a token is
-predicted from the last `n` tokens, where `n` grows from `keep` to `W`, then drops back to `keep`:
-for a sequence of `L` tokens so far (L > W), `n = keep + (L - W - 1) % (W - keep + 1)`. The
-recomputation happens once every `W - keep + 1` tokens, so decoding past the window stays fast.
-In a ragged batch the window moves for all rows at once, so beyond `W` a short row's context can
-differ from the one it would have alone.
+Sliding window. The KV cache holds `W = max_seq_len` positions per row. When a row's cache is
+full and another token must be fed, the model keeps the most recent `keep = W - W // 4` tokens
+(the new one included), recomputes their keys and values at positions 0..keep-1, and decodes on
+from there. So a token is predicted from the last `n` tokens, where `n` grows from `keep` to
+`W`, then drops back to `keep`: for a sequence of `L` tokens so far (L > W),
+`n = keep + (L - W - 1) % (W - keep + 1)`. The recomputation happens once every `W - keep + 1`
+tokens, so decoding past the window stays fast. Each row's window moves on its own, so in a
+ragged batch too a row's context is the one it has alone.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -349,93 +349,24 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
 # -- the loop -------------------------------------------------------------------------------------
 
 
-def _prefill_mask(real: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) mask for a left-padded prefill: causal, real keys only, pads see themselves."""
-    T = real.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
-    mask = causal & real[:, None, None, :]
-    return mask | torch.eye(T, dtype=torch.bool, device=real.device)  # no all-False row (NaN)
-
-
-def _positions(real: torch.Tensor) -> torch.Tensor:
-    """Per-row positions counting real tokens only: (B, T)."""
-    return (real.long().cumsum(dim=1) - 1).clamp_(min=0)
-
-
-def _attention_backends(device: torch.device):
-    """On CUDA, attention kernels without cuDNN's: it prepares a new plan for every new cache
-    length (about 40 ms each in bf16 on an H200), which made eager decoding 30x slower."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
-
-
-def _static_step(model, tok, input_pos, position_ids, attn_mask):
-    """One decode step with static shapes (whole cache, masked): the function we compile."""
-    return model.forward_cached(tok, input_pos=input_pos, position_ids=position_ids,
-                                attn_mask=attn_mask, last_only=True)[:, -1]
-
-
-def _start_context(plan: _Plan, W: int, vocab_size: int, device: torch.device):
-    """The prompts left-padded into a (B, W) frame: (tokens, real-token mask, seen-token mask or
-    None); the seen mask (B, V) exists only with a repetition penalty."""
-    B, lens = len(plan.rows), [r.numel() for r in plan.rows]
-    P = max(lens)
-    ctx = torch.full((B, W), plan.pad_id, dtype=torch.long)  # the tokens held in the cache
-    real = torch.zeros((B, W), dtype=torch.bool)
-    for b, row in enumerate(plan.rows):
-        ctx[b, P - lens[b]:P] = row
-        real[b, P - lens[b]:P] = True
-    seen = None
-    if plan.repetition_penalty != 1.0:
-        seen = torch.zeros((B, vocab_size), dtype=torch.bool)
-        for b, row in enumerate(plan.rows):
-            seen[b, row] = True
-        seen = seen.to(device)
-    return ctx.to(device), real.to(device), seen
-
-
-def _compiled_step(model):
-    """The model's compiled static decode step, compiled on first use and kept on the model."""
-    step_fn = getattr(model, "_compiled_step", None)
-    if step_fn is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        step_fn = torch.compile(_static_step, mode=mode, fullgraph=True)
-        model._compiled_step = step_fn
-    return step_fn
-
-
 @torch.no_grad()
 def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
-    """Yield each step's (B,) tokens, or (tokens, TokenLogprobs) when the plan records them."""
-    device, W = model.device, model.max_seq_len
-    keep = max(1, W - W // 4)
+    """Yield each step's (B,) tokens, or (tokens, TokenLogprobs) when the plan records them.
+
+    The rows run on a `DecodeEngine` of their own (`model/engine.py`), all sampled by one
+    sampler call per step from the plan's generator. A row that has finished stays in the batch
+    (its tokens are replaced by the pad id) until every row has, so the generator draws the same
+    numbers for the others whenever a row ends.
+    """
+    from model.engine import DecodeEngine, Sampling
+
+    device = model.device
     B = len(plan.rows)
-    lens = [r.numel() for r in plan.rows]
-    P = max(lens)
-    # Most left padding of any row, tracked on the host (no syncs); 0 means no masks are needed.
-    max_pad = P - min(lens)
-    ctx, real, seen = _start_context(plan, W, model.config.vocab_size, device)
     budgets = torch.tensor(plan.budgets, device=device)
     steps = max(plan.budgets)
     stops_early = plan.end_token is not None or min(plan.budgets) != steps
-    if plan.top_logprobs is not None:
-        from model.scoring import step_logprobs  # only when asked: the default path stays lean
-    step_fn = _compiled_step(model) if plan.compile else None
-
-    def prefill(T: int) -> torch.Tensor:
-        padded = max_pad > 0
-        with _attention_backends(device):
-            return model.forward_cached(
-                ctx[:, :T], input_pos=0,
-                position_ids=_positions(real[:, :T]) if padded else None,
-                attn_mask=_prefill_mask(real[:, :T]) if padded else None, last_only=True)[:, -1]
-
-    # NaN/inf logits (broken weights, or a float16 overflow) would sample garbage silently. One
-    # reduction per step flags them on the device; the flag is read where the loop syncs anyway.
+    # NaN/inf logits (broken weights, or a float16 overflow) would sample garbage silently. The
+    # engine flags them per row on the device; the flag is read where the loop syncs anyway.
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     def check_finite(step: int) -> None:
@@ -444,28 +375,21 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
                 f"the model produced non-finite logits (NaN or inf) by new token {step + 1}: its "
                 "weights are broken (a diverged checkpoint?) or --dtype float16 overflowed")
 
-    was_training = model.training
-    owns_cache = not model.has_cache()
-    model.eval()
+    sampling = Sampling(plan.temperature, plan.top_k, plan.top_p, plan.repetition_penalty,
+                        plan.generator, plan.top_logprobs)
+    engine = DecodeEngine(model, B, compile=plan.compile)
     try:
-        model.setup_cache(B)
-        logits = prefill(P)
-        f = P  # tokens in the cache frame
-        next_pos = real.sum(dim=1, keepdim=True)  # (B, 1) position of the next token per row
+        for row in plan.rows:
+            engine.add(row, sampling)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(steps):
-            if logits.dtype != torch.float32:  # bf16/fp16 models sample in float32
-                logits = logits.float()
-            nonfinite |= ~torch.isfinite(logits.sum())  # a NaN or inf anywhere makes it so
+            out = engine.step()
+            tok = out.tokens
+            nonfinite |= out.nonfinite.any()
             if step % check_every == 0 or step == steps - 1:
                 check_finite(step)
-            raw_logits = logits
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, plan.repetition_penalty)
-            tok = sample(logits, plan.temperature, plan.top_k, plan.top_p, plan.generator)
             if plan.top_logprobs is not None:
-                probs = step_logprobs(raw_logits, logits, tok, plan.temperature, plan.top_k,
-                                      plan.top_p, plan.top_logprobs)
+                probs = out.records[0][1]
                 if stops_early:
                     probs = probs.blank(finished)  # a finished row's step is padding
             if stops_early:
@@ -478,41 +402,11 @@ def _loop(model, plan: _Plan, check_every: int) -> Iterator[Any]:
                 yield tok, probs
             else:
                 yield tok
-            if step == steps - 1:
-                break
             if stops_early and (step + 1) % check_every == 0 and bool(finished.all()):
                 check_finite(step)
                 break
-            if seen is not None:
-                seen.scatter_(1, tok[:, None], True)
-            if f == W:  # the window is full: keep the most recent tokens, recompute their cache
-                ctx[:, :keep - 1] = ctx[:, W - keep + 1:].clone()
-                real[:, :keep - 1] = real[:, W - keep + 1:].clone()
-                ctx[:, keep - 1], real[:, keep - 1] = tok, True
-                real[:, keep:] = False
-                max_pad = max(0, max_pad - (W - keep + 1))
-                logits = prefill(keep)
-                f = keep
-                next_pos = real.sum(dim=1, keepdim=True)
-                continue
-            ctx[:, f], real[:, f] = tok, True
-            if step_fn is not None:
-                input_pos = torch.tensor([f], device=device)
-                logits = step_fn(model, tok[:, None], input_pos, next_pos,
-                                 real[:, None, None, :])
-            else:
-                padded = max_pad > 0
-                with _attention_backends(device):
-                    logits = model.forward_cached(
-                        tok[:, None], input_pos=f, position_ids=next_pos if padded else None,
-                        attn_mask=real[:, None, None, :f + 1] if padded else None,
-                        last_only=True)[:, -1]
-            f += 1
-            next_pos = next_pos + 1
     finally:
-        model.train(was_training)
-        if owns_cache:
-            model.free_kv_cache()
+        engine.close()
 
 
 def stream(model, prompt: Any, max_length: int = 100, temperature: float = 1.0,

@@ -75,7 +75,9 @@ class LMConfig:
 class KVCache(nn.Module):
     """Preallocated keys and values of one attention layer, written in place at `input_pos`.
 
-    The buffers are non-persistent, so they never appear in `state_dict`.
+    Each cache row holds one sequence from position 0, so rows of a batch may be at different
+    lengths (the decode engine's slots, `model/engine.py`). The buffers are non-persistent, so
+    they never appear in `state_dict`.
     """
 
     def __init__(self, batch_size: int, num_heads: int, max_len: int, head_dim: int,
@@ -85,20 +87,39 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at `input_pos`; return the keys and values to attend to.
+    def update(self, input_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rows: slice | torch.Tensor | None = None):
+        """Write k, v (B, H, T, D) into cache rows `rows`; return the keys and values to attend to.
 
-        An int position (eager decoding) returns the filled prefix `[:input_pos + T]`; a tensor of
-        positions (static-shape, compiled decoding) returns the whole buffer, to be masked.
+        Args:
+            input_pos: an int: every row's T tokens go at `input_pos..input_pos+T-1`, and the
+                rows' filled prefix `[:input_pos + T]` is returned. A (B,) tensor: one token per
+                row (T == 1), row b's at `input_pos[b]`, and the rows' whole buffers are returned,
+                to be masked (static shapes, as the compiled decode step needs).
+            rows: the cache rows of the batch: a slice, or a (B,) tensor of row indices (only
+                with `input_pos == 0`, a prefill); default the first B rows.
         """
         B, T = k.size(0), k.size(2)
+        if rows is None:
+            rows = slice(0, B)
         if isinstance(input_pos, int):
-            self.k[:B, :, input_pos:input_pos + T] = k
-            self.v[:B, :, input_pos:input_pos + T] = v
-            return self.k[:B, :, :input_pos + T], self.v[:B, :, :input_pos + T]
-        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:B], self.v[:B]
+            end = input_pos + T
+            if isinstance(rows, torch.Tensor):
+                if input_pos != 0:
+                    raise ValueError("cache rows given as indices need input_pos 0 (a prefill)")
+                self.k[rows, :, :T] = k
+                self.v[rows, :, :T] = v
+                return self.k[rows, :, :T], self.v[rows, :, :T]
+            self.k[rows, :, input_pos:end] = k
+            self.v[rows, :, input_pos:end] = v
+            return self.k[rows, :, :end], self.v[rows, :, :end]
+        if T != 1:
+            raise ValueError("per-row positions take one token per row")
+        kc, vc = self.k[rows], self.v[rows]  # (B, H, S, D) views
+        b = torch.arange(B, device=k.device)
+        kc[b, :, input_pos] = k[:, :, 0].to(kc.dtype)  # (B, H, D) at each row's position
+        vc[b, :, input_pos] = v[:, :, 0].to(vc.dtype)
+        return kc, vc
 
 
 def _onednn_linear_op():
@@ -223,7 +244,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
@@ -231,7 +253,10 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, H, S, D)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, H, S, D)
+            if attn_mask is not None and k.size(2) > attn_mask.size(-1):
+                # per-row positions: attend to the first S keys only (the mask's width)
+                k, v = k[:, :, :attn_mask.size(-1)], v[:, :, :attn_mask.size(-1)]
         # Without a mask: a fresh sequence is plainly causal; one new token sees every cached key.
         is_causal = attn_mask is None and T > 1
         if is_causal and k.size(2) != T:
@@ -266,8 +291,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, input_pos=None, attn_mask=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, attn_mask)
+    def forward(self, x: torch.Tensor, input_pos=None, attn_mask=None,
+                cache_rows=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, attn_mask, cache_rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -369,29 +395,42 @@ class LanguageModel(nn.Module):
     def forward_cached(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None,
                        attn_mask: torch.Tensor | None = None,
-                       last_only: bool = False) -> torch.Tensor:
-        """The network itself, with optional KV cache use (the generation loop's entry point).
+                       last_only: bool = False,
+                       cache_rows: slice | torch.Tensor | None = None,
+                       logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The network itself, with optional KV cache use (the decode engine's entry point).
 
         Args:
             idx: (B, T) token ids.
-            input_pos: where these tokens go in the KV cache (int, or a (T,) tensor for a
-                static-shape step); None runs without the cache.
+            input_pos: where these tokens go in the KV cache: an int for every row, or a (B,)
+                tensor of per-row positions for a one-token step (see `KVCache.update`); None
+                runs without the cache.
             position_ids: (B, T) positions for the position embedding; default
-                `input_pos + arange(T)` (or `arange(T)` without a cache).
-            attn_mask: boolean (B, 1, T, S) mask, True where a query may attend a key.
+                `input_pos + arange(T)` (or `arange(T)` without a cache or with per-row positions
+                not given here).
+            attn_mask: boolean (B, 1, T, S) mask, True where a query may attend a key; with
+                per-row positions, S may be less than the cache length (the keys beyond are not
+                attended).
             last_only: compute logits for the last position only (decoding needs no more).
+            cache_rows: the KV cache rows of this batch (see `KVCache.update`; default the
+                first B).
+            logits_at: (B,) the position of each row whose logits to compute (a right-padded
+                prefill); wins over `last_only`.
 
         Returns:
-            logits (B, T, V), or (B, 1, V) with `last_only`.
+            logits (B, T, V), or (B, 1, V) with `last_only` or `logits_at`.
         """
-        x = self.forward_hidden(idx, input_pos, position_ids, attn_mask)
-        if last_only and x.size(1) > 1:
+        x = self.forward_hidden(idx, input_pos, position_ids, attn_mask, cache_rows)
+        if logits_at is not None:
+            x = x[torch.arange(x.size(0), device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
+        elif last_only and x.size(1) > 1:
             x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
         return self.lm_head(x)
 
     def forward_hidden(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None,
-                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attn_mask: torch.Tensor | None = None,
+                       cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states, after `ln_f` and before the LM head: (B, T, C).
 
         Arguments as in `forward_cached`; the trainer's fused LM-head loss starts from here.
@@ -402,7 +441,7 @@ class LanguageModel(nn.Module):
             position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
         for block in self.transformer.h:
-            x = block(x, input_pos, attn_mask)
+            x = block(x, input_pos, attn_mask, cache_rows)
         return self.transformer.ln_f(x)
 
     # -- KV cache and the `with model:` block --------------------------------------------------
