@@ -27,7 +27,8 @@ def test_rows_joining_and_leaving_decode_as_alone(model):
     settings = [dict(temperature=0), dict(temperature=0.9, top_p=0.8, seed=11),
                 dict(temperature=0), dict(temperature=1.3, top_k=20, seed=5)]
     lengths = [40, 9, 30, 25]  # 40 and 30 slide the 16-token window
-    expected = [_alone(model, p, n, **kw) for p, n, kw in zip(prompts, lengths, settings)]
+    expected = [_alone(model, p, n, **kw)
+                for p, n, kw in zip(prompts, lengths, settings, strict=True)]
 
     def sampling(kw):
         gen = torch.Generator().manual_seed(kw["seed"]) if "seed" in kw else None

@@ -1,0 +1,426 @@
+"""The HTTP routes: OpenAI-compatible completions, models, health, and the playground page.
+
+`create_app(server)` builds the FastAPI app around a `Server` (the loaded model, its scheduler
+and the limits). Every error is the OpenAI error body (`serve/protocol.py`): 400 for a bad
+field (never the framework's 422), 401 for a missing or wrong API key, 404 for an unknown
+model or path, 413 for a body over the limit, 429 with `Retry-After` when the queue is full,
+503 while the model loads. After a stream has started, an error is sent as an error chunk, then
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.engine import Sampling
+from serve.completions import (
+    ChoiceText,
+    TokenTexts,
+    choice_object,
+    completion_object,
+    prompt_entries,
+    usage_object,
+)
+from serve.protocol import (
+    MAX_BODY_BYTES,
+    ApiError,
+    CompletionRequest,
+    bad,
+    error_body,
+    parse_completion_request,
+    parse_json_body,
+)
+from serve.scheduler import ChoiceSpec, Job, QueueFullError, Scheduler
+
+log = logging.getLogger("serve")
+STATIC = Path(__file__).resolve().parent / "static"
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Server:
+    """What the routes serve: set `model`, `tokenizer` and `scheduler` once loaded (`ready`)."""
+
+    name: str
+    api_key: str | None = None
+    model: Any = None
+    tokenizer: Any = None
+    scheduler: Scheduler | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # shown by /health and the playground
+    created: int = field(default_factory=lambda: int(time.time()))
+    _texts: TokenTexts | None = None
+    _shared: dict[tuple, Sampling] = field(default_factory=dict)  # unseeded settings -> Sampling
+    _max_chars: int = 0
+
+    def attach(self, model: Any, tokenizer: Any, scheduler: Scheduler) -> None:
+        """The model is loaded: start serving it."""
+        self.model, self.tokenizer, self.scheduler = model, tokenizer, scheduler
+        self._texts = TokenTexts(tokenizer)
+        # The longest token, in characters: a text longer than context x this is over the
+        # context whatever it encodes to, so it is refused without encoding it.
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        longest = max((len(p) for p in pieces if isinstance(p, str)), default=64)
+        self._max_chars = model.max_seq_len * max(longest, 64) * 4
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    # -- a request's rows ---------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int] | None, i: int, many: bool) -> list[int]:
+        """A prompt's token ids, checked against the vocabulary and the context (400s)."""
+        W, V = self.model.max_seq_len, self.model.config.vocab_size
+        where = f"prompt {i}" if many else "prompt"
+        if prompt is None:
+            eos = self.tokenizer.eos_token_id
+            if eos is None:
+                raise bad("prompt", "prompt is null but the tokenizer has no end-of-text token")
+            return [eos]
+        if isinstance(prompt, str):
+            if len(prompt) > self._max_chars:
+                raise bad("prompt", f"{where} is {len(prompt)} characters, more than the "
+                                    f"model's context of {W} tokens can hold",
+                          code="context_length_exceeded")
+            ids = self.tokenizer.encode(prompt, verbose=False)
+            if not ids:
+                raise bad("prompt", f"{where} encodes to no tokens")
+        else:
+            ids = prompt
+            bad_ids = [t for t in ids if not 0 <= t < V]
+            if bad_ids:
+                raise bad("prompt", f"{where} has token id {bad_ids[0]}, outside the "
+                                    f"vocabulary [0, {V})")
+        if len(ids) > W:
+            raise bad("prompt", f"{where} has {len(ids)} tokens, but the model's context is {W} "
+                                f"tokens; send at most {W} (generation past the context slides "
+                                "the window)", code="context_length_exceeded")
+        return ids
+
+    def sampling(self, req: CompletionRequest, sample: int) -> Sampling:
+        """The `Sampling` of a request's `sample`-th choice: a seeded one has its own
+        generator (seed + sample); unseeded choices with equal settings share one."""
+        k = req.logprobs
+        if req.temperature == 0:
+            key = ("greedy", req.repetition_penalty, k)
+            settings: dict[str, Any] = dict(temperature=0.0)
+        else:
+            key = (req.temperature, req.top_k, req.top_p, req.repetition_penalty, k)
+            settings = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
+        settings.update(repetition_penalty=req.repetition_penalty, top_logprobs=k)
+        if req.seed is not None and req.temperature != 0:
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed((req.seed + sample) % 2**64)
+            return Sampling(generator=gen, **settings)
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = self._shared[key] = Sampling(**settings)
+        return shared
+
+
+def create_app(server: Server) -> FastAPI:
+    """The ASGI app serving `server`."""
+    app = FastAPI(title="small-lm", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}; see GET /v1/models and "
+                        "POST /v1/completions",
+                   405: f"method {request.method} is not allowed on {request.url.path}"
+                   }.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, code=str(exc.status_code)),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("the request is not valid"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s: %s", request.method, request.url.path,
+                  type(exc).__name__, exc_info=exc)
+        return JSONResponse(error_body("internal server error", type="server_error"),
+                            status_code=500)
+
+    def check_access(request: Request) -> None:
+        if server.api_key is not None:
+            auth = request.headers.get("authorization", "")
+            scheme, _, key = auth.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                    key.strip().encode(), server.api_key.encode()):
+                raise ApiError(401, "Incorrect API key provided: send Authorization: Bearer "
+                                    "KEY with the server's --api_key", code="invalid_api_key")
+        if not server.ready:
+            raise ApiError(503, "the model is still loading; GET /health says when it is "
+                                "ready", type="server_error", headers={"Retry-After": "1"})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not server.ready:
+            return JSONResponse({"status": "loading", "model": server.name}, status_code=503)
+        return JSONResponse({"status": "ok", "model": server.name, **server.info,
+                             **server.scheduler.stats()})
+
+    def model_card() -> dict[str, Any]:
+        return {"id": server.name, "object": "model", "created": server.created,
+                "owned_by": "small-lm"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        check_access(request)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        check_access(request)
+        if model_id != server.name:
+            raise ApiError(404, f"The model `{model_id}` does not exist; this server serves "
+                                f"`{server.name}`", param="model", code="model_not_found")
+        return JSONResponse(model_card())
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> JSONResponse:
+        check_access(request)
+        raise ApiError(404, "This is not a chat model and thus not supported in the "
+                            "v1/chat/completions endpoint: it is a base model that continues "
+                            "text. Use v1/completions with a prompt (client.completions.create).",
+                       param="model")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_access(request)
+        req = parse_completion_request(parse_json_body(await _read_body(request)))
+        if req.model != server.name:
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
+                                f"`{server.name}` (GET /v1/models)", param="model",
+                           code="model_not_found")
+        run = _Completion(server, req, request)
+        run.submit()
+        if req.stream:
+            return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        return JSONResponse(await run.whole())
+
+    @app.get("/")
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> FileResponse:
+        files = {"playground.js": "text/javascript", "playground.css": "text/css"}
+        if name not in files:
+            raise StarletteHTTPException(404)
+        return FileResponse(STATIC / name, media_type=files[name])
+
+    return app
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past MAX_BODY_BYTES (before reading it all)."""
+    too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB",
+                       code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class CompletionError(Exception):
+    """Generation failed after the request was accepted (non-finite logits, shutdown)."""
+
+
+class _Completion:
+    """One accepted request: its job in the scheduler and its choices' text."""
+
+    def __init__(self, server: Server, req: CompletionRequest, request: Request) -> None:
+        self.server, self.req, self.request = server, req, request
+        self.id = "cmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        many = len(req.prompts) > 1
+        self.prompts = [server.encode(p, i, many) for i, p in enumerate(req.prompts)]
+        self.choices: list[ChoiceText] = []
+        self.echo: list[str] = []  # each choice's echoed prompt text
+        specs = []
+        end = server.model.end_token
+        for p, ids in enumerate(self.prompts):
+            for s in range(req.n):
+                index = p * req.n + s
+                self.choices.append(ChoiceText(server._texts, ids, req.stop, end,
+                                               req.logprobs is not None))
+                if req.max_tokens > 0:
+                    specs.append(ChoiceSpec(index, ids, server.sampling(req, s), req.max_tokens))
+        score = req.echo and req.logprobs is not None
+        self.job = Job(self.id, specs, asyncio.get_running_loop(),
+                       score_prompts=self.prompts if score else None,
+                       score_k=req.logprobs or 0)
+        self.needs_job = bool(specs) or score
+        self.done = False
+
+    def submit(self) -> None:
+        if not self.needs_job:
+            return
+        try:
+            self.server.scheduler.submit(self.job)
+        except QueueFullError as exc:
+            raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
+                           type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    def close(self, reason: str) -> None:
+        if self.needs_job and not self.done:
+            self.done = True
+            self.server.scheduler.release(self.job, None, reason)
+
+    # -- the pieces of the response, in order ---------------------------------------------------
+
+    def _echo(self, scores: list[Any] | None) -> list[tuple[int, str, list | None]]:
+        """The echoed prompts, one piece per choice: (index, text, entries or None)."""
+        out = []
+        want = self.req.logprobs is not None
+        for p, ids in enumerate(self.prompts):
+            text, entries = prompt_entries(self.server._texts, ids,
+                                           None if scores is None else scores[p])
+            for s in range(self.req.n):
+                index = p * self.req.n + s
+                self.choices[index].start = len(text)
+                out.append((index, text, list(entries) if want else None))
+        return out
+
+    async def pieces(self) -> AsyncIterator[list[tuple[int, str, list | None, str | None]]]:
+        """Batches of `(index, text, entries or None, finish_reason)` as they become ready."""
+        req, job = self.req, self.job
+        want = req.logprobs is not None
+        if req.echo:
+            scores = None
+            if want:
+                item = await job.queue.get()
+                if item[0] == "error":
+                    raise CompletionError(item[1])
+                scores = item[1]
+            first = self._echo(scores)
+            if req.max_tokens == 0:
+                for ct in self.choices:
+                    ct.finish("length")
+                yield [(i, text, entries, "length") for i, text, entries in first]
+                self.done = True
+                return
+            yield [(i, text, entries, None) for i, text, entries in first]
+        elif req.max_tokens == 0:
+            for ct in self.choices:
+                ct.finish("length")
+            yield [(i, "", [] if want else None, "length") for i in range(len(self.choices))]
+            return
+        open_choices = len(self.choices)
+        while open_choices:
+            items = [await job.queue.get()]
+            while not job.queue.empty():
+                items.append(job.queue.get_nowait())
+            touched: dict[int, None] = {}
+            for item in items:
+                if item[0] == "error":
+                    raise CompletionError(item[1])
+                if item[0] != "tokens":
+                    continue
+                for index, tok, lp, top, finish in item[1]:
+                    ct = self.choices[index]
+                    if ct.finished:
+                        continue
+                    ct.feed(tok, lp, top, finish)
+                    touched[index] = None
+                    if ct.finished:
+                        open_choices -= 1
+                        if ct.stopped_by_string and finish is None:
+                            self.server.scheduler.release(job, index, "stop")
+            batch = []
+            for index in touched:
+                ct = self.choices[index]
+                text, entries = ct.take()
+                if text or entries or ct.finished:
+                    batch.append((index, text, entries if want else None, ct.finish_reason))
+            if batch:
+                yield batch
+        self.done = True
+
+    def usage(self) -> dict[str, int]:
+        return usage_object(sum(len(p) for p in self.prompts),
+                            sum(ct.tokens for ct in self.choices))
+
+    async def whole(self) -> dict[str, Any]:
+        """The whole response (stream: false); a client that goes away frees its rows."""
+        watcher = asyncio.ensure_future(self._watch_disconnect())
+        texts = {i: [] for i in range(len(self.choices))}
+        entries: dict[int, list] = {i: [] for i in range(len(self.choices))}
+        try:
+            async for batch in self.pieces():
+                for index, text, ents, _ in batch:
+                    texts[index].append(text)
+                    if ents:
+                        entries[index] += ents
+        except CompletionError as exc:
+            raise ApiError(500, str(exc), type="server_error") from None
+        finally:
+            watcher.cancel()
+            self.close("")
+        want = self.req.logprobs is not None
+        choices = [choice_object(i, "".join(texts[i]), entries[i] if want else None,
+                                 ct.finish_reason) for i, ct in enumerate(self.choices)]
+        return completion_object(self.id, self.created, self.server.name, choices, self.usage())
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.close("disconnect")
+                return
+
+    async def sse(self) -> AsyncIterator[bytes]:
+        """The streamed response: one chunk per choice and step (as ready), `[DONE]` last."""
+        usage = {} if self.req.include_usage else None
+
+        def chunk(choices: list[dict[str, Any]], use: dict | None = None) -> bytes:
+            obj = completion_object(self.id, self.created, self.server.name, choices, use)
+            if usage is None:
+                del obj["usage"]
+            return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+        finished = False
+        try:
+            try:
+                async for batch in self.pieces():
+                    yield b"".join(chunk([choice_object(i, text, ents, reason)])
+                                   for i, text, ents, reason in batch)
+                if usage is not None:
+                    yield chunk([], self.usage())
+            except CompletionError as exc:
+                err = error_body(str(exc), type="server_error")
+                yield b"data: " + json.dumps(err).encode() + b"\n\n"
+            finished = True
+            yield b"data: [DONE]\n\n"
+        finally:
+            # not finished: the client went away (the task was cancelled) or a send failed
+            self.close("" if finished else "disconnect")

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Serve a trained model over HTTP: an OpenAI-compatible completions API and a web playground.
+
+    python serve_lm.py --checkpoint lm_shakespeare
+    curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" \\
+        -d '{"model": "lm_shakespeare", "prompt": "ROMEO:", "max_tokens": 20}'
+
+Open http://127.0.0.1:8000/ for the playground. Concurrent requests share the model's decode
+steps (continuous batching, up to --max_batch rows). The server listens at once; /health
+answers 503 until the model is loaded. Bad flags exit with status 2 and a one-line `error: ...`.
+See the "Serving" section of GENERATION_GUIDE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import NoReturn
+
+from generate_lm import _DEVICE_RE, DTYPES, QUANTIZE, _load, _number, _Parser
+
+EXAMPLES = """\
+examples:
+  python serve_lm.py --checkpoint lm_shakespeare
+  python serve_lm.py --checkpoint lm_shakespeare --port 8080 --max_batch 8 --quantize int8
+  python serve_lm.py --checkpoint lm_wikitext --host 0.0.0.0 --api_key "$SERVE_LM_API_KEY"
+
+Then: POST /v1/completions (the openai client's client.completions.create), GET /v1/models,
+GET /health, and the playground at /.
+"""
+API_KEY_ENV = "SERVE_LM_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (no heavy imports, so `--help` and usage errors are instant)."""
+    p = _Parser(prog="serve_lm.py",
+                description="Serve a language model over HTTP with an OpenAI-compatible "
+                            "completions API and a web playground.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="checkpoint file (.pt or .safetensors), run directory or snapshots "
+                        "directory (default: the most recently trained lm_*/ run in the "
+                        "current directory)")
+    p.add_argument("--model_name", metavar="NAME",
+                   help="the model id clients send and /v1/models lists (default: the run "
+                        "directory's or the file's name)")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    n.add_argument("--port", type=_number("--port", 0, 65535, cast=int), default=8000,
+                   metavar="N", help="port to listen on; 0 picks a free one (default: 8000)")
+    n.add_argument("--api_key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ routes (default: "
+                        f"${API_KEY_ENV} if set, else none; /health and / stay public)")
+    b = p.add_argument_group("batching")
+    b.add_argument("--max_batch", type=_number("--max_batch", 1, 1024, cast=int), default=16,
+                   metavar="N", help="rows (completions) that decode together; each holds a KV "
+                                     "cache of the model's context (default: 16)")
+    b.add_argument("--max_queue", type=_number("--max_queue", 0, 100000, cast=int), default=64,
+                   metavar="N", help="requests that may wait for a free row; more are answered "
+                                     "429 with Retry-After (default: 64)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", metavar="DEV",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
+    r.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype, as in generate_lm.py: bfloat16/float16 autocast on a GPU; "
+                        "on CPU bfloat16 means --quantize bf16 (default: float32)")
+    r.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="CPU weight format for decoding: none (float32), bf16 or int8 "
+                        "(default: none)")
+    r.add_argument("--tokenizer", metavar="NAME",
+                   help="gpt2 (the bundled copy), a local tokenizer folder or a hub name "
+                        "(default: the checkpoint's tokenizer, else gpt2)")
+    r.add_argument("--threads", type=_number("--threads", 1, 1024, cast=int), metavar="N",
+                   help="torch threads for the model (default: torch's, one per core)")
+    r.add_argument("--allow_nonfinite", action="store_true",
+                   help="load a checkpoint with NaN/inf weights (to debug a diverged run; "
+                        "requests then get an error)")
+    r.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log level on stderr (default: info)")
+    r.add_argument("--no_access_log", action="store_true",
+                   help="do not log one line per HTTP request")
+    return p
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def _default_name(checkpoint: str | None) -> str:
+    """The model id: the run directory's name, or the checkpoint file's."""
+    if checkpoint is None:
+        return "lm"
+    path = Path(checkpoint).expanduser().resolve()
+    if path.is_dir():
+        return path.parent.name if path.name == "snapshots" else path.name
+    if path.parent.name == "snapshots":
+        return path.parent.parent.name
+    return path.stem
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        _fail(f"--host {host}: cannot resolve it ({exc.strerror})")
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
+              "(0 picks a free one)")
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _web_server_class():
+    import uvicorn
+
+    class Web(uvicorn.Server):
+        """uvicorn's server, but SIGINT/SIGTERM end `main` with its status (uvicorn re-raises
+        the signal after its graceful shutdown, which would skip stopping the scheduler)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Web
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM; return the exit status."""
+    args = build_parser().parse_args(argv)
+    if not _DEVICE_RE.match(args.device.strip().lower()):
+        _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
+        _fail(f"--checkpoint: not found: {args.checkpoint}")
+    if args.api_key is not None and not args.api_key.strip():
+        _fail("--api_key is empty; give a key, or leave the flag out for no key")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("serve")
+    sock = _listen(args.host, args.port)
+
+    import uvicorn
+
+    from serve.app import Server, create_app
+    from serve.scheduler import Scheduler
+
+    _Web = _web_server_class()
+    name = args.model_name or _default_name(args.checkpoint)
+    server = Server(name=name, api_key=args.api_key)
+    config = uvicorn.Config(create_app(server), log_config=None, log_level=args.log_level,
+                            access_log=not args.no_access_log, timeout_graceful_shutdown=3,
+                            lifespan="off")
+    web = _Web(config)
+    status = {"code": 0}
+
+    def load() -> None:
+        try:
+            import torch
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            args.verbose = args.log_level == "debug"
+            model, tokenizer, _, amp_dtype = _load(args)
+            scheduler = Scheduler(model, args.max_batch, args.max_queue, autocast=amp_dtype)
+            scheduler.start()
+            server.info.update(context=model.max_seq_len, device=str(model.device),
+                               weights=model.quantization if amp_dtype is None
+                               else str(amp_dtype).replace("torch.", "") + " autocast")
+            server.attach(model, tokenizer, scheduler)
+            log.info("ready: %s (%s, context %d, max_batch %d, max_queue %d)", name,
+                     server.info["weights"], model.max_seq_len, args.max_batch, args.max_queue)
+        except SystemExit as exc:  # _load's one-line errors: already written to stderr
+            status["code"] = exc.code if isinstance(exc.code, int) else 2
+            web.should_exit = True
+        except Exception as exc:  # noqa: BLE001
+            log.error("error: could not load the model (%s: %s)", type(exc).__name__, exc)
+            status["code"] = 1
+            web.should_exit = True
+
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s on http://%s:%d (loading the model; /health says when it is ready)",
+             name, shown, port)
+    loader = threading.Thread(target=load, name="load-model", daemon=True)
+    loader.start()
+    try:
+        web.run(sockets=[sock])
+    finally:
+        if server.scheduler is not None:
+            server.scheduler.stop()
+    return status["code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
