@@ -129,9 +129,15 @@ def _web_server_class():
 
     class Web(uvicorn.Server):
         """uvicorn's server, but SIGINT/SIGTERM end `main` with its status (uvicorn re-raises
-        the signal after its graceful shutdown, which would skip stopping the scheduler)."""
+        the signal after its graceful shutdown, which would skip stopping the scheduler), and
+        first end the running requests (streams get an error chunk and `[DONE]`), so the
+        graceful shutdown has no open stream to cancel."""
+
+        scheduler = None  # set once the model is loaded
 
         def handle_exit(self, sig, frame) -> None:
+            if self.scheduler is not None:
+                self.scheduler.shutdown()
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
@@ -176,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer, _, amp_dtype = _load(args)
             scheduler = Scheduler(model, args.max_batch, args.max_queue, autocast=amp_dtype)
             scheduler.start()
+            weights = {"none": "float32"}.get(model.quantization, model.quantization)
+            if amp_dtype is not None:
+                weights = str(amp_dtype).replace("torch.", "") + " autocast"
             server.info.update(context=model.max_seq_len, device=str(model.device),
-                               weights=model.quantization if amp_dtype is None
-                               else str(amp_dtype).replace("torch.", "") + " autocast")
+                               weights=weights)
             server.attach(model, tokenizer, scheduler)
+            web.scheduler = scheduler
             log.info("ready: %s (%s, context %d, max_batch %d, max_queue %d)", name,
                      server.info["weights"], model.max_seq_len, args.max_batch, args.max_queue)
         except SystemExit as exc:  # _load's one-line errors: already written to stderr

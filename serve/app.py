@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.engine import Sampling
 from serve.completions import (
@@ -44,7 +45,7 @@ from serve.protocol import (
     parse_completion_request,
     parse_json_body,
 )
-from serve.scheduler import ChoiceSpec, Job, QueueFullError, Scheduler
+from serve.scheduler import ChoiceSpec, Job, QueueFullError, Scheduler, ShuttingDownError
 
 log = logging.getLogger("serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -148,6 +149,12 @@ def create_app(server: Server) -> FastAPI:
                    }.get(exc.status_code, str(exc.detail))
         return JSONResponse(error_body(message, code=str(exc.status_code)),
                             status_code=exc.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("the client of %s %s went away before sending its whole request",
+                 request.method, request.url.path)
+        return Response(status_code=400)  # nobody reads it
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -253,6 +260,10 @@ async def _read_body(request: Request) -> bytes:
 class CompletionError(Exception):
     """Generation failed after the request was accepted (non-finite logits, shutdown)."""
 
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class _Completion:
     """One accepted request: its job in the scheduler and its choices' text."""
@@ -290,6 +301,8 @@ class _Completion:
             raise ApiError(429, f"the server is busy ({exc}); retry after {RETRY_AFTER_S} s",
                            type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDownError as exc:
+            raise ApiError(503, str(exc), type="server_error") from None
 
     def close(self, reason: str) -> None:
         if self.needs_job and not self.done:
@@ -320,7 +333,7 @@ class _Completion:
             if want:
                 item = await job.queue.get()
                 if item[0] == "error":
-                    raise CompletionError(item[1])
+                    raise CompletionError(item[1], item[2])
                 scores = item[1]
             first = self._echo(scores)
             if req.max_tokens == 0:
@@ -343,7 +356,7 @@ class _Completion:
             touched: dict[int, None] = {}
             for item in items:
                 if item[0] == "error":
-                    raise CompletionError(item[1])
+                    raise CompletionError(item[1], item[2])
                 if item[0] != "tokens":
                     continue
                 for index, tok, lp, top, finish in item[1]:
@@ -382,7 +395,7 @@ class _Completion:
                     if ents:
                         entries[index] += ents
         except CompletionError as exc:
-            raise ApiError(500, str(exc), type="server_error") from None
+            raise ApiError(exc.status, str(exc), type="server_error") from None
         finally:
             watcher.cancel()
             self.close("")

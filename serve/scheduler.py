@@ -51,7 +51,9 @@ class Job:
     starts and `score_prompts` is set (echo with logprobs); `("tokens", [event, ...])` after
     each step, an event being `(index, token, logprob, top, finish)` with `top` a list of
     `(id, logprob)` (None without `top_logprobs`) and `finish` "length", "stop" (end-of-text)
-    or None; `("error", message)` if generation failed; `("done",)` for a job without rows.
+    or None; `("error", message, status)` if generation failed (status: the HTTP status a
+    response not yet started gets: 500, or 503 when the server shuts down); `("done",)` for a
+    job without rows.
     """
 
     id: str
@@ -81,6 +83,10 @@ class QueueFullError(Exception):
     """The waiting queue is full; the request should be retried later."""
 
 
+class ShuttingDownError(Exception):
+    """The server is shutting down and takes no new requests."""
+
+
 class Scheduler:
     """The engine's thread and its queue. Thread-safe: `submit`, `release`, `stats`, `stop`.
 
@@ -97,7 +103,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.autocast = autocast
         self.end_token = model.end_token
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.RLock())  # RLock: see `shutdown`
         self._waiting: deque[Job] = deque()
         self._releases: list[tuple[Job, int | None, str]] = []
         self._owner: dict[int, tuple[Job, ChoiceSpec]] = {}  # slot -> its job and choice
@@ -114,11 +120,18 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def shutdown(self) -> None:
+        """Stop taking requests and end every job (with a 503 error) at the next step; returns
+        at once (safe in a signal handler: the lock is reentrant)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """`shutdown`, then wait for the engine's thread to end."""
+        self.shutdown()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _queued_jobs(self) -> int:
         """Waiting jobs that cannot start at the next step (their rows do not fit)."""
@@ -137,10 +150,11 @@ class Scheduler:
 
         Raises:
             QueueFullError: `max_queue` jobs already wait and this one cannot start now.
+            ShuttingDownError: the server is shutting down.
         """
         with self._cond:
             if self._stopping:
-                raise QueueFullError("the server is shutting down")
+                raise ShuttingDownError("the server is shutting down")
             free = self.max_batch - self._running_rows - sum(len(j.pending)
                                                              for j in self._waiting)
             if len(job.pending) > free and self._queued_jobs() >= self.max_queue:
@@ -187,7 +201,7 @@ class Scheduler:
                     if self._owner:
                         self._step()
             finally:
-                self._fail_all("the server is shutting down")
+                self._fail_all("the server is shutting down", 503)
                 self.engine.close()
 
     def _apply(self, releases: list[tuple[Job, int | None, str]]) -> None:
@@ -205,16 +219,17 @@ class Scheduler:
                     del job.rows[i]
                     freed += 1
             if index is None:
-                job.post(("error", "the request was cancelled"))
+                job.post(("error", "the request was cancelled", 500))
             if reason == "disconnect":
                 done = sum(job.generated.values())
                 log.info("%s: the client went away after %d tokens; %d rows freed before "
                          "step %d", job.id, done, freed, self.steps + 1)
-        self._count_rows()
 
     def _drop(self, row: Row) -> None:
+        """Free a row's slot; `stats` counts it at once (before its job hears it ended)."""
         self.engine.release(row)
         self._owner.pop(row.slot, None)
+        self._count_rows()
 
     def _count_rows(self) -> None:
         with self._cond:
@@ -275,16 +290,18 @@ class Scheduler:
                     probs[r.slot] = (lps[j], list(zip(ids[j], tops[j], strict=True)))
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the server
             log.exception("a decode step failed; its requests get an error")
-            self._fail_all(f"generation failed: {type(exc).__name__}")
+            self._fail_all(f"generation failed: {type(exc).__name__}", 500)
             engine.close()
             self.engine = DecodeEngine(self.model, self.max_batch)
             return
         self.steps += 1
         events: dict[int, tuple[Job, list]] = {}
         for slot, (job, spec) in list(self._owner.items()):
+            if job.closed:  # another of its rows failed this step
+                continue
             if bad[slot]:
                 job.post(("error", "the model produced non-finite logits (NaN or inf): its "
-                                   "weights are broken or the dtype overflowed"))
+                                   "weights are broken or the dtype overflowed", 500))
                 self._release_job(job)
                 continue
             tok = tokens[slot]
@@ -307,13 +324,13 @@ class Scheduler:
         job.pending.clear()
         job.closed = True
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int) -> None:
         jobs = {id(j): j for j, _ in self._owner.values()}
         with self._cond:
             jobs.update({id(j): j for j in self._waiting})
             self._waiting.clear()
         for job in jobs.values():
-            job.post(("error", message))
+            job.post(("error", message, status))
             if self.engine is not None:
                 self._release_job(job)
         self._owner.clear()

@@ -8,6 +8,8 @@ import torch
 from model.engine import DecodeEngine, Sampling
 from model.lm import LanguageModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # a tiny model: threads only cost here
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,7 +21,7 @@ import pytest
 import torch
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types.completion_choice import Logprobs
-from serving import ServerProcess
+from serving import REPO, ServerProcess
 
 from model.checkpoint import load_model
 from model.scoring import score
@@ -359,9 +363,10 @@ def test_a_late_short_request_finishes_first_and_a_closed_stream_frees_its_row(s
     assert http.get("/health").json()["running"] == 0
 
 
-def test_queue_full_answers_429(endless_checkpoint):
+def test_queue_full_answers_429_and_shutdown_ends_open_streams(endless_checkpoint):
     srv = ServerProcess("--checkpoint", str(endless_checkpoint), "--max_batch", "1",
                         "--max_queue", "1", "--no_access_log")
+    events: list[str] = []
     try:
         body = {"model": "endless", "prompt": "Hi", "max_tokens": 10**6, "stream": True}
         with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -369,7 +374,6 @@ def test_queue_full_answers_429(endless_checkpoint):
                 first_chunks = first.iter_raw()  # (kept: a dropped iterator closes the stream)
                 next(first_chunks)  # it holds the only row
                 with c.stream("POST", "/v1/completions", json=body) as second:
-                    second_chunks = second.iter_raw()
                     assert second.status_code == 200  # accepted: it waits in the queue
                     third = c.post("/v1/completions", json={**body, "stream": False})
                     assert third.status_code == 429 and third.headers["Retry-After"] == "1"
@@ -379,9 +383,42 @@ def test_queue_full_answers_429(endless_checkpoint):
                                       max_retries=0).completions.create(model="endless",
                                                                         prompt="Hi")
                     first.close()
-                    assert next(second_chunks)  # the queued one got the row
-            health = c.get("/health").json()
-            assert health["max_batch"] == 1 and health["peak_running"] == 1
+                    lines = second.iter_lines()
+                    events.append(next(lines))  # the queued one got the row
+                    health = c.get("/health").json()
+                    assert health["max_batch"] == 1 and health["peak_running"] == 1
+                    # SIGTERM with the stream open: it ends with an error chunk and [DONE]
+                    reader = threading.Thread(target=lambda: events.extend(lines))
+                    reader.start()
+                    status = srv.stop()
+                    reader.join(60)
     finally:
         status = srv.stop()
-    assert status == 0 and "Traceback" not in srv.log_text()
+    data = [e for e in events if e]
+    assert data[0].startswith("data: {") and data[-1] == "data: [DONE]"
+    assert "shutting down" in json.loads(data[-2].removeprefix("data: "))["error"]["message"]
+    assert status == 0 and "Traceback" not in srv.log_text(), srv.log_text()
+
+
+def test_bad_flags_and_a_bad_checkpoint_exit_2_with_one_line(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "serve_lm.py"), *args],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [(["--max_batch", "0"], "--max_batch"), (["--port", "70000"], "--port"),
+                 (["--checkpoint", str(tmp_path / "missing.pt")], "not found"),
+                 (["--device", "tpu"], "unknown device"), (["--api_key", " "], "--api_key"),
+                 (["--port", port], "cannot listen")]
+        for args, needle in cases:
+            proc = run(*args)
+            assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
+            assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    proc = run("--checkpoint", str(garbage), "--port", "0")
+    assert proc.returncode == 2 and "error: " in proc.stderr and "Traceback" not in proc.stderr
