@@ -125,7 +125,6 @@ function setStatus(text, error = false) {
 async function generate() {
   if (!modelId) await connect();
   const body = request();
-  $("echo").textContent = body.prompt;
   const out = new Output();
   $("echo").textContent = body.prompt;
   controller = new AbortController();
