@@ -1,7 +1,7 @@
 """serve_lm.py as a real process on the tiny checkpoint, driven by the official `openai` client.
 
-One server per module (per xdist worker) serves every test here; `test_queue_full` starts a
-second one with one row and a one-request queue.
+One server serves every test here (the module is one xdist group, so it starts once);
+`test_queue_full` starts a second one with one row and a one-request queue.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from model.scoring import score
 from model.tokenizer import load_tokenizer
 from serve.protocol import EXTENSION_FIELDS, OPENAI_FIELDS
 
+pytestmark = pytest.mark.xdist_group("serve")  # one worker: one server for the module
 KEY = "test-key-123"
 NAME = "tiny"
 
