@@ -24,11 +24,12 @@ and flag of the founding guide.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,8 @@ REPO = dr.REPO
 DOC_FILES = ["README.md", "GENERATION_GUIDE.md"]
 SEED = REPO.parent / "shared" / "spec" / "GENERATION_GUIDE.seed.md"
 BLOCKS = dr.collect(DOC_FILES)
+# pytest-xdist's worker name, when the suite runs on several workers (`-n`): see bash_runs.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 BASH_TIMEOUT = 420.0  # a training command under LM_MAX_STEPS, on a busy 2-core machine
 PYTHON_TIMEOUT = 180.0
 # Shell blocks running at once, next to the python blocks (one core each; see bash_runs).
@@ -175,28 +178,37 @@ def _key(block: dr.Block) -> tuple[str, str | None, str]:
 
 @pytest.fixture(scope="module")
 def bash_runs(request, docs_checkpoint, docs_data, docs_env, tmp_path_factory):
-    """Shell blocks run in the background, a few at a time, while python blocks run in order.
+    """`bash_runs(block)`: the result of a shell block, each distinct block run once.
 
     Most of the docs test's time is spent in single-threaded processes (interpreter start-up,
-    tiny models), so a 2-core machine runs two at once at almost no cost to each. Only the
-    blocks selected in this session are started; each test waits for its block's result.
+    tiny models), so a 2-core machine runs two at once at almost no cost to each. In one pytest
+    process, every shell block selected in the session starts in the background at once (a few at
+    a time) while the python blocks run, and each test waits for its block's result. Under
+    pytest-xdist the workers are that parallelism: each block runs when its test does, on the
+    worker the test went to (identical blocks share an xdist group, so they go to one worker).
     """
-    selected: dict[tuple, dr.Block] = {}
-    for item in request.session.items:
-        block = getattr(getattr(item, "callspec", None), "params", {}).get("block")
-        if isinstance(block, dr.Block) and block.lang == "bash" and _runs_here(block):
-            selected.setdefault(_key(block), block)
-
     def run(block: dr.Block) -> dr.Result:
         work = tmp_path_factory.mktemp("docs-bash")
         checkpoint = None if dr.trains(block) else docs_checkpoint
         dr.make_workdir(work / "work", checkpoint, docs_data)
         return dr.run_bash(block, work / "work", docs_env, BASH_TIMEOUT)
 
-    pool = ThreadPoolExecutor(max_workers=BASH_WORKERS, thread_name_prefix="docs-bash")
-    futures = {key: pool.submit(run, block) for key, block in selected.items()}
+    pool = ThreadPoolExecutor(max_workers=1 if XDIST_WORKER else BASH_WORKERS,
+                              thread_name_prefix="docs-bash")
+    futures: dict[tuple, Future] = {}
+    if not XDIST_WORKER:
+        for item in request.session.items:
+            block = getattr(getattr(item, "callspec", None), "params", {}).get("block")
+            if isinstance(block, dr.Block) and block.lang == "bash" and _runs_here(block):
+                futures.setdefault(_key(block), pool.submit(run, block))
+
+    def result(block: dr.Block) -> dr.Result:
+        if _key(block) not in futures:
+            futures[_key(block)] = pool.submit(run, block)
+        return futures[_key(block)].result()
+
     try:
-        yield futures
+        yield result
     finally:
         for future in futures.values():
             future.cancel()
@@ -208,7 +220,12 @@ def bash_runs(request, docs_checkpoint, docs_data, docs_env, tmp_path_factory):
 _DONE: dict[tuple[str, str | None, str], str] = {}
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def _param(block: dr.Block):
+    group = hashlib.sha1(repr(_key(block)).encode()).hexdigest()[:12]
+    return pytest.param(block, id=block.id, marks=pytest.mark.xdist_group(f"docs-{group}"))
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in BLOCKS])
 def test_block(block: dr.Block, docs_checkpoint, docs_data, python_server, bash_runs, tmp_path,
                shared_inputs):
     error = dr.syntax_error(block)
@@ -219,7 +236,7 @@ def test_block(block: dr.Block, docs_checkpoint, docs_data, python_server, bash_
         COUNTS["checked"] += 1
         return
     if block.lang == "bash":
-        result = bash_runs[_key(block)].result()
+        result = bash_runs(block)
     elif _key(block) in _DONE:
         COUNTS["ran"] += 1
         return  # passed already, as _DONE[key]
