@@ -2,8 +2,8 @@
 --to_hf folder that llama.cpp's own converter reads.
 
 The llama.cpp parts run when `llama_cpp` (llama-cpp-python) is importable, and the converter test
-when llama.cpp's `convert_hf_to_gguf.py` is found (`LLAMA_CPP_DIR`, else the source folder of
-this machine); otherwise they skip, saying why. Models are tiny, with random weights.
+when llama.cpp's `convert_hf_to_gguf.py` is found in `LLAMA_CPP_DIR` (llama.cpp's source
+folder; .ci/run sets it); otherwise they skip, saying why. Models are tiny, with random weights.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _llama_cpp_dir() -> Path | None:
-    for candidate in (os.environ.get("LLAMA_CPP_DIR"),
-                      "/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"):
-        if candidate and (Path(candidate) / "convert_hf_to_gguf.py").is_file():
-            return Path(candidate)
+    folder = os.environ.get("LLAMA_CPP_DIR")  # .ci/run sets it
+    if folder and (Path(folder) / "convert_hf_to_gguf.py").is_file():
+        return Path(folder)
     return None
 
 
