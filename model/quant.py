@@ -44,6 +44,7 @@ and given two extra inputs, +1 and -1, with zero weights, so that every row span
 from __future__ import annotations
 
 import functools
+import math
 import platform
 import warnings
 
@@ -131,6 +132,7 @@ class FloatWeight:
 
 _FBGEMM_FP16 = _ops("quantized", "linear_prepack_fp16", "linear_dynamic_fp16")
 _FBGEMM_INT8 = _ops("quantized", "linear_prepack", "linear_dynamic")
+_FBGEMM_FP16_UNPACK = (_ops("quantized", "linear_unpack_fp16") or (None,))[0]
 
 
 def _fbgemm_engine() -> bool:
@@ -147,6 +149,11 @@ def _with_fbgemm(fn):
         torch.backends.quantized.engine = before
 
 
+def _bias_key(bias: torch.Tensor | None) -> tuple | None:
+    """What a packed bias was made from: an in-place change to the bias gives a new key."""
+    return None if bias is None else (bias.data_ptr(), bias._version)
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -159,7 +166,7 @@ def _probe(rows: int = 3, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def fbgemm_fp16_works() -> bool:
     """Whether fbgemm's half-precision linear exists here and agrees with `F.linear` (once)."""
-    if _FBGEMM_FP16 is None or not _fbgemm_engine():
+    if _FBGEMM_FP16 is None or _FBGEMM_FP16_UNPACK is None or not _fbgemm_engine():
         return False
     w, x = _probe()
     try:
@@ -182,15 +189,28 @@ class Bf16Weight:
               and float(wb.abs().max()) <= F16_MAX):
             wf = wb.float()
             self.kernel, self.w = "fbgemm_fp16", _with_fbgemm(lambda: _FBGEMM_FP16[0](wf, None))
+            self._bias_key = None  # the bias packed in self.w
         else:
             self.kernel, self.w = "plain", wb
 
+    def _repack(self, bias: torch.Tensor | None) -> None:
+        wf = _FBGEMM_FP16_UNPACK(self.w)[0]  # the fp16 values as float32: exact
+        b = None if bias is None else bias.detach().float()
+        self.w = _with_fbgemm(lambda: _FBGEMM_FP16[0](wf, b))
+        self._bias_key = _bias_key(bias)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel == "fbgemm_fp16":  # float32 in and out
-            x2 = x.reshape(-1, x.size(-1)).float()
-            y = _FBGEMM_FP16[1](x2, self.w)
-            y = y.to(x.dtype) if bias is None else y.add_(bias)
-            return y.view(*x.shape[:-1], self.out_features)
+        if self.kernel == "fbgemm_fp16" and x.dtype == torch.float32:
+            # One op, (..., in) as it is, the bias inside (packed with the weight, again if
+            # it changes): a decode step makes ~50 of these, and each op costs ~5 us.
+            if _bias_key(bias) != self._bias_key:
+                self._repack(bias)
+            return _FBGEMM_FP16[1](x, self.w)
+        if self.kernel == "fbgemm_fp16":
+            if self._bias_key is not None:
+                self._repack(None)
+            y = _FBGEMM_FP16[1](x.float(), self.w)
+            return (y if bias is None else y.add_(bias)).to(x.dtype)
         xb = x.to(torch.bfloat16)
         y = _onednn_product(xb, self.w, None) if self.kernel == "onednn" else F.linear(xb, self.w)
         # Back in x's dtype with the bias added at that precision: `bf16 + float32` is one op.
@@ -214,13 +234,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _pack_w8a8(q: torch.Tensor, scale: torch.Tensor):
-    """fbgemm's packed form of the int8 weight (its per-channel quantized tensor, prepacked)."""
+def _pack_w8a8(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """fbgemm's packed form of the int8 weight (its per-channel quantized tensor, prepacked),
+    with a float32 bias that the product adds."""
+    b = None if bias is None else bias.detach().float()
     with warnings.catch_warnings():  # quantized tensors: deprecated, still the way in
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(
             q, scale.double(), torch.zeros(q.size(0), dtype=torch.long), 0)
-        return _with_fbgemm(lambda: _FBGEMM_INT8[0](qw, None))
+        return _with_fbgemm(lambda: _FBGEMM_INT8[0](qw, b))
 
 
 def _w8a8_product(x2: torch.Tensor, packed) -> torch.Tensor:
@@ -269,7 +291,10 @@ class Int8Weight:
 
     def __init__(self, w: torch.Tensor) -> None:
         self.q, self.scale = quantize_int8(w)
-        self._one = self._many = None  # fbgemm's packed weight: as is / with 2 zero columns
+        # fbgemm's packed weight: as is with the bias (for one row; `_one_key`: which bias),
+        # and with 2 zero columns, no bias (for several rows)
+        self._one = self._one_key = self._many = None
+        self._pm: dict[int, torch.Tensor] = {}  # rows -> their (rows, 2) +1/-1 inputs
 
     def kernel(self, rows: int) -> str:
         """The kernel of a product with `rows` input rows: "w8a8" (fbgemm), "int8pack"
@@ -289,30 +314,39 @@ class Int8Weight:
         """Whether a product with `rows` input rows takes a kernel rather than the fallback."""
         return self.kernel(rows) != "fallback"
 
-    def _w8a8(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x2.size(0) == 1:  # one row: its own [min, max] range, as fbgemm picks it
-            if self._one is None:
-                self._one = _pack_w8a8(self.q, self.scale)
-            y = _w8a8_product(x2, self._one)
-            return y if bias is None else y.add_(bias)
+    def _w8a8_one(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One float32 row (..., in) as it is: its own [min, max] range, as fbgemm picks it;
+        one op, the bias inside (a decode step makes ~50 of these; each op costs ~5 us)."""
+        key = _bias_key(bias)
+        if self._one is None or key != self._one_key:
+            self._one, self._one_key = _pack_w8a8(self.q, self.scale, bias), key
+        return _w8a8_product(x, self._one)
+
+    def _w8a8_many(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Several float32 rows (M, in), each divided by its largest |value| and given the
+        inputs +1 and -1 (zero weights): every row spans [-1, 1], so it is quantized alone."""
         if self._many is None:  # two zero weight columns for the +1 and -1 inputs
             q2 = torch.cat([self.q, self.q.new_zeros(self.q.size(0), 2)], dim=1)
             self._many = _pack_w8a8(q2, self.scale)
-        M, K = x2.shape
-        amax = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
-        xx = x2.new_empty(M, K + 2)
-        torch.div(x2, amax, out=xx[:, :K])
-        xx[:, K], xx[:, K + 1] = 1.0, -1.0  # every row spans [-1, 1]: quantized alone
-        y = _w8a8_product(xx, self._many)
+        M = x2.size(0)
+        pm = self._pm.get(M)
+        if pm is None:
+            pm = self._pm[M] = torch.tensor([[1.0, -1.0]]).expand(M, 2).contiguous()
+        amax = torch.linalg.vector_norm(x2, math.inf, dim=1, keepdim=True).clamp_(min=1e-30)
+        y = _w8a8_product(torch.cat([x2 / amax, pm], dim=1), self._many)  # (M, out)
         return y.mul_(amax) if bias is None else torch.addcmul(bias, y, amax)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, w, bias)` for x (..., in); the result has x's dtype."""
-        x2 = x.reshape(-1, x.size(-1))  # (M, in)
-        kernel = self.kernel(x2.size(0))
+        rows = x.numel() // x.size(-1)
+        kernel = self.kernel(rows)
         if kernel == "w8a8":
-            y = self._w8a8(x2.float(), bias)
+            if x.dtype == torch.float32 and rows == 1:
+                return self._w8a8_one(x, bias)
+            x2 = x.reshape(rows, x.size(-1)).float()  # (M, in)
+            y = self._w8a8_one(x2, bias) if rows == 1 else self._w8a8_many(x2, bias)
             return y.to(x.dtype).view(*x.shape[:-1], y.size(-1))
+        x2 = x.reshape(-1, x.size(-1))  # (M, in)
         if kernel == "int8pack":  # vectorised for bf16 inputs only
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale)
         else:

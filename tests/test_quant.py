@@ -297,3 +297,26 @@ def test_deepcopy_keeps_the_format(random_model, restore, fmt):
         clone = copy.deepcopy(random_model)
         assert clone.quantization == fmt
         assert torch.equal(clone.generate([1, 2, 3], max_new_tokens=8, temperature=0), want)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_one_row_products_follow_the_bias_and_match_several_rows(fmt):
+    """A decode step's one-row products take the bias inside the kernel (packed with the
+    weight): an in-place change to the bias is seen, and a row gives what it gives among
+    others (up to the per-row input quantization of int8)."""
+    torch.manual_seed(0)
+    lin = Linear(64, 48).eval()
+    lin.decode_format = fmt
+    x = torch.randn(4, 1, 64)
+    tol = 1e-2 if fmt == "bf16" else 3e-2
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        one, many = lin(x[:1]), lin(x)
+        assert one.shape == (1, 1, 48) and many.shape == (4, 1, 48)
+        assert rel_err(one, ref[:1]) < tol and rel_err(many, ref) < tol
+        lin.bias.add_(5.0)
+        assert rel_err(lin(x[:1]), ref[:1] + 5.0) < tol
+        assert rel_err(lin(x), ref + 5.0) < tol
+        lin.bias.sub_(5.0)
+        assert rel_err(lin(x[:1]), ref[:1]) < tol
+        assert rel_err(lin(x[:1].bfloat16()).float(), ref[:1]) < tol  # other input dtypes
