@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Move weights between this repo and Hugging Face.
+"""Move weights between this repo and Hugging Face, and out to llama.cpp (GGUF).
 
     # A local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
     # -> one of our checkpoints, loadable by generate_lm.py and the guide's code:
@@ -12,9 +12,15 @@
     # Our checkpoint -> weights-only safetensors, config in the metadata ("model_config"):
     python convert.py --to_safetensors model.safetensors --checkpoint latest.pt
 
+    # Our checkpoint (or run directory, or safetensors export) -> one GGUF file for llama.cpp,
+    # Ollama, LM Studio: f32 (exact), f16 or q8_0 (llama.cpp's 8-bit format); see
+    # model/gguf_export.py
+    python convert.py --to_gguf model.gguf --checkpoint lm_shakespeare --outtype f16
+
 Every conversion checks its result: the converted model's logits must match the source's on a
-random input (skip with --no_verify). Nothing is unpickled beyond tensors (`weights_only=True`),
-and outputs are written atomically; an existing output is replaced only with --force.
+random input, and a GGUF file is read back and compared with the source tensor by tensor (skip
+with --no_verify). Nothing is unpickled beyond tensors (`weights_only=True`), and outputs are
+written atomically; an existing output is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Any
 
 from training.cli import OneLineParser
 from training.fileio import atomic_write, fsync_dir
+
+OUTTYPES = ("f32", "f16", "q8_0")  # --to_gguf's tensor types (model.gguf_export.OUTTYPES)
 
 
 class ConvertError(ValueError):
@@ -177,6 +185,46 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
     return out_dir
 
 
+def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
+            force: bool = False, verify: bool = True) -> Path:
+    """Write a checkpoint as one GGUF file that llama.cpp's `gpt2` architecture loads.
+
+    Args:
+        checkpoint: our checkpoint, run directory, snapshots directory or `.safetensors` export
+            (anything `model.checkpoint.read_weights_source` reads, Hugging Face folders too).
+        out: the .gguf file to write; its folder must exist.
+        outtype: "f32" (exact), "f16" or "q8_0"; see `model/gguf_export.py`.
+        force: replace an existing `out`.
+        verify: read the file back and compare every tensor with the source before it
+            replaces `out` (a few seconds: the reader parses the 50,257-token vocabulary).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ConvertError, GGUFExportError, CheckpointError: one line; nothing is written.
+    """
+    from model import gguf_export
+    from model.checkpoint import read_weights_source, validate_weights
+
+    if outtype not in gguf_export.OUTTYPES:
+        raise ConvertError(f"unknown --outtype {outtype!r}; use one of "
+                           f"{', '.join(gguf_export.OUTTYPES)}")
+    out = _check_output(out, force)
+    if not out.parent.is_dir():
+        raise ConvertError(f"folder {out.parent} does not exist; create it first or give "
+                           "another output path")
+    source = Path(checkpoint).expanduser()
+    if source.is_file() and source.open("rb").read(4) == b"GGUF":
+        raise ConvertError(f"{checkpoint} is already a GGUF file (its weights may be quantized);"
+                           " export from the checkpoint it was made from")
+    ckpt = read_weights_source(checkpoint)
+    cfg, state = validate_weights(ckpt)
+    return gguf_export.write_gguf(out, cfg, state, outtype, tokenizer=_tokenizer_name(ckpt),
+                                  name=_model_name(ckpt.get("_path", checkpoint)),
+                                  verify=verify)
+
+
 def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write a checkpoint's weights as safetensors, with its config in the metadata.
 
@@ -206,6 +254,14 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _model_name(path: str | Path) -> str:
+    """`general.name` for a GGUF export: the run's folder name, else the file's stem."""
+    p = Path(path).resolve()
+    if p.is_file() and p.parent.name == "snapshots":
+        return p.parent.parent.name
+    return p.stem if p.is_file() else p.name
 
 
 def _tokenizer_name(ckpt: Any) -> str:
@@ -269,6 +325,15 @@ def _atomic_folder(path: Path, write) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _note_llama_cpp_ffn(folder: Path) -> None:
+    """Warn where llama.cpp's own converter would write a wrong file from this folder."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("n_inner") not in (None, 4 * config["n_embd"]):
+        print(f"convert.py: note: llama.cpp's convert_hf_to_gguf.py takes GPT-2's feed-forward "
+              f"width as 4 x n_embd ({4 * config['n_embd']}), not this model's "
+              f"{config['n_inner']}; for llama.cpp use --to_gguf instead", file=sys.stderr)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -280,9 +345,11 @@ def _first_line(exc: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="convert.py",
-        description="Convert weights between this repo's checkpoints and Hugging Face GPT-2.",
+        description="Convert weights between this repo's checkpoints and Hugging Face GPT-2, "
+        "and export them as GGUF for llama.cpp and Ollama.",
         epilog="Examples: --from_hf hf_gpt2/ --out gpt2.pt | --to_hf hf_out/ --checkpoint "
-        "ckpt.pt | --to_safetensors model.safetensors --checkpoint ckpt.pt",
+        "ckpt.pt | --to_safetensors model.safetensors --checkpoint ckpt.pt | --to_gguf "
+        "model.gguf --checkpoint lm_shakespeare --outtype q8_0",
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--from_hf", metavar="DIR",
@@ -291,8 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write --checkpoint as a Hugging Face folder")
     mode.add_argument("--to_safetensors", metavar="OUT",
                       help="write --checkpoint as safetensors with the config in its metadata")
+    mode.add_argument("--to_gguf", metavar="FILE",
+                      help="write --checkpoint as one GGUF file (llama.cpp, Ollama, LM Studio)")
+    p.add_argument("--outtype", choices=OUTTYPES, default=None,
+                   help="tensor type of --to_gguf: f32 (exact), f16 (default) or q8_0 "
+                        "(llama.cpp's 8-bit format)")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="our checkpoint (for --to_hf and --to_safetensors)")
+                   help="our checkpoint, run directory or .safetensors export (for --to_hf, "
+                        "--to_safetensors and --to_gguf)")
     p.add_argument("--out", metavar="PATH",
                    help="checkpoint to write with --from_hf (default: ./<DIR name>.pt)")
     p.add_argument("--tokenizer", default="gpt2",
@@ -306,12 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.outtype is not None and args.to_gguf is None:
+        parser.error("--outtype is for --to_gguf")
     if args.from_hf is not None:
         if args.checkpoint is not None:
-            parser.error("--checkpoint is for --to_hf/--to_safetensors; --from_hf reads DIR")
+            parser.error("--checkpoint is for --to_hf/--to_safetensors/--to_gguf; --from_hf "
+                         "reads DIR")
     else:
         if args.checkpoint is None:
-            flag = "--to_hf" if args.to_hf is not None else "--to_safetensors"
+            flag = next(f"--{k}" for k in ("to_hf", "to_safetensors", "to_gguf")
+                        if getattr(args, k) is not None)
             parser.error(f"{flag} needs --checkpoint PATH")
         if args.out is not None:
             parser.error("--out is for --from_hf; give the output path to the flag itself")
@@ -325,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             path = to_hf(args.checkpoint, args.to_hf, force=args.force,
                          verify=not args.no_verify)
             print(f"wrote Hugging Face folder {path}")
+            _note_llama_cpp_ffn(path)
+        elif args.to_gguf is not None:
+            outtype = args.outtype or "f16"
+            path = to_gguf(args.checkpoint, args.to_gguf, outtype, force=args.force,
+                           verify=not args.no_verify)
+            print(f"wrote GGUF file {path} ({outtype}, {path.stat().st_size / 1e6:.1f} MB)")
         else:
             path = to_safetensors(args.checkpoint, args.to_safetensors, force=args.force)
             print(f"wrote {path}")

@@ -469,6 +469,24 @@ def test_sampling_never_draws_filtered_tokens():
     assert set(draws.tolist()) == {7, 49}
 
 
+@pytest.mark.parametrize("top_k,top_p,temperature", [(40, None, 0.8), (40, 0.9, 0.8),
+                                                   (5, 0.5, 1.0), (1000, 0.95, 1.3)])
+def test_top_k_sampling_draws_what_the_full_vocabulary_draw_does(top_k, top_p, temperature):
+    """`sample` with top-k runs over the k survivors only; by its definition (temperature, then
+    top-k, then top-p, then a draw over what is left) it must pick, seed for seed, the token the
+    draw over the whole filtered vocabulary picks."""
+    from model.generation import sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50257) * 3
+    logits[:8, :50] = logits[:8, :1]  # tied logits at the top: top-k breaks ties by index
+    filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    for seed in range(3):
+        fast = sample(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+        full = sample(filtered, 1.0, None, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(fast, full), (seed, (fast != full).nonzero())
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_weight_copies_match_and_follow_weight_changes(tiny_config, threads):
     saved = torch.get_num_threads()

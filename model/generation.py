@@ -174,6 +174,8 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     """
     if temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small it would divide by 0
         return logits.argmax(dim=-1)
+    if top_k is not None and top_k < logits.size(-1):
+        return _sample_top_k(logits, temperature, top_k, top_p, generator)
     # Shift the largest logit to 0, then divide: a tiny temperature sends the others to -inf
     # (weight 0), where dividing first would overflow to inf - inf = NaN.
     logits = logits - logits.amax(dim=-1, keepdim=True)
@@ -190,6 +192,27 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
     u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
+
+
+def _sample_top_k(logits: torch.Tensor, temperature: float, top_k: int, top_p: float | None,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """`sample` with top-k: the k likeliest tokens are found first, so the softmax, top-p and
+    the draw run over k tokens instead of the whole vocabulary (about 10 full-vocabulary ops
+    fewer per step). The draw is the same inverse-CDF draw in vocabulary order, so a seed picks
+    the token the full-vocabulary draw would."""
+    vals, idx = torch.topk(logits, top_k, dim=-1)  # (B, k), likeliest first
+    vals = vals - vals[:, :1]  # shift the largest to 0, then divide (see `sample`)
+    if temperature != 1.0:
+        vals.div_(temperature)
+    weights = vals.exp()
+    if top_p is not None and top_p < 1.0:
+        weights.masked_fill_(~_nucleus_sorted(vals, top_p), 0.0)
+    idx, order = idx.sort(dim=-1)  # vocabulary order: dropped tokens between add nothing
+    cdf = weights.gather(-1, order).cumsum_(dim=-1)  # (B, k)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = (1.0 - u) * cdf[:, -1:]  # in (0, total]
+    pick = torch.searchsorted(cdf, u).clamp_(max=top_k - 1)  # (B, 1)
+    return idx.gather(-1, pick).squeeze(-1)
 
 
 _ENDLESS = 2**62  # budgets past this are endless in practice, and must fit a torch int64

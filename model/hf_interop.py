@@ -73,12 +73,17 @@ def config_from_hf(hf_config: Any) -> LMConfig:
 
 
 def config_to_hf(cfg: LMConfig):
-    """A `transformers.GPT2Config` describing the same network as `cfg`."""
+    """A `transformers.GPT2Config` describing the same network as `cfg`.
+
+    It also holds `n_ctx` (the context again, as GPT-2's released configs have it): transformers
+    no longer writes it, but llama.cpp's `convert_hf_to_gguf.py` reads it for GPT-2.
+    """
     from transformers import GPT2Config
 
     eos = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when it exists
     return GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len,
+        n_embd=cfg.d_model,
         n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.d_ff,
         activation_function="gelu_new", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5, bos_token_id=eos, eos_token_id=eos,

@@ -10,7 +10,6 @@ V vocab size, S cached key/value length.
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.quant import Int8Weight, check_format
+from model.quant import Bf16Weight, FloatWeight, Int8Weight, check_format
 
 
 @dataclass
@@ -122,90 +121,50 @@ class KVCache(nn.Module):
         return kc, vc
 
 
-def _onednn_linear_op():
-    """oneDNN's linear on a packed weight (as torch.compile uses on CPU), if torch has it."""
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default  # the overload: no lookup per call
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _onednn_linear_op()
-# Measured faster only on x86-64 (oneDNN's JIT kernels); elsewhere the plain copy is used.
-_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """`w` (out, in) packed by oneDNN for small-batch products, or None where that is unavailable.
-
-    Packed for 8 rows (oneDNN picks a blocked layout for that; any number of rows still works).
-    The result is checked once against `F.linear` so an unsupported build or dtype falls back.
-    """
-    if (_ONEDNN_LINEAR is None or not _X86_64 or w.device.type != "cpu"
-            or not torch.backends.mkldnn.is_available()):
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
-        x = torch.ones(1, w.size(1), dtype=w.dtype)
-        tol = 1e-3 if w.dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
-        ok = torch.allclose(_ONEDNN_LINEAR(x, packed, None, "none", [], "").float(),
-                            F.linear(x, w).float(), rtol=tol, atol=tol)
-    except (AttributeError, NotImplementedError, RuntimeError):
-        return None
-    return packed if ok else None
-
-
 class Linear(nn.Linear):
     """`nn.Linear` that multiplies by a cached decode-time copy of its weight on CPU.
 
     Decoding reads every weight once per token for a few rows, which is memory-bound; in
     `nn.Linear`'s (out, in) layout PyTorch's CPU kernels stream it at about half the machine's
     bandwidth. So `setup_cache` (on CPU only, so by the first generation) makes a copy laid out
-    for such products: on x86-64 with more than one torch thread, oneDNN's packed layout (about
-    1.3x faster than the other at batch 1 and 3x at batch 8 on GPT-2 124M, 2-core EPYC); else a
-    plain (in, out) transpose (faster than oneDNN's on one thread at batch 1). The copy is
-    refreshed if the weight changes in place, used only with gradients and autocast off and
-    outside `torch.compile`, and kept until `clear_cache` (or the end of a `with model:` block):
-    the weights take twice their memory meanwhile. Parameters and `state_dict` are those of
+    for such products (`model.quant.FloatWeight`: oneDNN's packed layout on x86-64 with more
+    than one torch thread, else a plain (in, out) transpose). The copy is refreshed if the
+    weight changes in place, used only with gradients and autocast off and outside
+    `torch.compile`, and kept until `clear_cache` (or the end of a `with model:` block): the
+    weights take twice their memory meanwhile. Parameters and `state_dict` are those of
     `nn.Linear`.
 
     `decode_format` (set by `LanguageModel.quantize`, see `model/quant.py`) makes the copy bf16
-    (same layouts) or int8 instead; such a copy is made at once, replaces the float32 one, is
-    used in every forward pass without gradients (autocast or not) and stays until the format
-    is set back to "none".
+    or int8 instead (`Bf16Weight`, `Int8Weight`, each with the kernel that is fastest on this
+    CPU); such a copy is made at once, replaces the float32 one, is used in every forward pass
+    without gradients (autocast or not) and stays until the format is set back to "none".
     """
 
-    decode_w: torch.Tensor | Int8Weight | None = None  # packed, (in, out) or an Int8Weight
-    packed: bool = False
+    decode_w: FloatWeight | Bf16Weight | Int8Weight | None = None
     decode_format: str = "none"  # "none" (float32), "bf16" or "int8"
     _decode_key: tuple | None = None
 
+    @property
+    def packed(self) -> bool:
+        """Whether the float32 decode copy is in oneDNN's packed layout."""
+        return isinstance(self.decode_w, FloatWeight) and self.decode_w.packed
+
     def enable_decode_copy(self, enabled: bool) -> None:
         self.decode_w = self._decode_key = None
-        self.packed = False
         if enabled:
             self._refresh()
 
-    def _refresh(self) -> torch.Tensor | Int8Weight:
+    def _refresh(self) -> FloatWeight | Bf16Weight | Int8Weight:
         w = self.weight.detach()
         self._decode_key = (w.data_ptr(), w._version, w.dtype)
-        if self.decode_format == "int8":
-            self.packed = False
-            self.decode_w = Int8Weight(w)
-            return self.decode_w
-        bf16 = self.decode_format == "bf16"
-        if bf16:
-            w = w.to(torch.bfloat16)
-        # bf16: oneDNN's packed layout was fastest on one thread too (2-5x at batch 1).
-        packed = _onednn_weight(w) if bf16 or torch.get_num_threads() > 1 else None
-        self.packed = packed is not None
-        self.decode_w = packed if self.packed else w.t().contiguous()  # (in, out)
+        kind = {"none": FloatWeight, "bf16": Bf16Weight, "int8": Int8Weight}[self.decode_format]
+        self.decode_w = kind(w)
         return self.decode_w
 
     def __getstate__(self) -> dict:
-        # copy.deepcopy and pickle leave the decode copies out (oneDNN-packed tensors cannot be
+        # copy.deepcopy and pickle leave the decode copies out (packed weights cannot be
         # copied); setup_cache, or for a `quantize` format the next forward, makes them again.
-        return {**self.__dict__, "decode_w": None, "_decode_key": None, "packed": False}
+        return {**self.__dict__, "decode_w": None, "_decode_key": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.decode_format
@@ -217,20 +176,7 @@ class Linear(nn.Linear):
         wd = self.decode_w
         if wd is None or self._decode_key != (w.data_ptr(), w._version, w.dtype):
             wd = self._refresh()
-        if fmt == "int8":
-            return wd.linear(x, self.bias)
-        # float32, or bf16 with the bias added after the result is back in x's dtype
-        bias = self.bias if fmt == "none" else None
-        xc = x if fmt == "none" else x.to(torch.bfloat16)
-        if self.packed:  # oneDNN takes (..., in) as it is
-            y = _ONEDNN_LINEAR(xc, wd, bias, "none", [], "")
-        else:
-            x2 = xc.reshape(-1, xc.size(-1))  # (B*T, in)
-            y = x2 @ wd if bias is None else torch.addmm(bias, x2, wd)
-            y = y.view(*x.shape[:-1], self.out_features)
-        if fmt == "none":
-            return y
-        return y.to(x.dtype) if self.bias is None else y + self.bias  # one op, as Int8Weight
+        return wd.linear(x, self.bias)
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,44 +1,64 @@
-"""Low-precision weight formats for inference on CPU: bf16 copies and int8 weights.
+"""Weight copies for inference on CPU, and the product kernel each one uses.
 
 `LanguageModel.quantize(fmt)` (and `--quantize` on the command lines) picks the format of the
 weight copies that `Linear` multiplies by in every forward pass without gradients (decoding,
 evaluation). The float32 parameters, `state_dict`, checkpoints and exports are never changed:
 the copies are made from them, and remade if they change.
 
-- "none": float32 (the default; on CPU, `Linear`'s float32 decode copies as before).
-- "bf16": bf16 copies of the weights (half the bytes); inputs are rounded to bf16 for the
-  product and the result goes back to float32, so the residual stream, LayerNorm, attention
-  and the logits stay float32.
+- "none": float32 copies (`FloatWeight`, made by `setup_cache` on CPU).
+- "bf16": the weights rounded to bf16 (half the bytes; `Bf16Weight`). The residual stream,
+  LayerNorm, attention and the logits stay float32.
 - "int8": symmetric per-output-channel int8 weights (a quarter of the bytes), LM head included:
-  `w[o, i] ~= q[o, i] * scale[o]` with `q` in [-127, 127] and `scale[o] = max_i |w[o, i]| / 127`.
-  Products take bf16 inputs and accumulate in float32.
+  `w[o, i] ~= q[o, i] * scale[o]` with `q` in [-127, 127] and `scale[o] = max_i |w[o, i]| / 127`
+  (`Int8Weight`).
 
 Decoding at small batch sizes is memory-bound (every weight is read once per token), so fewer
-bytes per weight is most of the speed-up. For int8 the fast kernel is PyTorch's
-`torch._weight_int8pack_mm`; it is vectorised on x86-64 only, and only for bf16 inputs: with
-float32 inputs it runs a scalar loop (7-17x slower in our measurements), so inputs are rounded
-to bf16 first. Its cost grows with the number of input rows (about 3.5x from 1 row to 8 on the
-default LM head), so it is used for up to `INT8_KERNEL_MAX_ROWS` rows (the decode steps of a
-small batch); more rows (a prompt's prefill, evaluation windows) and other
-machines take the fallback, which converts the int8 weight to bf16 for one `F.linear` and
-scales its output: the same products, with one more bf16 rounding.
+bytes per weight is most of the speed-up, and the kernel that streams them fastest differs
+between CPUs. Each copy takes the first kernel of its list that exists here and agrees with a
+reference product (checked once per process), in an order measured on the CPUs we have
+(`bench/decode_matmuls.py`; GPT-2 124M's LM head, 768 x 50,257, one row, 2 threads):
+
+- float32: oneDNN's packed layout with more than one thread (27 GB/s on a 2-core AMD EPYC with
+  AVX2; 3x faster than the others at 8 rows), else a plain (in, out) copy.
+- bf16: oneDNN's packed bf16 layout where oneDNN has bf16 kernels (AVX-512-BF16, AMX: fastest
+  there, even on one thread); else fbgemm's half-precision kernel on the bf16-rounded weights
+  (AVX2 CPUs: 2.9 ms at memory speed, where bf16 products take 4.3 ms as `F.linear` and 120 ms
+  on an (in, out) copy); else `F.linear` on the bf16 copy. The oneDNN and `F.linear` kernels
+  round the inputs to bf16 too; fbgemm's keeps them float32 (its weights hold the bf16 values
+  exactly, up to 3e-8 below 2**-17).
+- int8: fbgemm's dynamic int8 linear (W8A8: the inputs are quantized too, per row, to 7 bits
+  as x86's fbgemm needs without VNNI; as llama.cpp's q8_0 does, which uses 8 bits per block of
+  32): 1.5 ms at one row and 2.4 ms at eight on that EPYC, where `torch._weight_int8pack_mm`
+  (bf16 inputs) takes 3.5 and 10.3 ms and oneDNN's quantized linear 5.0 and 11.5 ms. Where
+  fbgemm is missing, `torch._weight_int8pack_mm` for up to `INT8_KERNEL_MAX_ROWS` rows, else the
+  fallback: the int8 weight converted to the input's dtype for one `F.linear`, then scaled.
+  fbgemm's int8 weights go through PyTorch's quantized tensors, which torch 2.13 marks as
+  deprecated; when they are gone the check fails and int8 takes the next kernel.
+
+Rows of a batch never share a quantization: one row goes to fbgemm as it is (it picks the
+row's own [min, max] range); several rows are each divided by their largest |value| first
+and given two extra inputs, +1 and -1, with zero weights, so that every row spans exactly
+[-1, 1] and is quantized alone, and the output is scaled back per row.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import platform
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 FORMATS = ("none", "bf16", "int8")
 
-# Set to False to force the int8 fallback everywhere (tests compare the two).
+# Set to False to force the int8 fallback everywhere (tests compare the kernels).
 INT8_KERNEL = True
-# Rows up to which the int8 kernel beats the fallback (a 2-core x86 CPU: the kernel's cost grows
-# with each row, the fallback's hardly until its matrix product is compute-bound).
+# Rows up to which torch._weight_int8pack_mm is used where fbgemm is missing (its cost grows
+# with each row; the fallback's hardly until its product is compute-bound).
 INT8_KERNEL_MAX_ROWS = 8
+F16_MAX = 65504.0
 
 _X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -50,11 +70,161 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def _ops(namespace: str, *names: str):
+    """The default overloads of `torch.ops.<namespace>.<name>`, or None if one is missing."""
+    try:
+        ns = getattr(torch.ops, namespace)
+        return tuple(getattr(ns, n).default for n in names)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# -- oneDNN's packed layout (float32, bf16) --------------------------------------------------------
+
+_ONEDNN = _ops("mkldnn", "_linear_pointwise")
+_ONEDNN_LINEAR = _ONEDNN[0] if _ONEDNN else None
+
+
+def onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """`w` (out, in) packed by oneDNN for small-batch products, or None where that is unavailable.
+
+    Packed for 8 rows (oneDNN picks a blocked layout for that; any number of rows still works).
+    The result is checked once against `F.linear` so an unsupported build or dtype falls back.
+    """
+    if (_ONEDNN_LINEAR is None or not _X86_64 or w.device.type != "cpu"
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 8)
+        x = torch.ones(1, w.size(1), dtype=w.dtype)
+        tol = 1e-3 if w.dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+        ok = torch.allclose(_ONEDNN_LINEAR(x, packed, None, "none", [], "").float(),
+                            F.linear(x, w).float(), rtol=tol, atol=tol)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return packed if ok else None
+
+
+def _onednn_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None):
+    return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")  # takes (..., in) as it is
+
+
+class FloatWeight:
+    """A float32 (or the model's dtype) decode copy of an (out, in) weight."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        w = w.detach()
+        # With one thread the plain (in, out) copy was faster at batch 1.
+        packed = onednn_weight(w) if torch.get_num_threads() > 1 else None
+        self.packed = packed is not None
+        self.w = packed if self.packed else w.t().contiguous()  # (in, out)
+        self.out_features = w.size(0)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed:
+            return _onednn_product(x, self.w, bias)
+        x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
+        y = x2 @ self.w if bias is None else torch.addmm(bias, x2, self.w)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+# -- fbgemm (half-precision weights; int8 weights with int8 inputs) --------------------------------
+
+_FBGEMM_FP16 = _ops("quantized", "linear_prepack_fp16", "linear_dynamic_fp16")
+_FBGEMM_INT8 = _ops("quantized", "linear_prepack", "linear_dynamic")
+_FBGEMM_FP16_UNPACK = (_ops("quantized", "linear_unpack_fp16") or (None,))[0]
+
+
+def _fbgemm_engine() -> bool:
+    return (_X86_64 and "fbgemm" in torch.backends.quantized.supported_engines)
+
+
+def _with_fbgemm(fn):
+    """Run `fn()` with fbgemm as the quantized engine (packing picks its backend from it)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        return fn()
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def _bias_key(bias: torch.Tensor | None) -> tuple | None:
+    """What a packed bias was made from: an in-place change to the bias gives a new key."""
+    return None if bias is None else (bias.data_ptr(), bias._version)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _probe(rows: int = 3, width: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(24, width, generator=g), torch.randn(rows, width, generator=g)
+
+
+@functools.cache
+def fbgemm_fp16_works() -> bool:
+    """Whether fbgemm's half-precision linear exists here and agrees with `F.linear` (once)."""
+    if _FBGEMM_FP16 is None or _FBGEMM_FP16_UNPACK is None or not _fbgemm_engine():
+        return False
+    w, x = _probe()
+    try:
+        y = _FBGEMM_FP16[1](x, _with_fbgemm(lambda: _FBGEMM_FP16[0](w, None)))
+    except (NotImplementedError, RuntimeError):
+        return False
+    return _rel_err(y, F.linear(x, w.half().float())) < 1e-3
+
+
+class Bf16Weight:
+    """The bf16-rounded copy of an (out, in) weight, with this CPU's fastest kernel for it."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        wb = w.detach().to(torch.bfloat16)
+        self.out_features = wb.size(0)
+        packed = onednn_weight(wb)
+        if packed is not None:
+            self.kernel, self.w = "onednn", packed
+        elif (wb.device.type == "cpu" and fbgemm_fp16_works()
+              and float(wb.abs().max()) <= F16_MAX):
+            wf = wb.float()
+            self.kernel, self.w = "fbgemm_fp16", _with_fbgemm(lambda: _FBGEMM_FP16[0](wf, None))
+            self._bias_key = None  # the bias packed in self.w
+        else:
+            self.kernel, self.w = "plain", wb
+
+    def _repack(self, bias: torch.Tensor | None) -> None:
+        wf = _FBGEMM_FP16_UNPACK(self.w)[0]  # the fp16 values as float32: exact
+        b = None if bias is None else bias.detach().float()
+        self.w = _with_fbgemm(lambda: _FBGEMM_FP16[0](wf, b))
+        self._bias_key = _bias_key(bias)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel == "fbgemm_fp16" and x.dtype == torch.float32:
+            # One op, (..., in) as it is, the bias inside (packed with the weight, again if
+            # it changes): a decode step makes ~50 of these, and each op costs ~5 us.
+            if _bias_key(bias) != self._bias_key:
+                self._repack(bias)
+            return _FBGEMM_FP16[1](x, self.w)
+        if self.kernel == "fbgemm_fp16":
+            if self._bias_key is not None:
+                self._repack(None)
+            y = _FBGEMM_FP16[1](x.float(), self.w)
+            return (y if bias is None else y.add_(bias)).to(x.dtype)
+        xb = x.to(torch.bfloat16)
+        y = _onednn_product(xb, self.w, None) if self.kernel == "onednn" else F.linear(xb, self.w)
+        # Back in x's dtype with the bias added at that precision: `bf16 + float32` is one op.
+        return y.to(x.dtype) if bias is None else y + bias
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8 quantization of an (out, in) weight.
 
     Returns:
-        `(q, scale)`: q (out, in) int8 in [-127, 127] and scale (out,) bf16 (the kernel's
+        `(q, scale)`: q (out, in) int8 in [-127, 127] and scale (out,) bf16 (the kernels'
         dtype), with `w ~= q * scale[:, None]`. q is rounded against the bf16 scale, so the
         product is the nearest grid point to `w` on the grid actually used.
     """
@@ -62,6 +232,37 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-12).to(torch.bfloat16)  # (out,)
     q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def _pack_w8a8(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """fbgemm's packed form of the int8 weight (its per-channel quantized tensor, prepacked),
+    with a float32 bias that the product adds."""
+    b = None if bias is None else bias.detach().float()
+    with warnings.catch_warnings():  # quantized tensors: deprecated, still the way in
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros(q.size(0), dtype=torch.long), 0)
+        return _with_fbgemm(lambda: _FBGEMM_INT8[0](qw, b))
+
+
+def _w8a8_product(x2: torch.Tensor, packed) -> torch.Tensor:
+    # reduce_range: 7-bit inputs. With 8 bits, AVX2's u8 x s8 pair sums overflow int16 (we
+    # measured 82% errors on large inputs against large weights of one sign).
+    return _FBGEMM_INT8[1](x2, packed, True)
+
+
+@functools.cache
+def w8a8_works() -> bool:
+    """Whether fbgemm's dynamic int8 linear exists here and agrees with the int8 grid (once)."""
+    if _FBGEMM_INT8 is None or not _fbgemm_engine():
+        return False
+    w, x = _probe()
+    q, scale = quantize_int8(w)
+    try:
+        y = _w8a8_product(x, _pack_w8a8(q, scale))
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return False
+    return _rel_err(y, F.linear(x, q.float() * scale.float()[:, None])) < 3e-2
 
 
 @functools.cache
@@ -81,7 +282,7 @@ def _kernel_works(device_type: str) -> bool:
 
 
 def _int8_fallback(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, in) bf16 times the int8 weight: int8 -> bf16 is exact (|q| <= 127 < 2**8)."""
+    """x (M, in) times the int8 weight in x's dtype: int8 -> bf16 or float32 is exact."""
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -90,22 +291,66 @@ class Int8Weight:
 
     def __init__(self, w: torch.Tensor) -> None:
         self.q, self.scale = quantize_int8(w)
+        # fbgemm's packed weight: as is with the bias (for one row; `_one_key`: which bias),
+        # and with 2 zero columns, no bias (for several rows)
+        self._one = self._one_key = self._many = None
+        self._pm: dict[int, torch.Tensor] = {}  # rows -> their (rows, 2) +1/-1 inputs
 
-    def use_kernel(self, rows: int) -> bool:
-        """Whether a product with `rows` input rows takes `torch._weight_int8pack_mm`."""
+    def kernel(self, rows: int) -> str:
+        """The kernel of a product with `rows` input rows: "w8a8" (fbgemm), "int8pack"
+        (`torch._weight_int8pack_mm`) or "fallback"."""
         dev = self.q.device.type
+        if not INT8_KERNEL or dev != "cpu" or not _X86_64:
+            return "fallback"
+        if w8a8_works():
+            return "w8a8"
         # The kernel reads the inputs 16 at a time without a tail: other widths give wrong
         # results or a crash (torch 2.13, AVX-512), so they take the fallback.
-        return (INT8_KERNEL and rows <= INT8_KERNEL_MAX_ROWS and dev == "cpu" and _X86_64
-                and self.q.size(1) % 16 == 0 and _kernel_works(dev))
+        if rows <= INT8_KERNEL_MAX_ROWS and self.q.size(1) % 16 == 0 and _kernel_works(dev):
+            return "int8pack"
+        return "fallback"
+
+    def use_kernel(self, rows: int) -> bool:
+        """Whether a product with `rows` input rows takes a kernel rather than the fallback."""
+        return self.kernel(rows) != "fallback"
+
+    def _w8a8_one(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One float32 row (..., in) as it is: its own [min, max] range, as fbgemm picks it;
+        one op, the bias inside (a decode step makes ~50 of these; each op costs ~5 us)."""
+        key = _bias_key(bias)
+        if self._one is None or key != self._one_key:
+            self._one, self._one_key = _pack_w8a8(self.q, self.scale, bias), key
+        return _w8a8_product(x, self._one)
+
+    def _w8a8_many(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Several float32 rows (M, in), each divided by its largest |value| and given the
+        inputs +1 and -1 (zero weights): every row spans [-1, 1], so it is quantized alone."""
+        if self._many is None:  # two zero weight columns for the +1 and -1 inputs
+            q2 = torch.cat([self.q, self.q.new_zeros(self.q.size(0), 2)], dim=1)
+            self._many = _pack_w8a8(q2, self.scale)
+        M = x2.size(0)
+        pm = self._pm.get(M)
+        if pm is None:
+            pm = self._pm[M] = torch.tensor([[1.0, -1.0]]).expand(M, 2).contiguous()
+        amax = torch.linalg.vector_norm(x2, math.inf, dim=1, keepdim=True).clamp_(min=1e-30)
+        y = _w8a8_product(torch.cat([x2 / amax, pm], dim=1), self._many)  # (M, out)
+        return y.mul_(amax) if bias is None else torch.addcmul(bias, y, amax)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, w, bias)` for x (..., in); the result has x's dtype."""
-        x2 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (M, in)
-        if self.use_kernel(x2.size(0)):
-            y = torch._weight_int8pack_mm(x2, self.q, self.scale)
+        rows = x.numel() // x.size(-1)
+        kernel = self.kernel(rows)
+        if kernel == "w8a8":
+            if x.dtype == torch.float32 and rows == 1:
+                return self._w8a8_one(x, bias)
+            x2 = x.reshape(rows, x.size(-1)).float()  # (M, in)
+            y = self._w8a8_one(x2, bias) if rows == 1 else self._w8a8_many(x2, bias)
+            return y.to(x.dtype).view(*x.shape[:-1], y.size(-1))
+        x2 = x.reshape(-1, x.size(-1))  # (M, in)
+        if kernel == "int8pack":  # vectorised for bf16 inputs only
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.q, self.scale)
         else:
-            y = _int8_fallback(x2, self.q, self.scale)
+            y = _int8_fallback(x2.to(torch.bfloat16), self.q, self.scale)
         # (M, out) back in x's dtype, the bias added at that precision: `bf16 + float32` is
         # one float32 op (dtype promotion) where `.to()` then `add_` would be two.
         y = y.to(x.dtype) if bias is None else y + bias

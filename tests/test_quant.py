@@ -117,29 +117,41 @@ def test_trained_greedy_continuation_agrees(trained_model, restore, fmt):
     assert agree >= 0.95, agree
 
 
-@pytest.mark.skipif(not quant._X86_64 or not quant._kernel_works("cpu"),
-                    reason="torch._weight_int8pack_mm is used on x86-64 CPUs only")
-def test_forced_fallback_matches_the_kernel(random_model, restore, monkeypatch):
+def test_int8_kernels_agree_with_the_int8_grid(random_model, restore, monkeypatch):
+    """Each int8 kernel this CPU has against the exact product on the int8 grid: the fallback
+    and `_weight_int8pack_mm` round bf16 inputs and outputs (2**-8 relative each), fbgemm's
+    W8A8 also quantizes each input row to 7 bits (~1% here); W8A8 rows are quantized alone."""
     w = torch.randn(300, 64, generator=torch.Generator().manual_seed(2))
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
     iw = quant.Int8Weight(w)
-    assert iw.use_kernel(3) and not iw.use_kernel(quant.INT8_KERNEL_MAX_ROWS + 1)
-    assert not quant.Int8Weight(torch.randn(8, 40)).use_kernel(1)  # width not a multiple of 16
-    fast = iw.linear(x)
+    exact = torch.nn.functional.linear(x, iw.q.float() * iw.scale.float()[:, None])
     monkeypatch.setattr(quant, "INT8_KERNEL", False)
-    assert not iw.use_kernel(3)
+    assert iw.kernel(3) == "fallback"
     slow = iw.linear(x)
-    # The kernel rounds its float32 sum to bf16 once, the fallback twice (before and after
-    # scaling): they may differ by a bf16 unit in the last place, 2**-8 relative at most each.
-    assert torch.allclose(fast, slow, rtol=2**-7, atol=1e-6)
-    # The same through the whole model, decoding token by token (rows <= the kernel's limit).
-    random_model.quantize("int8")
-    prompt = torch.tensor([[5, 6, 7]])
+    assert rel_err(slow, exact) < 2**-7
     monkeypatch.setattr(quant, "INT8_KERNEL", True)
-    a = random_model.generate(prompt, max_new_tokens=20, temperature=0)
-    monkeypatch.setattr(quant, "INT8_KERNEL", False)
-    b = random_model.generate(prompt, max_new_tokens=20, temperature=0)
-    assert torch.equal(a, b)
+    if quant.w8a8_works():
+        assert iw.kernel(1) == iw.kernel(64) == "w8a8"
+        fast = iw.linear(x)
+        assert 0 < rel_err(fast, exact) < 3e-2
+        assert rel_err(iw.linear(x[1:2]), exact[1:2]) < 3e-2  # one row: fbgemm's own range
+        assert torch.equal(iw.linear(x[1:3]), fast[1:3])  # a row's result ignores the others
+        assert torch.equal(iw.linear(x * torch.tensor([[1.0], [1e3], [1.0]]))[0], fast[0])
+    if quant._X86_64 and quant._kernel_works("cpu"):
+        monkeypatch.setattr(quant, "w8a8_works", lambda: False)
+        assert iw.kernel(3) == "int8pack" and iw.kernel(quant.INT8_KERNEL_MAX_ROWS + 1) == \
+            "fallback"
+        assert quant.Int8Weight(torch.randn(8, 40)).kernel(1) == "fallback"  # width % 16 != 0
+        # The kernel rounds its float32 sum to bf16 once, the fallback twice (before and after
+        # scaling): they may differ by a bf16 unit in the last place, 2**-8 relative at most.
+        assert torch.allclose(iw.linear(x), slow, rtol=2**-7, atol=1e-6)
+        # The same through the whole model, decoding token by token (rows <= the limit).
+        random_model.quantize("int8")
+        prompt = torch.tensor([[5, 6, 7]])
+        a = random_model.generate(prompt, max_new_tokens=20, temperature=0)
+        monkeypatch.setattr(quant, "INT8_KERNEL", False)
+        b = random_model.generate(prompt, max_new_tokens=20, temperature=0)
+        assert torch.equal(a, b)
 
 
 def test_int8_quantization_is_symmetric_per_channel():
@@ -285,3 +297,26 @@ def test_deepcopy_keeps_the_format(random_model, restore, fmt):
         clone = copy.deepcopy(random_model)
         assert clone.quantization == fmt
         assert torch.equal(clone.generate([1, 2, 3], max_new_tokens=8, temperature=0), want)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_one_row_products_follow_the_bias_and_match_several_rows(fmt):
+    """A decode step's one-row products take the bias inside the kernel (packed with the
+    weight): an in-place change to the bias is seen, and a row gives what it gives among
+    others (up to the per-row input quantization of int8)."""
+    torch.manual_seed(0)
+    lin = Linear(64, 48).eval()
+    lin.decode_format = fmt
+    x = torch.randn(4, 1, 64)
+    tol = 1e-2 if fmt == "bf16" else 3e-2
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        one, many = lin(x[:1]), lin(x)
+        assert one.shape == (1, 1, 48) and many.shape == (4, 1, 48)
+        assert rel_err(one, ref[:1]) < tol and rel_err(many, ref) < tol
+        lin.bias.add_(5.0)
+        assert rel_err(lin(x[:1]), ref[:1] + 5.0) < tol
+        assert rel_err(lin(x), ref + 5.0) < tol
+        lin.bias.sub_(5.0)
+        assert rel_err(lin(x[:1]), ref[:1]) < tol
+        assert rel_err(lin(x[:1].bfloat16()).float(), ref[:1]) < tol  # other input dtypes
