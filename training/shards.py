@@ -276,7 +276,8 @@ class ShardWriter:
         if partial.stat().st_size != size or file_crc32(partial) != want["crc32"]:
             raise DataError(f"{partial} does not match the preparation's progress record; delete "
                             "the folder and prepare it again")
-        self._file = open(partial, "ab")
+        self._file = open(partial, "r+b")  # not "ab": the header is written at offset 0 later
+        self._file.seek(size)
         self._tokens, self._docs = want["tokens"], want["documents"]
         self._bytes, self._crc = want["bytes"], want["crc32"]
 

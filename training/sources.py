@@ -220,14 +220,16 @@ def _arrow_reader(path: str):
         return pa.ipc.open_stream(source), False
 
 
-def _arrow_batches(path: str, first: int, stop: int):
+def _arrow_batches(path: str, first: int = 0, stop: int | None = None):
+    """Record batches `first` .. `stop - 1` of an Arrow IPC file or stream (all by default)."""
     reader, random_access = _arrow_reader(path)
     if random_access:
-        for i in range(first, min(stop, reader.num_record_batches)):
+        last = reader.num_record_batches if stop is None else min(stop, reader.num_record_batches)
+        for i in range(first, last):
             yield reader.get_batch(i)
         return
     for i, batch in enumerate(reader):
-        if i >= stop:
+        if stop is not None and i >= stop:
             break
         if i >= first:
             yield batch
@@ -364,8 +366,7 @@ class LocalFiles:
 
                 total += pq.ParquetFile(p).metadata.num_rows
             elif ext == ".arrow":
-                reader, _ = _arrow_reader(str(p))
-                total += sum(b.num_rows for b in reader)
+                total += sum(b.num_rows for b in _arrow_batches(str(p)))
             else:
                 total += _count_jsonl_records(p)
         return total
@@ -503,9 +504,8 @@ def _jsonl_units(path: Path, unit_bytes: int) -> Iterator[Unit]:
 
 
 def _arrow_units(path: Path, unit_bytes: int) -> Iterator[Unit]:
-    reader, _ = _arrow_reader(str(path))
     first, size, i = 0, 0, -1
-    for i, batch in enumerate(reader):
+    for i, batch in enumerate(_arrow_batches(str(path))):
         size += batch.nbytes
         if size >= unit_bytes:
             yield Unit("arrow", str(path), first, i + 1, source_bytes=size,
@@ -530,8 +530,7 @@ def _record_texts(path: Path, text_field: str) -> Iterator[tuple[Any, int]]:
             for value in batch.column(0).to_pylist():
                 yield {text_field: value}, 0
     else:
-        reader, _ = _arrow_reader(str(path))
-        for batch in reader:
+        for batch in _arrow_batches(str(path)):
             for value in batch.column(text_field).to_pylist():
                 yield {text_field: value}, 0
 
