@@ -1,10 +1,12 @@
 """Epoch-based batches: every training window once per epoch, in a seeded order.
 
-The token stream is cut into `num_windows` windows of `seq_len + 1` tokens (inputs and shifted
-targets) that start `seq_len` apart, from an offset drawn per epoch (so window boundaries move
-between epochs). The windows are visited in a permutation drawn from a generator seeded with
-(seed, epoch): the order depends on nothing but those two numbers, which is what makes a resumed
-run see exactly the batches an uninterrupted one would.
+The token stream (a split's shards joined into one sequence: `training.shards.TokenShards`) is
+cut into `num_windows` windows of `seq_len + 1` tokens (inputs and shifted targets) that start
+`seq_len` apart, from an offset drawn per epoch (so window boundaries move between epochs);
+windows run across shard boundaries as they run across document boundaries. The windows are
+visited in a permutation drawn from a generator seeded with (seed, epoch): the order depends on
+nothing but those two numbers, which is what makes a resumed run see exactly the batches an
+uninterrupted one would.
 
 A step consumes `global_batch = batch_size * grad_accum * world_size` windows. Micro-batch `m` of
 rank `r` takes windows `[(m * world_size + r) * batch_size, ... + batch_size)` of the step's
@@ -24,7 +26,7 @@ class EpochBatches:
     """Deterministic epoch/step -> batch mapping over a 1-D token array.
 
     Args:
-        tokens: token ids (e.g. the uint16 memmap from `load_split`).
+        tokens: token ids: a split's `TokenShards` (from `load_split`), or any 1-D array.
         seq_len: tokens per training sequence.
         batch_size: sequences per micro-batch per rank.
         grad_accum: micro-batches per optimizer step.
@@ -56,6 +58,11 @@ class EpochBatches:
         self._epoch: int | None = None
         self._starts: np.ndarray | None = None
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
+
+    @property
+    def data_id(self) -> str | None:
+        """The prepared data's identity (`TokenShards.data_id`), saved with the position."""
+        return getattr(self.tokens, "data_id", None)
 
     @property
     def tokens_per_step(self) -> int:
