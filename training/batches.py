@@ -78,13 +78,17 @@ class EpochBatches:
             self._epoch = epoch
         return self._starts
 
-    def get(self, epoch: int, step_in_epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch `micro` of step `step_in_epoch`: (inputs, targets), (B, T)."""
+    def window_starts(self, epoch: int, step_in_epoch: int, micro: int) -> np.ndarray:
+        """Token positions where this rank's windows of micro-batch `micro` of that step start."""
         if not 0 <= step_in_epoch < self.steps_per_epoch:
             raise IndexError(f"step {step_in_epoch} outside epoch of {self.steps_per_epoch}")
         first = step_in_epoch * self.global_batch + (
             micro * self.world_size + self.rank) * self.batch_size
-        starts = self.epoch_starts(epoch)[first:first + self.batch_size]
+        return self.epoch_starts(epoch)[first:first + self.batch_size]
+
+    def get(self, epoch: int, step_in_epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch `micro` of step `step_in_epoch`: (inputs, targets), (B, T)."""
+        starts = self.window_starts(epoch, step_in_epoch, micro)
         rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
