@@ -373,13 +373,19 @@ def loader_rates(out: Path, seconds: float = 3.0) -> list[dict]:
 
 
 def _cpu() -> str:
+    """The CPU's model name and its widest vector instructions (tokenizers depend on them)."""
+    name, flags = platform.processor() or "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    simd = ("AVX-512" if any(f.startswith("avx512") for f in flags) else
+            "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    return f"{name} ({simd})"
 
 
 def _ours(corpus: Path, out: Path, procs: int) -> dict:

@@ -163,6 +163,22 @@ def test_epoch_batches_cover_each_window_once_in_seeded_order():
                            b.get(0, 0, 0)[0])
 
 
+def test_windows_across_shards_equal_one_array():
+    """The loader's rows over several shards (rows inside one, rows across a boundary) are the
+    rows of the same tokens in one array."""
+    whole = np.arange(5000, dtype=np.uint16)
+    sharded = TokenShards([whole[:1200], whole[1200:1210], whole[1210:4000], whole[4000:]])
+    starts = np.array([0, 1190, 1195, 1205, 1300, 3990, 3999, 4979, 17])
+    assert np.array_equal(sharded.windows(starts, 21), whole[starts[:, None] + np.arange(21)])
+    with pytest.raises(IndexError):
+        sharded.windows(np.array([4980]), 21)
+    for tokens in (whole, sharded):
+        x, y = EpochBatches(tokens, 20, batch_size=4, seed=5).get(1, 3, 0)
+        if tokens is whole:
+            want = x, y
+    assert torch.equal(x, want[0]) and torch.equal(y, want[1])
+
+
 def test_ranks_split_the_global_batch():
     tokens = np.arange(2000, dtype=np.uint16)
     single = EpochBatches(tokens, 16, batch_size=4, grad_accum=1, world_size=1, seed=3)

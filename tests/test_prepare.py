@@ -401,3 +401,12 @@ def test_damaged_shards_are_refused(tmp_path, capsys, docs):
     with pytest.raises(shards_mod.DataError, match="truncated"):
         open_split(tmp_path / "out", "train")
     assert "truncated" in _error(["--verify", str(tmp_path / "out")], capsys)
+    shard.write_bytes(bytes(raw) + b"\0\0")  # longer than the header says
+    assert "longer than its header says" in _error(["--verify", str(tmp_path / "out")], capsys)
+    head = bytearray(raw)
+    head[16] ^= 0x01  # the header's token count changed: its own checksum no longer matches
+    shard.write_bytes(bytes(head))
+    with pytest.raises(shards_mod.DataError, match="header is damaged"):
+        open_split(tmp_path / "out", "train")
+    shard.write_bytes(b"\0" * 8 + bytes(raw[8:]))  # no magic: not a shard at all
+    assert "is not a token shard" in _error(["--verify", str(tmp_path / "out")], capsys)

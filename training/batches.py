@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from training.data import DataError
+from training.shards import TokenShards
 
 
 class EpochBatches:
@@ -89,6 +90,9 @@ class EpochBatches:
     def get(self, epoch: int, step_in_epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's micro-batch `micro` of step `step_in_epoch`: (inputs, targets), (B, T)."""
         starts = self.window_starts(epoch, step_in_epoch, micro)
-        rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
+        if isinstance(self.tokens, TokenShards):  # gathered per shard
+            rows = self.tokens.windows(starts, len(self._arange)).astype(np.int64)
+        else:
+            rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -361,6 +361,29 @@ class TokenShards:
             out[where] = self.arrays[s][flat[where] - self.offsets[s]]
         return out.reshape(index.shape)
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows `self[s:s + length]` for each of `starts`: (B,) -> (B, length).
+
+        What the loader reads per micro-batch: rows inside one shard are gathered from it in one
+        indexing (the common case), a row across a shard boundary is joined from both.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        if len(starts) and (starts.min() < 0 or starts.max() + length > len(self)):
+            raise IndexError(f"a window outside {len(self):,} tokens")
+        span = np.arange(length, dtype=np.int64)
+        if len(self.arrays) == 1:
+            return np.asarray(self.arrays[0][starts[:, None] + span])
+        first = np.searchsorted(self.offsets, starts, side="right") - 1
+        last = np.searchsorted(self.offsets, starts + (length - 1), side="right") - 1
+        out = np.empty((len(starts), length), dtype=self.dtype)
+        for s in np.unique(first):
+            rows = np.flatnonzero((first == s) & (last == s))
+            if len(rows):
+                out[rows] = self.arrays[s][(starts[rows] - self.offsets[s])[:, None] + span]
+        for r in np.flatnonzero(first != last):
+            out[r] = self._slice(slice(int(starts[r]), int(starts[r]) + length))
+        return out
+
     def tolist(self) -> list[int]:
         return self[:].tolist()
 
