@@ -4,6 +4,7 @@
     python bench/data.py --build_only                      # make the corpora (not timed)
     python bench/data.py                                   # the measurement (500 MB + 2 GB)
     python bench/data.py --size_mb 20 --rss_size_mb 40     # a quick trial
+    python bench/data.py --only loader                     # the loader part alone
 
 The corpora are JSONL files (`{"text": ...}` per line) made from the real text this repo and
 ../shared hold: Tiny Shakespeare cut into passages of 5-40 speeches, the WikiText-2 validation
@@ -463,18 +464,23 @@ def speed(corpus: Path, work: Path, procs: int, nanogpt: bool) -> None:
     print(f"token ids: {'IDENTICAL' if same else 'DIFFERENT'}: every document's ids, ours vs "
           + ", ".join(f"{name} ({d:,} documents, digest {g:016x})" for name, d, g in checks)
           + f"; ours {docs:,} documents, digest {digest:016x}")
+    print_loader(work / "ours")
+    if not same:
+        raise SystemExit("the token ids differ")
+
+
+def print_loader(out: Path) -> None:
+    """The loader's rates over the preparation in `out`, next to the training step's."""
     print("\nloader (EpochBatches over the prepared shards vs one memmap of the same tokens; "
           "micro-batches/s) vs the training step on this CPU:")
     print(f"{'shape':<10} {'batch x seq':>12} {'shards':>10} {'one memmap':>11} "
           f"{'train':>9} {'loader / train':>15}")
-    for r in loader_rates(work / "ours"):
+    for r in loader_rates(out):
         print(f"{r['shape']:<10} {r['batch']:>5} x {r['seq_len']:<5} {r['loader_shards']:10,.0f} "
               f"{r['loader_memmap']:11,.0f} {r['train_micro_batches_s']:9.3f} "
               f"{r['loader_shards'] / r['train_micro_batches_s']:14,.0f}x")
     print("train: one forward + backward of a micro-batch (bf16 autocast where the CPU has it, "
           "else float32); gpt2-124m timed at batch 1 and scaled to 16. Target: loader >= 20x.")
-    if not same:
-        raise SystemExit("the token ids differ")
 
 
 def memory(corpora: list[Path], work: Path, procs: int) -> None:
@@ -496,8 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss_size_mb", type=float, default=2000, help="second corpus, for memory")
     p.add_argument("--work", default="/tmp/bench-data", help="where corpora and outputs go")
     p.add_argument("--num_proc", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--only", choices=("speed", "memory"),
-                   help="only the throughput + loader part, or only the memory part")
+    p.add_argument("--only", choices=("speed", "memory", "loader"),
+                   help="only the throughput + loader part, the memory part, or the loader "
+                        "(over the preparation of the last run, or a new one)")
     p.add_argument("--build_only", action="store_true", help="make the corpora and stop")
     p.add_argument("--skip_nanogpt", action="store_true", help="leave out nanoGPT's method")
     p.add_argument("--nanogpt_child", nargs=2, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
@@ -509,11 +516,18 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     small = build_corpus(work / f"corpus_{args.size_mb:g}MB.jsonl", args.size_mb)
     large = (build_corpus(work / f"corpus_{args.rss_size_mb:g}MB.jsonl", args.rss_size_mb)
-             if args.only != "speed" else None)
+             if args.only in (None, "memory") else None)
     if args.build_only:
         for path in (small, large):
             if path:
                 print(f"corpus: {path} ({path.stat().st_size / 1e6:,.0f} MB)")
+        return 0
+    if args.only == "loader":
+        _header(args.num_proc)
+        _corpus_line(small)
+        if not (work / "ours" / "manifest.json").is_file():
+            _ours(small, work / "ours", args.num_proc)
+        print_loader(work / "ours")
         return 0
     if args.only != "memory":
         speed(small, work, args.num_proc, not args.skip_nanogpt)

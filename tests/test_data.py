@@ -32,7 +32,8 @@ def test_shakespeare_split_matches_nanogpt(tmp_path):
     val, val_bytes = load_split(args, "val")
     assert (len(train), len(val)) == (301_966, 36_059)
     assert isinstance(train, TokenShards) and train.dtype == np.uint16
-    assert all(isinstance(a, np.memmap) for a in train.arrays)  # memory-mapped, never read whole
+    # memory-mapped, never read whole: views of the shards' maps
+    assert all(isinstance(a.base, np.memmap) for a in train.arrays)
     assert train_bytes + val_bytes == 1_115_394  # Tiny Shakespeare is ASCII
     # The cache holds exactly what the tokenizer gives for the tail 10% of the characters.
     full = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")

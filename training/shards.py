@@ -301,7 +301,9 @@ class TokenShards:
 
     def __init__(self, arrays: list[np.ndarray], files: list[Path] | None = None,
                  num_bytes: int = 0, data_id: str | None = None) -> None:
-        self.arrays = [a for a in arrays if len(a)]
+        # Plain ndarray views of the memory maps (no copy; the map stays open through `.base`):
+        # indexing them skips np.memmap's per-call wrapping.
+        self.arrays = [np.asarray(a) for a in arrays if len(a)]
         self.files = list(files or [])
         self.num_bytes = num_bytes
         self.data_id = data_id
@@ -372,9 +374,11 @@ class TokenShards:
             raise IndexError(f"a window outside {len(self):,} tokens")
         span = np.arange(length, dtype=np.int64)
         if len(self.arrays) == 1:
-            return np.asarray(self.arrays[0][starts[:, None] + span])
+            return self.arrays[0][starts[:, None] + span]
         first = np.searchsorted(self.offsets, starts, side="right") - 1
         last = np.searchsorted(self.offsets, starts + (length - 1), side="right") - 1
+        if len(starts) and first[0] == first.min() == first.max() == last.max():  # one shard
+            return self.arrays[first[0]][(starts - self.offsets[first[0]])[:, None] + span]
         out = np.empty((len(starts), length), dtype=self.dtype)
         for s in np.unique(first):
             rows = np.flatnonzero((first == s) & (last == s))
