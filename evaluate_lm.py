@@ -5,6 +5,7 @@
     python evaluate_lm.py --checkpoint lm_wikitext --dataset wikitext --data_dir wikitext-2 \
         --split test --stride 128
     python evaluate_lm.py --checkpoint latest.pt --file my_text.txt --json
+    python evaluate_lm.py --checkpoint lm_tinystories --data data/tinystories   # its val shards
 
 Windows follow Hugging Face's perplexity guide (see training/evaluation.py): `--stride` equal to
 the context length (the default) gives non-overlapping windows; a smaller stride scores every
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 from training.cli import OneLineParser
-from training.data import DataError, add_data_args, describe_split, load_split
+from training.data import DataError, add_data_args, load_split
 
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,8 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--quantize {args.quantize} sets the weight format itself; drop "
                          f"--dtype {args.dtype}")
     if args.file is not None:
-        clash = [f"--{n}" for n in ("split", "train_file", "val_file", "test_file", "data_dir")
-                 if getattr(args, n, None) is not None]
+        clash = [f"--{n}" for n in ("split", "train_file", "val_file", "test_file", "data_dir",
+                                    "data") if getattr(args, n, None) is not None]
         if clash:
             raise ValueError(f"--file evaluates the whole file; drop {', '.join(clash)}")
         if not Path(args.file).is_file():
@@ -126,8 +127,8 @@ def run(args: argparse.Namespace) -> dict:
         ckpt_path = Path(checkpoint["_path"])
         if not args.cache_dir and ckpt_path.parent.name == "snapshots":
             args.out_dir = str(ckpt_path.parent.parent)  # share the training run's token cache
-        tokens, num_bytes = load_split(args, split)
-        data = f"{describe_split(args, split)}, {split} split"
+        tokens, num_bytes = load_split(args, split)  # --data: checks the checkpoint's tokenizer
+        data = f"{tokens.description}, {split} split"
     result = evaluate_tokens(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
         device=device, dtype=None if args.dtype == "float32" else args.dtype, progress=True,

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from model.lm import LanguageModel  # noqa: E402
 from training.fused_loss import TrainingModule  # noqa: E402
+from training.mfu import GPU_PEAKS, flops_per_token  # noqa: E402
 from training.optim import make_optimizer  # noqa: E402
 from training.options import DTYPE_NAMES, resolve_dtype  # noqa: E402
 from training.step import autocast_context, train_step  # noqa: E402
@@ -44,16 +45,6 @@ CONFIGS = {
     "gpt2-124m": dict(model=dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072,
                                  max_seq_len=1024, dropout=0.0), batch_size=16),
 }
-# bf16 dense tensor-core peaks from the datasheets, TFLOP/s (SXM parts unless named).
-GPU_PEAKS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
-             ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.0),
-             ("RTX 3090", 71.0)]
-
-
-def flops_per_token(model: LanguageModel) -> float:
-    cfg = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * (
-        cfg.max_seq_len)
 
 
 def sync(device: torch.device) -> None:

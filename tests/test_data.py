@@ -1,4 +1,7 @@
-"""Data sources, the token cache and epoch batching (training/data.py, training/batches.py)."""
+"""The built-in data, its prepared cache and epoch batching (training/data.py, batches.py).
+
+The built-in datasets go through the same preparation as `prepare_data.py`
+(tests/test_prepare.py tests that path for every source format)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from test_train_helpers import REPO, write_text
 from model.tokenizer import load_tokenizer
 from training.batches import EpochBatches
 from training.data import DataError, add_data_args, load_split
+from training.shards import TokenShards
 
 
 def _args(tmp_path, *argv: str) -> argparse.Namespace:
@@ -27,7 +31,9 @@ def test_shakespeare_split_matches_nanogpt(tmp_path):
     train, train_bytes = load_split(args, "train")
     val, val_bytes = load_split(args, "val")
     assert (len(train), len(val)) == (301_966, 36_059)
-    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert isinstance(train, TokenShards) and train.dtype == np.uint16
+    # memory-mapped, never read whole: views of the shards' maps
+    assert all(isinstance(a.base, np.memmap) for a in train.arrays)
     assert train_bytes + val_bytes == 1_115_394  # Tiny Shakespeare is ASCII
     # The cache holds exactly what the tokenizer gives for the tail 10% of the characters.
     full = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -37,28 +43,29 @@ def test_shakespeare_split_matches_nanogpt(tmp_path):
         load_split(args, "test")
 
 
-def test_cache_sidecar_and_rebuild_when_source_changes(tmp_path):
+def test_cache_manifest_and_rebuild_when_source_changes(tmp_path):
     src = write_text(tmp_path / "a.txt", 300, seed=1)
-    args = _args(tmp_path, "--train_file", str(src))
+    args = _args(tmp_path, "--train_file", str(src), "--val_file", str(src))
     tokens, nbytes = load_split(args, "train")
-    sidecar = json.loads(next((tmp_path / "cache").glob("custom.train.*.json")).read_text())
-    assert sidecar["tokenizer"] == "gpt2" and sidecar["num_tokens"] == len(tokens)
-    assert sidecar["num_bytes"] == nbytes == src.stat().st_size
-    assert sidecar["rule"] == "all"
+    folder = next((tmp_path / "cache").glob("custom.train.*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tokenizer"]["name"] == "gpt2"
+    assert manifest["splits"]["train"]["tokens"] == len(tokens)
+    assert manifest["splits"]["train"]["bytes"] == nbytes == src.stat().st_size
+    assert manifest["source"][0]["description"] == f"file {src}"  # all of it: no 90/10 rule
     expected = load_tokenizer().encode(src.read_text())
     assert tokens.tolist() == expected
 
-    bin_path = next((tmp_path / "cache").glob("custom.train.*.bin"))
-    mtime = bin_path.stat().st_mtime_ns
+    shard = folder / "train_000000.bin"
+    mtime = shard.stat().st_mtime_ns
     load_split(args, "train")  # unchanged source: the cache is reused
-    assert bin_path.stat().st_mtime_ns == mtime
+    assert shard.stat().st_mtime_ns == mtime
 
     src.write_text("A different text entirely.\n", encoding="utf-8")
     ids = load_split(args, "train")[0].tolist()
     assert ids == load_tokenizer().encode("A different text entirely.\n")
 
-    bin_path = next((tmp_path / "cache").glob("custom.train.*.bin"))
-    bin_path.write_bytes(b"\x00")  # a damaged cache file is rebuilt too
+    shard.write_bytes(b"\x00")  # a damaged cache file is rebuilt too
     assert load_split(args, "train")[0].tolist() == ids
 
 
@@ -76,6 +83,7 @@ def test_train_file_without_val_file_holds_out_last_tenth(tmp_path):
 
 
 def test_wikitext_dir_separates_articles_with_eos(tmp_path):
+    """One <|endoftext|> between articles (the preparation's rule: training/prepare.py)."""
     d = tmp_path / "wt"
     d.mkdir()
     article = " = {} = \n \n Some text about {} . \n \n = = Section = = \n \n More text . \n \n"
@@ -85,9 +93,10 @@ def test_wikitext_dir_separates_articles_with_eos(tmp_path):
     train, _ = load_split(args, "train")
     eos = load_tokenizer().eos_token_id
     ids = train.tolist()
-    assert ids.count(eos) == 2  # one after each article, none at the section heading
-    first = ids[:ids.index(eos)]
+    assert ids.count(eos) == 1  # one between the two articles, none at the section heading
+    first, second = ids[:ids.index(eos)], ids[ids.index(eos) + 1:]
     assert first == load_tokenizer().encode(article.format("Alpha", "a"))
+    assert second == load_tokenizer().encode(article.format("Beta", "b"))
     with pytest.raises(DataError, match="test.txt or wiki.test.tokens"):
         load_split(args, "test")
 
@@ -116,21 +125,21 @@ def test_unavailable_data_gives_one_line_errors(tmp_path, monkeypatch):
 
 
 def test_hugging_face_path_is_used_when_installed(tmp_path, monkeypatch):
-    """With `datasets` importable, WikiText comes from load_dataset and is cached as text."""
+    """With `datasets` importable, WikiText is streamed from load_dataset and prepared once."""
     calls = []
 
     class FakeDatasets:
         @staticmethod
-        def load_dataset(name, config, split):
-            calls.append((name, config, split))
-            return {"text": [" = Title = \n", " body text . \n"]}
+        def load_dataset(name, config, split, streaming=False):
+            calls.append((name, config, split, streaming))
+            return [{"text": " = Title = \n"}, {"text": " body text . \n"}]
 
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
     args = _args(tmp_path, "--dataset", "wikitext")
     val, nbytes = load_split(args, "val")
-    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation")]
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation", True)]
     assert nbytes == len(" = Title = \n body text . \n")
-    monkeypatch.setitem(sys.modules, "datasets", None)  # now offline: the cached text serves
+    monkeypatch.setitem(sys.modules, "datasets", None)  # now offline: the prepared cache serves
     assert load_split(args, "val")[0].tolist() == val.tolist() and len(calls) == 1
 
 
@@ -153,6 +162,22 @@ def test_epoch_batches_cover_each_window_once_in_seeded_order():
     assert not torch.equal(b.get(1, 0, 0)[0], b.get(0, 0, 0)[0])
     assert not torch.equal(EpochBatches(tokens, 10, 3, 2, seed=8).get(0, 0, 0)[0],
                            b.get(0, 0, 0)[0])
+
+
+def test_windows_across_shards_equal_one_array():
+    """The loader's rows over several shards (rows inside one, rows across a boundary) are the
+    rows of the same tokens in one array."""
+    whole = np.arange(5000, dtype=np.uint16)
+    sharded = TokenShards([whole[:1200], whole[1200:1210], whole[1210:4000], whole[4000:]])
+    starts = np.array([0, 1190, 1195, 1205, 1300, 3990, 3999, 4979, 17])
+    assert np.array_equal(sharded.windows(starts, 21), whole[starts[:, None] + np.arange(21)])
+    with pytest.raises(IndexError):
+        sharded.windows(np.array([4980]), 21)
+    for tokens in (whole, sharded):
+        x, y = EpochBatches(tokens, 20, batch_size=4, seed=5).get(1, 3, 0)
+        if tokens is whole:
+            want = x, y
+    assert torch.equal(x, want[0]) and torch.equal(y, want[1])
 
 
 def test_ranks_split_the_global_batch():

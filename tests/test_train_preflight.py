@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_train_helpers import REPO, tiny_flags
 
-from training import preflight, snapshots, train_lm
+from training import metrics, preflight, snapshots, train_lm
 from training.runlock import LOCK_NAME, lock_run_dir
 from training.snapshots import LATEST, SnapshotWriteError, save_snapshot
 
@@ -162,7 +162,7 @@ def test_disk_full_while_logging_metrics(tmp_path, capsys, monkeypatch):
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(train_lm.MetricsLog, "log", full)
+    monkeypatch.setattr(metrics.MetricsLog, "log", full)
     code, _, err = _run(tiny_flags(tmp_path, "--max_steps", "2", "--log_interval", "1"), capsys)
     errors = [ln for ln in err.splitlines() if "error:" in ln]
     assert code == 1 and "Traceback" not in err, err  # before: an OSError traceback

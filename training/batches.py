@@ -1,10 +1,12 @@
 """Epoch-based batches: every training window once per epoch, in a seeded order.
 
-The token stream is cut into `num_windows` windows of `seq_len + 1` tokens (inputs and shifted
-targets) that start `seq_len` apart, from an offset drawn per epoch (so window boundaries move
-between epochs). The windows are visited in a permutation drawn from a generator seeded with
-(seed, epoch): the order depends on nothing but those two numbers, which is what makes a resumed
-run see exactly the batches an uninterrupted one would.
+The token stream (a split's shards joined into one sequence: `training.shards.TokenShards`) is
+cut into `num_windows` windows of `seq_len + 1` tokens (inputs and shifted targets) that start
+`seq_len` apart, from an offset drawn per epoch (so window boundaries move between epochs);
+windows run across shard boundaries as they run across document boundaries. The windows are
+visited in a permutation drawn from a generator seeded with (seed, epoch): the order depends on
+nothing but those two numbers, which is what makes a resumed run see exactly the batches an
+uninterrupted one would.
 
 A step consumes `global_batch = batch_size * grad_accum * world_size` windows. Micro-batch `m` of
 rank `r` takes windows `[(m * world_size + r) * batch_size, ... + batch_size)` of the step's
@@ -18,13 +20,14 @@ import numpy as np
 import torch
 
 from training.data import DataError
+from training.shards import TokenShards
 
 
 class EpochBatches:
     """Deterministic epoch/step -> batch mapping over a 1-D token array.
 
     Args:
-        tokens: token ids (e.g. the uint16 memmap from `load_split`).
+        tokens: token ids: a split's `TokenShards` (from `load_split`), or any 1-D array.
         seq_len: tokens per training sequence.
         batch_size: sequences per micro-batch per rank.
         grad_accum: micro-batches per optimizer step.
@@ -58,6 +61,11 @@ class EpochBatches:
         self._arange = np.arange(seq_len + 1, dtype=np.int64)
 
     @property
+    def data_id(self) -> str | None:
+        """The prepared data's identity (`TokenShards.data_id`), saved with the position."""
+        return getattr(self.tokens, "data_id", None)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
 
@@ -71,13 +79,20 @@ class EpochBatches:
             self._epoch = epoch
         return self._starts
 
-    def get(self, epoch: int, step_in_epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's micro-batch `micro` of step `step_in_epoch`: (inputs, targets), (B, T)."""
+    def window_starts(self, epoch: int, step_in_epoch: int, micro: int) -> np.ndarray:
+        """Token positions where this rank's windows of micro-batch `micro` of that step start."""
         if not 0 <= step_in_epoch < self.steps_per_epoch:
             raise IndexError(f"step {step_in_epoch} outside epoch of {self.steps_per_epoch}")
         first = step_in_epoch * self.global_batch + (
             micro * self.world_size + self.rank) * self.batch_size
-        starts = self.epoch_starts(epoch)[first:first + self.batch_size]
-        rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
+        return self.epoch_starts(epoch)[first:first + self.batch_size]
+
+    def get(self, epoch: int, step_in_epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch `micro` of step `step_in_epoch`: (inputs, targets), (B, T)."""
+        starts = self.window_starts(epoch, step_in_epoch, micro)
+        if isinstance(self.tokens, TokenShards):  # gathered per shard
+            rows = self.tokens.windows(starts, len(self._arange)).astype(np.int64)
+        else:
+            rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

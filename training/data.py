@@ -1,37 +1,44 @@
-"""Training and evaluation text: where it comes from, and its cached token ids.
+"""Training and evaluation text: which prepared data folder a run reads, and its splits.
 
-Sources, by `--dataset`:
+Every split comes from token shards made by `training.prepare` (the one data path):
 
-- `shakespeare` (default): Tiny Shakespeare, bundled as `data/tinyshakespeare.txt`, split 90/10
-  by characters as nanoGPT does (301,966 / 36,059 GPT-2 tokens). No test split.
-- `wikitext` / `wikitext103`: WikiText-2 / WikiText-103 (raw). `--data_dir DIR` holding
-  `train.txt`, `valid.txt`, `test.txt` (or `wiki.{train,valid,test}.tokens` / `.raw`), else
-  Hugging Face `datasets` when it is installed and online. Articles are separated by EOS.
-- `--train_file` / `--val_file` / `--test_file`: any UTF-8 text, overriding that split. Without
-  `--val_file`, the last 10% of `--train_file` (by characters) is held out for validation.
+- `--data DIR`: a folder made by `prepare_data.py` (any corpus: hub datasets, JSONL, Parquet,
+  text...), read memory-mapped, never whole.
+- The built-in datasets, prepared into the run's cache (`<cache_dir>/<label>.<tokenizer>/`) the
+  first time and whenever the source, the split rule or the tokenizer changes:
+  - `shakespeare` (default): Tiny Shakespeare, bundled as `data/tinyshakespeare.txt`, split
+    90/10 by characters as nanoGPT does (301,966 / 36,059 GPT-2 tokens). No test split.
+  - `wikitext` / `wikitext103`: WikiText-2 / WikiText-103 (raw). `--data_dir DIR` holding
+    `train.txt`, `valid.txt`, `test.txt` (or `wiki.{train,valid,test}.tokens` / `.raw`), else
+    the Hugging Face dataset, streamed (`pip install datasets`, online once). Each article is a
+    document.
+  - `--train_file` / `--val_file` / `--test_file`: any UTF-8 text, overriding that split, each
+    file one document. Without `--val_file`, the last 10% of `--train_file` (by characters) is
+    held out for validation.
 
-Each split is tokenized once into a `uint16` memmap (`<cache_dir>/<label>.<split>.<tok>.bin`) with
-a JSON sidecar recording the source's sha256, the tokenizer and the counts; it is rebuilt whenever
-the source, the split rule or the tokenizer changes. `load_split(args, split)` returns the memmap
-and the UTF-8 size of the text it encodes (for bits per byte).
+`load_split(args, split)` returns the split's tokens (`TokenShards`) and the UTF-8 size of the
+text they encode (for bits per byte).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from training.encoders import EncoderError, tokenizer_fingerprint
+from training.prepare import PrepareConfig, Stream, prepare
+from training.shards import DataError, TokenShards, open_split, read_manifest
+from training.sources import HubDataset, LocalFiles
 
-from training.fileio import atomic_write
+__all__ = ["DataError", "add_data_args", "dataset_label", "default_cache_dir", "describe_split",
+           "load_split", "adopt_data_tokenizer", "data_folder"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"
-CACHE_FORMAT = 1
 SPLITS = ("train", "val", "test")
 DATASETS = ("shakespeare", "wikitext", "wikitext103")
 _HF_CONFIGS = {"wikitext": "wikitext-2-raw-v1", "wikitext103": "wikitext-103-raw-v1"}
@@ -41,19 +48,16 @@ _DIR_FILES = {
     "val": ("valid.txt", "val.txt", "validation.txt", "wiki.valid.tokens", "wiki.valid.raw"),
     "test": ("test.txt", "wiki.test.tokens", "wiki.test.raw"),
 }
-# A WikiText article starts with a level-1 heading line: " = Title = " (sections are " = = ...").
-_WIKITEXT_ARTICLE = re.compile(r"^ = (?!=)[^\n]* = *$", re.MULTILINE)
-
-
-class DataError(ValueError):
-    """A split is unavailable or unusable; the message is one line saying what to do."""
+_LOCAL_FLAGS = ("train_file", "val_file", "test_file", "data_dir")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Add the data flags shared by training and evaluation to `parser`."""
     g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="a folder of token shards made by prepare_data.py (any corpus size)")
     g.add_argument("--dataset", choices=DATASETS, default="shakespeare",
-                   help="text to train/evaluate on (default: shakespeare, bundled)")
+                   help="built-in text to train/evaluate on (default: shakespeare, bundled)")
     g.add_argument("--data_dir", default=None,
                    help="folder with train.txt/valid.txt/test.txt (or wiki.*.tokens) for wikitext; "
                         "tinyshakespeare.txt or input.txt for shakespeare")
@@ -64,11 +68,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default="gpt2",
                    help="tokenizer name or folder (default: gpt2, bundled)")
     g.add_argument("--cache_dir", default=None,
-                   help="where token caches go (default: <run dir>/cache)")
+                   help="where the built-in datasets' shards go (default: <run dir>/cache)")
 
 
 def dataset_label(args: argparse.Namespace) -> str:
-    """Short name of the data: the dataset, or 'custom' when --train_file is given."""
+    """Short name of the data: the `--data` folder's name, 'custom' for --train_file, or the
+    dataset."""
+    if getattr(args, "data", None):
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.data).resolve().name) or "data"
     return "custom" if getattr(args, "train_file", None) else getattr(args, "dataset", None) or (
         "shakespeare")
 
@@ -81,86 +88,18 @@ def default_cache_dir(args: argparse.Namespace) -> Path:
     return Path(out_dir) / "cache"
 
 
-@dataclass(frozen=True)
-class _Source:
-    path: Path  # the text file whose bytes are hashed
-    description: str  # for messages and the sidecar
-    rule: str  # "all", "head90" (first 90% of characters) or "tail10"
-    wikitext: bool = False  # split into articles, EOS between them
+def _check_flags(args: argparse.Namespace) -> None:
+    if not getattr(args, "data", None):
+        return
+    clash = [f"--{n}" for n in _LOCAL_FLAGS if getattr(args, n, None)]
+    if getattr(args, "dataset", "shakespeare") not in (None, "shakespeare"):
+        clash.append("--dataset")
+    if clash:
+        raise DataError(f"--data {args.data} is the whole data; drop {', '.join(clash)} (put "
+                        "other text in with prepare_data.py)")
 
 
-def describe_split(args: argparse.Namespace, split: str) -> str:
-    """One line naming where `split` comes from (resolving it may download or raise DataError)."""
-    src = _resolve_source(args, split)
-    rule = {"all": "", "head90": ", first 90% of characters", "tail10": ", last 10% of characters"}
-    return f"{src.description}{rule[src.rule]}"
-
-
-def load_split(args: argparse.Namespace, split: str) -> tuple[np.ndarray, int]:
-    """Token ids of one split, cached, and the UTF-8 byte count of the text they encode.
-
-    Args:
-        args: a namespace with the flags of `add_data_args` (missing ones take their defaults)
-            and optionally `out_dir`.
-        split: "train", "val" or "test".
-
-    Returns:
-        (tokens, num_bytes): a read-only uint16 memmap and the size of the source text in bytes.
-
-    Raises:
-        DataError: the split is unavailable (with how to get it), empty, or not UTF-8.
-    """
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    src = _resolve_source(args, split)
-    tok_name = str(getattr(args, "tokenizer", None) or "gpt2")
-    cache_dir = default_cache_dir(args)
-    stem = f"{dataset_label(args)}.{split}.{_slug(tok_name)}"
-    bin_path, meta_path = cache_dir / f"{stem}.bin", cache_dir / f"{stem}.json"
-    sha = _sha256(src.path)
-    wanted = {"format": CACHE_FORMAT, "source_sha256": sha, "rule": src.rule,
-              "tokenizer": tok_name, "wikitext_articles": src.wikitext}
-    meta = _read_meta(meta_path)
-    fresh = (meta is not None and all(meta.get(k) == v for k, v in wanted.items())
-             and bin_path.is_file() and bin_path.stat().st_size == 2 * meta.get("num_tokens", -1))
-    if not fresh:
-        meta = _build_cache(src, tok_name, bin_path, meta_path, wanted, split)
-    if meta["num_tokens"] == 0:
-        raise DataError(f"the {split} split ({src.description}) holds no tokens; give a non-empty "
-                        "text file")
-    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
-    return tokens, int(meta["num_bytes"])
-
-
-# -- where a split comes from -------------------------------------------------------------------
-
-
-def _resolve_source(args: argparse.Namespace, split: str) -> _Source:
-    train_file = getattr(args, "train_file", None)
-    explicit = {"train": train_file, "val": getattr(args, "val_file", None),
-                "test": getattr(args, "test_file", None)}[split]
-    if explicit:
-        return _Source(_existing(explicit, f"--{split}_file"), f"file {explicit}", "all")
-    if train_file:  # custom text: hold out its tail for validation
-        if split == "val":
-            return _Source(_existing(train_file, "--train_file"), f"file {train_file}", "tail10")
-        if split == "test":
-            raise DataError("no test split for --train_file data; pass --test_file FILE")
-    dataset = getattr(args, "dataset", None) or "shakespeare"
-    data_dir = getattr(args, "data_dir", None)
-    if dataset == "shakespeare":
-        if split == "test":
-            raise DataError("Tiny Shakespeare has only train and val splits (90/10); evaluate "
-                            "on val, or pass --test_file FILE")
-        path = BUNDLED_SHAKESPEARE
-        if data_dir:
-            path = _find_in_dir(data_dir, ("tinyshakespeare.txt", "input.txt"), "shakespeare")
-        rule = "head90" if split == "train" else "tail10"
-        return _Source(_existing(path, "Tiny Shakespeare"), f"Tiny Shakespeare ({path})", rule)
-    if data_dir:
-        path = _find_in_dir(data_dir, _DIR_FILES[split], dataset)
-        return _Source(path, f"{dataset} {split} ({path})", "all", wikitext=True)
-    return _from_hugging_face(args, dataset, split)
+# -- the built-in datasets as preparations ------------------------------------------------------
 
 
 def _existing(path: str | Path, what: str) -> Path:
@@ -181,30 +120,56 @@ def _find_in_dir(data_dir: str, names: tuple[str, ...], dataset: str) -> Path:
                     "add that file, or use --train_file/--val_file")
 
 
-def _from_hugging_face(args: argparse.Namespace, dataset: str, split: str) -> _Source:
-    """Download a WikiText split through `datasets` once, keeping it as text in the cache."""
+def _text(path: Path, title: str, char_range: tuple[float, float] | None = None,
+          docs: str = "file") -> LocalFiles:
+    return LocalFiles(str(path), [path], docs, char_range=char_range, title=title)
+
+
+def _split_source(args: argparse.Namespace, split: str):
+    """The source of one split of the built-in data, or None when the data has no such split.
+
+    Raises:
+        DataError: the split is unavailable (with how to get it).
+    """
+    train_file = getattr(args, "train_file", None)
+    explicit = {"train": train_file, "val": getattr(args, "val_file", None),
+                "test": getattr(args, "test_file", None)}[split]
+    if explicit:
+        return _text(_existing(explicit, f"--{split}_file"), f"file {explicit}")
+    if train_file:  # custom text: hold out its tail for validation
+        if split == "test":
+            return None
+        path = _existing(train_file, "--train_file")
+        rule = (0.0, 0.9) if split == "train" else (0.9, 1.0)
+        return _text(path, f"file {train_file}", rule)
+    dataset = getattr(args, "dataset", None) or "shakespeare"
+    data_dir = getattr(args, "data_dir", None)
+    if dataset == "shakespeare":
+        if split == "test":
+            return None
+        path = BUNDLED_SHAKESPEARE
+        if data_dir:
+            path = _find_in_dir(data_dir, ("tinyshakespeare.txt", "input.txt"), "shakespeare")
+        rule = (0.0, 0.9) if split == "train" else (0.9, 1.0)
+        return _text(_existing(path, "Tiny Shakespeare"), f"Tiny Shakespeare ({path})", rule)
+    if data_dir:
+        path = _find_in_dir(data_dir, _DIR_FILES[split], dataset)
+        return _text(path, f"{dataset} {split} ({path})", docs="wikitext")
+    return _hub_wikitext(dataset, split)
+
+
+def _hub_wikitext(dataset: str, split: str) -> HubDataset:
     config = _HF_CONFIGS[dataset]
-    path = default_cache_dir(args) / f"{config}.{split}.txt"
-    how = (f"pass --data_dir DIR holding train.txt/valid.txt/test.txt (or wiki.*.tokens) of "
-           f"{config}, or `pip install datasets` and run once with internet access")
-    if path.is_file():
-        return _Source(path, f"{config} {split} (Hugging Face, cached at {path})", "all", True)
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"--dataset {dataset} is not available offline: {how}") from None
-    try:
-        rows = datasets.load_dataset("wikitext", config, split=_HF_SPLITS[split])
-    except Exception as exc:  # noqa: BLE001 - any download failure becomes one actionable line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"could not download {config} ({first}); {how}") from None
-    with atomic_write(path, "w") as f:
-        for text in rows["text"]:
-            f.write(text)
-    return _Source(path, f"{config} {split} (Hugging Face, cached at {path})", "all", True)
+    hint = (f"; pass --data_dir DIR holding train.txt/valid.txt/test.txt (or wiki.*.tokens) of "
+            f"{config}, or `pip install datasets` and run once with internet access")
+    return HubDataset("wikitext", config, _HF_SPLITS[split], docs="wikitext", hint=hint)
 
 
-# -- the token cache ----------------------------------------------------------------------------
+def _missing_split(args: argparse.Namespace, split: str) -> DataError:
+    if getattr(args, "train_file", None):
+        return DataError(f"no {split} split for --train_file data; pass --{split}_file FILE")
+    return DataError("Tiny Shakespeare has only train and val splits (90/10); evaluate on val, "
+                     f"or pass --{split}_file FILE")
 
 
 def _slug(name: str) -> str:
@@ -214,114 +179,127 @@ def _slug(name: str) -> str:
     return f"{tail}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+def _builtin_config(args: argparse.Namespace, split: str) -> PrepareConfig:
+    """The preparation of one split of the built-in data the flags name: its own folder,
+    `<cache_dir>/<label>.<split>.<tokenizer>/`, so that a split is prepared only when it is used
+    (and one whose source is absent, as WikiText's train split beside its test split, does not
+    stop the others).
+
+    Raises:
+        DataError: the split is unavailable (with how to get it).
+    """
+    src = _split_source(args, split)
+    if src is None:
+        raise _missing_split(args, split)
+    tok = str(getattr(args, "tokenizer", None) or "gpt2")
+    label = dataset_label(args)
+    out = default_cache_dir(args) / f"{label}.{split}.{_slug(tok)}"
+    big = isinstance(src, HubDataset) or (src.total_bytes or 0) > (64 << 20)
+    return PrepareConfig(out=out, streams=[Stream(split, src)], tokenizer=tok, validation="",
+                         command=f"training/data.py: the {split} split of the built-in data "
+                                 f"{label!r}", progress=big, log=None, replace_stale=True)
 
 
-def _read_meta(path: Path) -> dict | None:
+def data_folder(args: argparse.Namespace, split: str = "train") -> Path:
+    """The prepared folder the flags name: `--data`, or the built-in data's cache (prepared
+    now if needed).
+
+    Raises:
+        DataError: the data is unavailable, unprepared or unusable (one line).
+    """
+    _check_flags(args)
+    if getattr(args, "data", None):
+        read_manifest(args.data)
+        return Path(args.data)
+    cfg = _builtin_config(args, split)
+    prepare(cfg)
+    return cfg.out
+
+
+def adopt_data_tokenizer(args: argparse.Namespace, explicit: set[str]) -> None:
+    """With `--data`, train with the folder's tokenizer; refuse another one given explicitly.
+
+    Raises:
+        DataError: `--tokenizer` names another tokenizer than the folder was prepared with.
+    """
+    if not getattr(args, "data", None):
+        return
+    _check_flags(args)
+    manifest = read_manifest(args.data)
+    name = manifest["tokenizer"]["name"]
+    if "tokenizer" not in explicit:
+        args.tokenizer = name
+    check_tokenizer(args.data, manifest, args.tokenizer)
+
+
+def check_tokenizer(directory: str | Path, manifest: dict[str, Any], tokenizer: str) -> None:
+    """Raise DataError unless `tokenizer` is the one `manifest` was prepared with (its files)."""
+    recorded = manifest.get("tokenizer") or {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_text(src: _Source) -> str:
-    try:
-        with open(src.path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{src.path} is not UTF-8 text (byte {exc.start}); convert it "
-                        "first") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {src.path}: {exc.strerror}") from None
-    cut = int(len(text) * 0.9)  # nanoGPT's split: by characters
-    return {"all": text, "head90": text[:cut], "tail10": text[cut:]}[src.rule]
-
-
-def _documents(text: str, wikitext: bool) -> list[str]:
-    if not wikitext:
-        return [text]
-    starts = [m.start() for m in _WIKITEXT_ARTICLE.finditer(text)]
-    if not starts or starts[0] != 0:
-        starts.insert(0, 0)
-    docs = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)], strict=True)]
-    return [d for d in docs if d.strip()]
-
-
-def _pieces(doc: str, target: int = 1 << 20) -> list[str]:
-    """Cut a long text at line starts, where GPT-2's pre-tokenizer always splits anyway, so that
-    encoding the pieces gives the same ids as encoding the whole (and runs in parallel)."""
-    out, start = [], 0
-    boundary = re.compile(r"\n(?=\S)")
-    while len(doc) - start > target:
-        m = boundary.search(doc, start + target)
-        if m is None:
-            break
-        out.append(doc[start:m.end()])
-        start = m.end()
-    out.append(doc[start:])
-    return out
-
-
-def _encoder(tok):
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:  # the Rust tokenizer: batched, parallel, no length warnings
-        return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
-
-
-def _build_cache(src: _Source, tok_name: str, bin_path: Path, meta_path: Path, wanted: dict,
-                 split: str) -> dict:
-    from model.tokenizer import TokenizerLoadError, load_tokenizer
-
-    try:
-        tok = load_tokenizer(tok_name)
-    except TokenizerLoadError as exc:
+        same = tokenizer_fingerprint(str(tokenizer)) == recorded.get("files_sha256")
+    except EncoderError as exc:
         raise DataError(str(exc)) from None
-    vocab = len(tok)
-    if vocab > 65536:
-        raise DataError(f"tokenizer {tok_name!r} has {vocab:,} tokens; the uint16 token cache "
-                        "holds at most 65,536")
-    text = _read_text(src)
-    num_bytes = len(text.encode("utf-8"))
-    docs = _documents(text, src.wikitext)
-    del text
-    eos = tok.eos_token_id if len(docs) > 1 else None
-    encode = _encoder(tok)
-    num_tokens = 0
-    with atomic_write(bin_path) as f:
-        batch: list[str] = []
-        ends: list[bool] = []  # does this piece end a document?
+    if not same:
+        raise DataError(f"{directory} was prepared with tokenizer {recorded.get('name')!r} "
+                        f"(files sha256 {str(recorded.get('files_sha256'))[:12]}), but this run "
+                        f"uses {tokenizer!r}: its ids would mean other tokens; use that tokenizer "
+                        "or prepare the data again with this one")
 
-        def flush() -> None:
-            nonlocal num_tokens
-            for ids, last in zip(encode(batch), ends, strict=True):
-                if last and eos is not None:
-                    ids = list(ids) + [eos]
-                arr = np.asarray(ids, dtype=np.uint16)
-                f.write(arr.tobytes())
-                num_tokens += arr.size
-            batch.clear()
-            ends.clear()
 
-        size = 0
-        for doc in docs:
-            pieces = _pieces(doc)
-            for i, piece in enumerate(pieces):
-                batch.append(piece)
-                ends.append(i == len(pieces) - 1)
-                size += len(piece)
-            if size > (16 << 20):  # bound memory on big corpora (WikiText-103: 540 MB)
-                flush()
-                size = 0
-        flush()
-    meta = dict(wanted, split=split, source=str(src.path), description=src.description,
-                vocab_size=vocab, num_tokens=num_tokens, num_bytes=num_bytes,
-                num_documents=len(docs), eos_between_documents=eos is not None)
-    with atomic_write(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
-    return meta
+def load_split(args: argparse.Namespace, split: str) -> tuple[TokenShards, int]:
+    """Token ids of one split, and the UTF-8 byte count of the text they encode.
+
+    Args:
+        args: a namespace with the flags of `add_data_args` (missing ones take their defaults)
+            and optionally `out_dir`.
+        split: "train", "val" or "test".
+
+    Returns:
+        (tokens, num_bytes): the split's shards, memory-mapped, and the size of their text.
+
+    Raises:
+        DataError: the split is unavailable (with how to get it), empty, or not UTF-8.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    directory = data_folder(args, split)
+    tok = str(getattr(args, "tokenizer", None) or "gpt2")
+    try:
+        manifest = read_manifest(directory)
+        check_tokenizer(directory, manifest, tok)
+        tokens = open_split(directory, split, manifest)
+    except DataError:
+        if getattr(args, "data", None):
+            raise
+        _rebuild(args, split)  # the cache is damaged: make it again
+        manifest = read_manifest(directory)
+        tokens = open_split(directory, split, manifest)
+    tokens.description = _describe(directory, manifest, split, bool(getattr(args, "data", None)))
+    return tokens, tokens.num_bytes
+
+
+def _rebuild(args: argparse.Namespace, split: str) -> None:
+    cfg = _builtin_config(args, split)
+    if cfg.out.is_dir():
+        for path in cfg.out.iterdir():
+            if path.is_file():
+                os.unlink(path)
+    prepare(cfg)
+
+
+def _describe(directory: Path, manifest: dict[str, Any], split: str, user_folder: bool) -> str:
+    sources = manifest.get("source") or []
+    mine = [s for s in sources if s["split"] == split] or [
+        s for s in sources if split == "val" and s.get("hold_out")]
+    what = mine[0]["description"] if mine else "?"
+    if not user_folder:
+        return what
+    info = manifest["splits"][split]
+    held = (f", {manifest['validation']['description']}"
+            if split == "val" and mine and mine[0].get("hold_out") else "")
+    return f"{directory} ({len(info['shards'])} shard(s) of {what}{held})"
+
+
+def describe_split(args: argparse.Namespace, split: str) -> str:
+    """One line naming where `split` comes from (may prepare the data, or raise DataError)."""
+    return load_split(args, split)[0].description

@@ -97,7 +97,10 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
       f"{cfg.d_ff}, context {cfg.max_seq_len} tokens, vocabulary {cfg.vocab_size:,}, dropout "
       f"{cfg.dropout}: {num_params:,} parameters ({human(non_embedding)} besides the token and "
       "position embeddings; the token embedding doubles as the output layer).")
-    p(f"  Data: training on {train_desc}: {len(batches.tokens):,} tokens, "
+    shards = getattr(batches.tokens, "num_shards", 0)
+    size = human_bytes(len(batches.tokens) * batches.tokens.dtype.itemsize)
+    in_shards = f" in {shards} shard(s) ({size}, memory-mapped)" if shards else ""
+    p(f"  Data: training on {train_desc}: {len(batches.tokens):,} tokens{in_shards}, "
       f"{batches.num_windows:,} windows of {batches.seq_len} tokens. Validation on {val_desc}: "
       f"{val_tokens:,} tokens" + (f", {eval_windows} windows per evaluation."
                                   if eval_windows else ", all of it each time."))
@@ -105,7 +108,8 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
       f"accumulation step(s) x {world_size} process(es) = {tps:,} tokens.")
     epochs = max_steps / batches.steps_per_epoch
     p(f"  Schedule: {max_steps:,} steps = {epochs:.2f} epochs of {batches.steps_per_epoch:,} "
-      f"steps, {human(max_steps * tps)} tokens in total. " + describe_recipe(args, max_steps))
+      f"steps, {human(max_steps * tps)} tokens in total (every window once per epoch, in a "
+      "seeded order). " + describe_recipe(args, max_steps))
     if stop_at < max_steps:
         p(f"  LM_MAX_STEPS={stop_at} stops this run after step {stop_at:,} (the schedule above is "
           "unchanged).")

@@ -22,7 +22,9 @@ from training import distributed as D
 from training.batches import EpochBatches
 from training.build import Parts
 from training.evaluation import EvalResult, count_windows, evaluate_tokens
-from training.metrics import MetricsLog, plot_losses
+from training.loggers import RunLog
+from training.metrics import plot_losses
+from training.mfu import datasheet_peak, flops_per_token
 from training.optim import set_lr
 from training.options import DTYPE_NAMES
 from training.run_state import RunState, snapshot_payload
@@ -81,14 +83,14 @@ class Trainer:
         state: where the run stands (restored on resume).
         info: the process group. device, amp: where and in which precision it trains.
         max_steps: steps of the whole run (the schedule); stop_at: where this invocation stops.
-        label: the dataset label. metrics: the metrics log (rank 0 only, else None).
+        label: the dataset label. metrics: the run's log (`--log_to`; rank 0 only, else None).
     """
 
     def __init__(self, *, args: argparse.Namespace, cfg: LMConfig, tok: Any, parts: Parts,
                  batches: EpochBatches, val_tokens: np.ndarray, val_bytes: int,
                  state: RunState, info: D.DistInfo, device: torch.device, amp: torch.dtype,
                  max_steps: int, stop_at: int, eval_windows: int, label: str,
-                 metrics: MetricsLog | None = None) -> None:
+                 metrics: RunLog | None = None) -> None:
         self.args, self.cfg, self.tok, self.parts, self.batches = args, cfg, tok, parts, batches
         self.val_tokens, self.val_bytes, self.state, self.info = val_tokens, val_bytes, state, info
         self.device, self.amp, self.max_steps, self.stop_at = device, amp, max_steps, stop_at
@@ -99,6 +101,9 @@ class Trainer:
         self.lr = args.lr
         self.write = lambda s: None  # the progress bar's print, once the loop runs
         self._log_tokens, self._log_time = 0, 0.0  # since the last logged training loss
+        self._stats: dict[str, Any] = {}  # the last step's gradient norm (training.step)
+        peak = datasheet_peak(device)  # MFU where the peak is known (GPUs)
+        self._flops_per_s_peak = peak * 1e12 if peak else None
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -119,7 +124,7 @@ class Trainer:
 
         return train_step(runner, parts.optimizer, parts.scaler, micro_batches(), args.grad_accum,
                           parts.autocast, self.params, args.grad_clip,
-                          parts.ddp if runner is parts.ddp else None)
+                          parts.ddp if runner is parts.ddp else None, stats=self._stats)
 
     # -- evaluation and sampling ---------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class Trainer:
         bpb = f" | {res.bits_per_byte:.3f} bits/byte" if res.bits_per_byte else ""
         self.write(f"step {step:,} | val loss {res.loss:.4f} | ppl {res.perplexity:.1f}{bpb}"
                    f"{' | best' if is_best else ''}")
-        if not args.no_plot:
+        if not args.no_plot and self.metrics.path is not None:
             plot_losses(self.metrics.path, Path(args.out_dir) / "loss_curve.png",
                         f"{self.label}: {self.cfg.num_layers} layers x {self.cfg.d_model}")
         if args.sample_tokens:
@@ -301,8 +306,12 @@ class Trainer:
         self._log_tokens += self.batches.tokens_per_step
         if log_now and self.info.is_main:
             speed = self._log_tokens / max(self._log_time, 1e-9)
+            norm = self._stats.get("grad_norm")
+            mfu = (speed * flops_per_token(self.parts.model) / self._flops_per_s_peak
+                   if self._flops_per_s_peak else None)
             self.metrics.log(state.step, "train", state.step / self.batches.steps_per_epoch,
-                             state.tokens_seen, self.lr, state.last_train, speed, state.train_time)
+                             state.tokens_seen, self.lr, state.last_train, speed, state.train_time,
+                             grad_norm=None if norm is None else float(norm), mfu=mfu)
             ppl = math.exp(min(state.last_train, 700))
             bar.set_postfix_str(f"loss {state.last_train:.3f} ppl {ppl:.1f} {speed:,.0f} tok/s",
                                 refresh=False)

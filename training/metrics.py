@@ -13,7 +13,8 @@ from pathlib import Path
 
 from training.fileio import atomic_write
 
-FIELDS = ("step", "kind", "epoch", "tokens", "lr", "loss", "ppl", "tokens_per_s", "elapsed_s")
+FIELDS = ("step", "kind", "epoch", "tokens", "lr", "loss", "ppl", "tokens_per_s", "elapsed_s",
+          "grad_norm", "mfu")
 
 
 def _ppl(loss: float) -> float:
@@ -36,6 +37,11 @@ class MetricsLog:
         if not self.path.exists() or self.path.stat().st_size == 0:
             with atomic_write(self.path, "w") as f:
                 f.write(",".join(FIELDS) + "\n")
+        else:
+            with open(self.path, encoding="utf-8") as f:
+                header = f.readline().strip()
+            if header != ",".join(FIELDS):  # a run from before the last columns: add them
+                self._rewrite(read_metrics(self.path))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (written by a run that died after its last snapshot)."""
@@ -43,17 +49,23 @@ class MetricsLog:
         kept = [r for r in rows if int(r["step"]) <= step]
         if len(kept) == len(rows):
             return
+        self._rewrite(kept)
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
         with atomic_write(self.path, "w") as f:
-            writer = csv.DictWriter(f, FIELDS, lineterminator="\n")
+            writer = csv.DictWriter(f, FIELDS, lineterminator="\n", extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(rows)
 
     def log(self, step: int, kind: str, epoch: float, tokens: int, lr: float, loss: float,
-            tokens_per_s: float | None = None, elapsed_s: float | None = None) -> None:
+            tokens_per_s: float | None = None, elapsed_s: float | None = None,
+            grad_norm: float | None = None, mfu: float | None = None) -> None:
         row = {"step": step, "kind": kind, "epoch": f"{epoch:.4f}", "tokens": tokens,
                "lr": repr(float(lr)), "loss": repr(float(loss)), "ppl": f"{_ppl(loss):.4f}",
                "tokens_per_s": "" if tokens_per_s is None else f"{tokens_per_s:.1f}",
-               "elapsed_s": "" if elapsed_s is None else f"{elapsed_s:.2f}"}
+               "elapsed_s": "" if elapsed_s is None else f"{elapsed_s:.2f}",
+               "grad_norm": "" if grad_norm is None else repr(float(grad_norm)),
+               "mfu": "" if mfu is None else f"{mfu:.4f}"}
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, FIELDS, lineterminator="\n").writerow(row)
             f.flush()

@@ -188,7 +188,22 @@ def build_parser() -> OneLineParser:
                    help="print a sample of N tokens at each evaluation (0: none)")
     e.add_argument("--sample_prompt", default="\n", help="prompt for those samples")
     e.add_argument("--no_plot", action="store_true", help="do not draw loss_curve.png")
+    e.add_argument("--log_to", type=_log_targets, default="csv", metavar="csv,tensorboard,wandb",
+                   help="where the scalars go, comma-separated: csv (metrics.csv, the default; "
+                        "the loss plot reads it), tensorboard (<run dir>/tensorboard), wandb "
+                        "(offline unless an API key is set up)")
     return p
+
+
+def _log_targets(text: str) -> str:
+    from training.loggers import LOG_TO
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in LOG_TO]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(LOG_TO)} separated by "
+                                         f"commas, got {text!r}")
+    return ",".join(dict.fromkeys(names))
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:

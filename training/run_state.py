@@ -74,7 +74,8 @@ class RunState:
         epoch, batch = int(pos.get("epoch", ckpt["epoch"])), int(pos.get("batch", 0))
         same_grid = (pos.get("global_batch") == batches.global_batch
                      and pos.get("seq_len") == batches.seq_len and pos.get("seed") == seed
-                     and pos.get("num_windows") == batches.num_windows)
+                     and pos.get("num_windows") == batches.num_windows
+                     and pos.get("data_id") in (None, batches.data_id))
         if not same_grid:
             windows = batch * int(pos.get("global_batch") or batches.global_batch)
             batch = min(windows // batches.global_batch, spe - 1)
@@ -106,7 +107,8 @@ class RunState:
             "data_position": {"epoch": self.epoch, "batch": self.batch, "seed": seed,
                               "seq_len": batches.seq_len, "global_batch": batches.global_batch,
                               "num_windows": batches.num_windows,
-                              "steps_per_epoch": batches.steps_per_epoch},
+                              "steps_per_epoch": batches.steps_per_epoch,
+                              "data_id": batches.data_id},
         }
 
 

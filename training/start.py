@@ -170,3 +170,34 @@ def check_resume_fits(cfg: LMConfig, start: RunStart) -> None:
     if diffs:
         raise UsageError(f"--resume: {start.path} holds a different model ({'; '.join(diffs)}); "
                          "drop those flags to use the snapshot's, or use a new --out_dir")
+
+
+def keep_global_batch(args: argparse.Namespace, explicit: set[str], start: RunStart,
+                      world_size: int, say: Say) -> None:
+    """A resume with another number of processes continues with the snapshot's global batch.
+
+    The batches are a function of the global batch (`training.batches`), not of how it is split
+    into processes and micro-batches. So when only the process count changed, `--grad_accum` is
+    set to keep the global batch, and the run sees exactly the batches it would have seen (the
+    dropout randomness is reseeded). Explicit `--batch_size` / `--grad_accum` are obeyed as given.
+
+    Raises:
+        UsageError: the saved global batch cannot be split over `world_size` processes with the
+            batch size.
+    """
+    if not start.resuming or "batch_size" in explicit or "grad_accum" in explicit:
+        return
+    saved = int((start.ckpt.get("rng_state") or {}).get("world_size") or world_size)
+    target = (start.ckpt.get("data_position") or {}).get("global_batch")
+    if saved == world_size or not target:
+        return
+    per_step = args.batch_size * world_size
+    if target % per_step:
+        raise UsageError(f"--resume: the snapshot's global batch is {target} sequences ({saved} "
+                         f"process(es)); {world_size} processes with --batch_size "
+                         f"{args.batch_size} cannot make it: pass --batch_size B and --grad_accum "
+                         f"A with B x A x {world_size} = {target}")
+    args.grad_accum = target // per_step
+    say(f"note: resuming a {saved}-process run with {world_size} process(es): --grad_accum "
+        f"{args.grad_accum} keeps its global batch of {target} sequences, so the data order is "
+        "unchanged")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -22,7 +23,8 @@ def train_step(runner: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, micro_batches: Iterable[Batch], num_micro: int,
                autocast: AutocastFactory,
                params: list[torch.nn.Parameter], grad_clip: float = 1.0,
-               ddp: torch.nn.parallel.DistributedDataParallel | None = None) -> torch.Tensor:
+               ddp: torch.nn.parallel.DistributedDataParallel | None = None,
+               stats: dict | None = None) -> torch.Tensor:
     """Forward, backward (accumulated over `num_micro` micro-batches), clip, step, zero grads.
 
     Args:
@@ -34,6 +36,8 @@ def train_step(runner: torch.nn.Module, optimizer: torch.optim.Optimizer,
         params: the parameters whose gradient norm is clipped.
         grad_clip: max global gradient norm (0: no clipping).
         ddp: the DDP wrapper, if any: gradients are all-reduced on the last micro-batch only.
+        stats: if given, receives "grad_norm": the global gradient norm before clipping (a
+            device tensor).
 
     Returns:
         The mean loss over the micro-batches (a device tensor; reading it syncs).
@@ -48,9 +52,11 @@ def train_step(runner: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler.scale(loss / num_micro).backward()
         loss = loss.detach().float()
         loss_sum = loss if loss_sum is None else loss_sum + loss
-    if grad_clip > 0:
+    if grad_clip > 0 or stats is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        if stats is not None:
+            stats["grad_norm"] = norm
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

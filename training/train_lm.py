@@ -39,10 +39,16 @@ from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
 from training import distributed as D  # noqa: E402
 from training.batches import EpochBatches  # noqa: E402
 from training.build import build_parts  # noqa: E402
-from training.data import DataError, dataset_label, describe_split, load_split  # noqa: E402
+from training.data import (  # noqa: E402
+    DataError,
+    adopt_data_tokenizer,
+    dataset_label,
+    describe_split,
+    load_split,
+)
 from training.explain import print_explanation  # noqa: E402
+from training.loggers import LoggerError, RunLog  # noqa: E402
 from training.loop import Trainer  # noqa: E402
-from training.metrics import MetricsLog  # noqa: E402
 from training.options import (  # noqa: E402
     DTYPE_NAMES,
     UsageError,
@@ -61,6 +67,7 @@ from training.start import (  # noqa: E402
     check_resume_fits,
     check_vocabulary,
     choose_start,
+    keep_global_batch,
     source_weights,
 )
 
@@ -117,8 +124,8 @@ def _model_config(args: argparse.Namespace, start: RunStart, info: D.DistInfo, d
 
 
 def _prepare_run_dir(args: argparse.Namespace, start: RunStart, info: D.DistInfo
-                     ) -> MetricsLog | None:
-    """Create the run directory, clear half-written files, open the metrics log (rank 0).
+                     ) -> RunLog | None:
+    """Create the run directory, clear half-written files, open the run's log (rank 0).
 
     Checks on the run directory before any training belong here.
     """
@@ -127,10 +134,8 @@ def _prepare_run_dir(args: argparse.Namespace, start: RunStart, info: D.DistInfo
     snap_dir = Path(args.out_dir) / "snapshots"
     snap_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(snap_dir)
-    metrics = MetricsLog(Path(args.out_dir) / "metrics.csv")
-    if start.resuming:
-        metrics.truncate_after(int(start.ckpt["step"]))
-    return metrics
+    return RunLog(args.out_dir, args.log_to.split(","), args,
+                  resume_step=int(start.ckpt["step"]) if start.resuming else None)
 
 
 def _run(argv: list[str] | None) -> int:
@@ -152,6 +157,8 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     """Start (or resume) a run and train it: the order of things, each done elsewhere."""
     start = choose_start(args, explicit, lambda line: _say(info, line))
     finalize(args)
+    adopt_data_tokenizer(args, explicit)  # --data: the folder's tokenizer
+    keep_global_batch(args, explicit, start, info.world_size, lambda line: _say(info, line))
     eval_windows = windows_per_eval(args)  # after a resume has inherited the run's flag
     snap_dir = Path(args.out_dir) / "snapshots"
     if not start.resuming and not args.explain and list_snapshots(snap_dir):
@@ -226,7 +233,11 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
          f"{' x' + str(info.world_size) if info.enabled else ''} | snapshots in {snap_dir}")
     if cap and cap < max_steps:
         _say(info, f"LM_MAX_STEPS={cap}: stopping after step {stop_at:,}")
-    return trainer.run(resumed=start.resuming)
+    try:
+        return trainer.run(resumed=start.resuming)
+    finally:
+        if trainer.metrics is not None:
+            trainer.metrics.close()  # TensorBoard and W&B flush here
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     except (UsageError, DataError, SnapshotError, CheckpointError, TokenizerLoadError,
-            DeviceError) as exc:
+            DeviceError, LoggerError) as exc:
         print(f"train_lm.py: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
