@@ -86,7 +86,9 @@ def _recipe(*extra: str) -> tuple[str, ...]:
 
 
 def test_budgeted_run_ends_within_it_with_its_schedule_done(tmp_path, warm, capsys):
-    seconds = 4.0
+    # Seconds enough for a start (tokenizer, data, model, the measurement) that took 5 s on a
+    # 2-core machine loaded eight times over, and still steps after it.
+    seconds = 15.0
     flags = tiny_flags(tmp_path, *_recipe("--time_budget", f"{seconds}s", "--schedule", "wsd",
                                           "--cooldown", "0.5", "--min_lr", "0",
                                           "--eval_interval", "10"))
@@ -94,12 +96,12 @@ def test_budgeted_run_ends_within_it_with_its_schedule_done(tmp_path, warm, caps
     assert train_lm.main(flags) == 0
     wall = time.perf_counter() - t0
     out = capsys.readouterr().out
-    assert wall < seconds + 6.0, (wall, out)  # a generous margin: the machine is shared
+    assert wall < seconds + 10.0, (wall, out)  # a generous margin: the machine is shared
     plan = torch.load(tmp_path / "run" / "snapshots" / "latest.pt",
                       weights_only=True)["time_plan"]
     n = plan["steps"]
     assert n >= 2 and plan["budget_s"] == seconds and plan["estimate_s"] <= seconds
-    assert "time budget 4 s: a step takes" in out and f"so {n:,} steps" in out, out
+    assert "time budget 15 s: a step takes" in out and f"so {n:,} steps" in out, out
     assert "time budget: the whole run took" in out
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["kind"] == "train"]
     assert [int(r["step"]) for r in rows] == list(range(1, n + 1))
