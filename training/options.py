@@ -30,10 +30,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  eval_interval=100, eval_windows=100, sample_tokens=80),
     # The best validation loss we found for 10 minutes of a 2-core CPU (bf16); figures and the
     # runs behind them in README "Training recipe" and bench/results/quality_cpu_2core.txt.
+    # A run of ~200-300 steps on a 2-core CPU (under 1.5 epochs): no dropout, a short warm-up,
+    # a 40% cool-down and a higher AdamW rate than a longer run would take (bench/quality.py).
     "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
-                      dropout=0.1, batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3,
-                      min_lr=0.0, schedule="wsd", cooldown=0.3, warmup_steps=30,
-                      time_budget=10.0, eval_interval=100, eval_windows=0),
+                      dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.02, lr=3e-3,
+                      min_lr=0.0, schedule="wsd", cooldown=0.4, warmup_steps=10,
+                      time_budget=10.0, eval_interval=150, eval_windows=0),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
                       dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
