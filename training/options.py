@@ -28,10 +28,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3, min_lr=0.0,
                  schedule="wsd", cooldown=0.3, warmup_steps=30, max_steps=300,
                  eval_interval=100, eval_windows=100, sample_tokens=80),
-    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16); figures and the
-    # runs behind them in README "Training recipe" and bench/results/quality_cpu_2core.txt.
-    # A run of ~200-300 steps on a 2-core CPU (under 1.5 epochs): no dropout, a short warm-up,
-    # a 40% cool-down and a higher AdamW rate than a longer run would take (bench/quality.py).
+    # The best validation loss we found in a 10-minute budget (--time_budget) of a 2-core CPU:
+    # a few hundred steps there, so no dropout, a short warm-up, a 40% cool-down and a higher
+    # AdamW rate than a longer run would take; figures and the runs behind them in README
+    # "Training recipe" and bench/results/quality_cpu_2core.txt.
     "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
                       dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.02, lr=3e-3,
                       min_lr=0.0, schedule="wsd", cooldown=0.4, warmup_steps=10,
