@@ -1,58 +1,48 @@
 #!/usr/bin/env python
-"""Model quality for the same wall-clock minutes: a reference recipe vs ours, one invocation.
+"""Model quality for the same wall-clock budget: a reference recipe vs ours, one invocation.
 
 The quality twin of `bench/training.py`. Both recipes train the same model shape on the same data
-(Tiny Shakespeare, GPT-2 tokens) with `training/train_lm.py` itself, one after the other:
-- ours: `--preset cpu-10min` exactly as it is (Muon + AdamW, warmup-stable-decay, the preset's
-  steps), timed here;
-- reference: AdamW + cosine decay with nanoGPT's Shakespeare hyper-parameters (peak 1e-3 down to
-  1e-4, 100 warm-up steps, betas 0.9/0.99, weight decay 0.1, dropout 0.2, clipping at 1.0) for
-  the same training minutes: the two recipes' step times are measured in this process and the
-  reference gets the number of steps that takes as long as ours.
-The score is the validation loss over the whole validation split (`evaluate_lm.py`'s windows and
-precision) of each run's `best.pt`. The curves (validation loss against training minutes) go to a
-PNG next to the table.
+(Tiny Shakespeare, GPT-2 tokens) with `training/train_lm.py` itself, one after the other, each as
+the whole command a user would type, timed from outside, with the same `--time_budget`:
+- ours: `--preset cpu-10min` exactly as it is (Muon + AdamW, warmup-stable-decay; the run plans
+  its steps from a step it measures, so that the whole command ends within ten minutes);
+- reference: the same preset with AdamW + cosine decay and nanoGPT's Shakespeare hyper-parameters
+  (peak 1e-3 down to 1e-4, 100 warm-up steps, betas 0.9/0.99, weight decay 0.1, dropout 0.2,
+  clipping at 1.0), which plans its own steps for the same budget.
+The score is the validation loss over the whole validation split of each run's `best.pt`, from
+`evaluate_lm.py --json` run on it. The curves (validation loss against training minutes) go to a
+PNG next to the table, and the table to `--out`. The data is tokenized once first, outside the
+budgets.
 
-    python bench/quality.py                 # the full preset: about 21 minutes in all
-    python bench/quality.py --steps 200     # a quicker look (both recipes shortened)
+    python bench/quality.py                  # the preset's 10 minutes each: about 21 minutes
+    python bench/quality.py --minutes 2      # a quicker look (both recipes get 2 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from model.checkpoint import load_model  # noqa: E402
-from training import train_lm  # noqa: E402
-from training.evaluation import evaluate_tokens  # noqa: E402
-from training.fused_loss import TrainingModule  # noqa: E402
+from training.data import load_split  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
-from training.optim import make_optimizer  # noqa: E402
-from training.options import PRESETS, resolve_dtype  # noqa: E402
-from training.step import autocast_context, train_step  # noqa: E402
+from training.options import DTYPE_NAMES, PRESETS, finalize, parse_args, resolve_dtype  # noqa: E402
 
 PRESET = PRESETS["cpu-10min"]
-MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
-BATCH_KEYS = ("batch_size", "seq_len")
-RECIPE_KEYS = ("optimizer", "lr", "min_lr", "muon_lr", "muon_momentum", "muon_weight_decay",
-               "schedule", "cooldown", "ema", "warmup_steps", "weight_decay", "beta1", "beta2",
-               "dropout")
-DEFAULTS = dict(optimizer="adamw", schedule="cosine", ema=0.0, beta1=0.9, beta2=0.95,
-                weight_decay=0.1, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0,
-                cooldown=0.2)
-RECIPES = {  # ours first: its time sets the reference's
-    "ours": {k: PRESET[k] for k in RECIPE_KEYS if k in PRESET},
+RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
+    "ours": {},
     "reference": dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100,
                       schedule="cosine", ema=0.0, beta1=0.9, beta2=0.99, weight_decay=0.1,
                       dropout=0.2),
@@ -63,48 +53,50 @@ def _flags(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k}", str(v))]
 
 
-def step_seconds(recipe: dict, shape: dict, batch: dict, device: torch.device, steps: int = 4
-                 ) -> float:
-    """The median time of one training step of `recipe` (after one warm-up step)."""
-    r = {**DEFAULTS, **recipe}
-    torch.manual_seed(0)
-    from model.lm import LanguageModel
-
-    model = LanguageModel(vocab_size=50257, dropout=r["dropout"], **shape).to(device)
-    module = TrainingModule(model)
-    opt = make_optimizer(model, r["lr"], r["weight_decay"], (r["beta1"], r["beta2"]),
-                         device.type, optimizer=r["optimizer"], muon_lr=r["muon_lr"],
-                         muon_momentum=r["muon_momentum"],
-                         muon_weight_decay=r["muon_weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    autocast = autocast_context(device.type, resolve_dtype("auto", device))
-    params = list(model.parameters())
-    seq = batch.get("seq_len") or shape["max_seq_len"]
-    x = torch.randint(0, 50257, (batch["batch_size"], seq + 1), device=device)
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        train_step(module, opt, scaler, [(x[:, :-1], x[:, 1:])], 1, autocast, params, 1.0)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def machine() -> str:
+    """This machine's processor in words, e.g. 'AMD EPYC, 2 cores, AVX2'."""
+    name = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines()
+                    if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines()
+                         if line.startswith("flags")))
+        simd = [f.upper().replace("_", "-") for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
+                if f in flags]
+        name += f", {simd[0]}" if simd else ""
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
-def run_recipe(name: str, recipe: dict, steps: int, common: list[str], out: Path) -> dict:
-    """Train `recipe` for `steps` steps with train_lm.py; its curve and final score."""
-    argv = [*common, *_flags(recipe), "--max_steps", str(steps), "--out_dir", str(out)]
+def run_recipe(name: str, extra: list[str], out: Path, log: Path) -> dict:
+    """Run `train_lm.py --preset cpu-10min EXTRA` as its own process; its plan, curve, wall."""
+    cmd = [sys.executable, str(REPO / "training" / "train_lm.py"), "--preset", "cpu-10min",
+           *extra, "--out_dir", str(out)]
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = train_lm.main(argv)
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     wall = time.perf_counter() - t0
     if code != 0:
         raise SystemExit(f"bench/quality.py: the {name} run failed (exit {code}): "
-                         f"train_lm.py {' '.join(argv)}")
+                         f"{' '.join(cmd)}\n{log.read_text()[-2000:]}")
     rows = read_metrics(out / "metrics.csv")
     curve = [(float(r["elapsed_s"]) / 60, float(r["loss"])) for r in rows if r["kind"] == "val"]
-    model, _ = load_model(out / "snapshots" / "best.pt", device="cpu")
-    return dict(name=name, steps=steps, wall_min=wall / 60, curve=curve, model=model,
+    best = out / "snapshots" / "best.pt"
+    plan = torch.load(best, map_location="cpu", weights_only=True)["time_plan"]
+    return dict(name=name, plan=plan, wall_s=wall, curve=curve, best=best,
                 train_min=float(rows[-1]["elapsed_s"]) / 60)
+
+
+def evaluate(best: Path, cache_dir: str, device: str) -> dict:
+    """`evaluate_lm.py --json` on a run's best.pt (the validation split, every window, fp32)."""
+    cmd = [sys.executable, str(REPO / "evaluate_lm.py"), "--checkpoint", str(best),
+           "--cache_dir", cache_dir, "--device", device, "--split", "val", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/quality.py: {' '.join(cmd)} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -129,68 +121,67 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=None,
-                   help="our run's steps (default: the preset's); the reference gets as long")
+    p.add_argument("--minutes", type=float, default=PRESET["time_budget"],
+                   help="each recipe's --time_budget (default: the preset's)")
     p.add_argument("--png", default="bench/results/quality_cpu_2core.png",
                    help="where to draw the curves")
+    p.add_argument("--out", default="bench/results/quality_cpu_2core.txt",
+                   help="where to write the table (also printed)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    device = torch.device(args.device)
+    if not args.minutes > 0:
+        p.error("--minutes must be positive")
 
-    shape = {k: PRESET[k] for k in MODEL_KEYS}
-    batch = {k: PRESET[k] for k in BATCH_KEYS if k in PRESET}
-    ours_steps = args.steps or PRESET["max_steps"]
-    common = ["--preset", "cpu-10min", "--device", args.device, "--no_plot",
-              "--sample_tokens", "0", "--eval_windows", "0"]
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        # Tokenize once, outside the timed runs.
-        with contextlib.redirect_stdout(io.StringIO()):
-            train_lm.main([*common, "--out_dir", f"{tmp}/warm", "--explain"])
-        secs = {name: step_seconds(recipe, shape, batch, device)
-                for name, recipe in RECIPES.items()}
-        steps = {"ours": ours_steps,
-                 "reference": max(10, round(ours_steps * secs["ours"] / secs["reference"]))}
-        evals = ["--eval_interval", str(max(10, ours_steps // 8))]
-        results = [run_recipe(name, recipe, steps[name], [*common, *evals], Path(tmp) / name)
+        common = ["--device", args.device, "--cache_dir", f"{tmp}/cache",
+                  "--time_budget", f"{args.minutes:g}"]
+        targs, _ = parse_args(["--preset", "cpu-10min", *common])
+        finalize(targs)
+        load_split(targs, "val")  # tokenizes both splits' cache once, outside the runs
+        load_split(targs, "train")
+        results = [run_recipe(name, [*common, *_flags(recipe)], Path(tmp) / name,
+                              Path(tmp) / f"{name}.log")
                    for name, recipe in RECIPES.items()]
-        val = load_val_tokens(common, tmp)
         for r in results:
-            res = evaluate_tokens(r.pop("model"), val, seq_len=shape["max_seq_len"],
-                                  batch_size=16)
-            r["val_loss"], r["ppl"] = res.loss, res.perplexity
+            report = evaluate(r.pop("best"), f"{tmp}/cache", args.device)
+            r["val_loss"], r["ppl"] = report["loss"], report["perplexity"]
 
-    cpu = platform.processor() or platform.machine()
-    print(f"device: {device} ({cpu}, {torch.get_num_threads()} threads); torch "
-          f"{torch.__version__}; model {shape['num_layers']} layers x {shape['d_model']}, "
-          f"context {shape['max_seq_len']}, batch {batch['batch_size']}; Tiny Shakespeare, "
-          f"GPT-2 tokens")
-    print("step time measured here: " + ", ".join(f"{n} {s:.3f} s" for n, s in secs.items()))
-    print(f"{'recipe':<10} {'steps':>6} {'train min':>9} {'wall min':>8} {'val loss':>9} "
-          f"{'ppl':>7}  flags")
+    lines: list[str] = []
+    say = lines.append
+    device = torch.device(args.device)
+    amp = DTYPE_NAMES[resolve_dtype("auto", device)]
+    where = machine() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    say(f"device: {device} ({where}; {torch.get_num_threads()} threads, {amp} training); "
+        f"torch {torch.__version__}; model {PRESET['num_layers']} layers x {PRESET['d_model']}, "
+        f"context {PRESET['max_seq_len']}, batch {PRESET['batch_size']}; Tiny Shakespeare, "
+        "GPT-2 tokens")
+    say(f"each recipe: python training/train_lm.py --preset cpu-10min --time_budget "
+        f"{args.minutes:g} [flags] (wall: the whole command, timed from outside, budget "
+        f"{args.minutes * 60:g} s)")
+    say("ours: " + " ".join(_flags({k: v for k, v in PRESET.items() if k != "time_budget"})))
+    say(f"{'recipe':<10} {'step s':>7} {'steps':>6} {'train min':>9} {'wall s':>7} "
+        f"{'val loss':>9} {'ppl':>7}  flags")
     for r in results:
-        print(f"{r['name']:<10} {r['steps']:>6} {r['train_min']:>9.2f} {r['wall_min']:>8.2f} "
-              f"{r['val_loss']:>9.4f} {r['ppl']:>7.1f}  {' '.join(_flags(RECIPES[r['name']]))}")
+        flags = " ".join(_flags(RECIPES[r["name"]])) or "(the preset as it is)"
+        say(f"{r['name']:<10} {r['plan']['step_s']:>7.3f} {r['plan']['steps']:>6} "
+            f"{r['train_min']:>9.2f} {r['wall_s']:>7.1f} {r['val_loss']:>9.4f} "
+            f"{r['ppl']:>7.1f}  {flags}")
     ours, ref = results
     diff = ref["val_loss"] - ours["val_loss"]
-    print(f"ours is {diff:.4f} nats/token lower ({math.exp(diff):.2f}x lower perplexity); "
-          "validation loss over the whole validation split (fp32), best.pt of each run")
+    say(f"ours is {diff:.4f} nats/token lower ({math.exp(diff):.2f}x lower perplexity); "
+        "validation loss: evaluate_lm.py on each run's best.pt, the whole validation split (fp32)")
     png = Path(args.png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, png, f"Tiny Shakespeare, {shape['num_layers']}x{shape['d_model']} model, "
-                       f"{ours['wall_min']:.1f} vs {ref['wall_min']:.1f} wall minutes")
-    print(f"curves: {png}")
+    plot(results, png, f"Tiny Shakespeare, {PRESET['num_layers']}x{PRESET['d_model']} model, "
+                       f"--time_budget {args.minutes:g} each ({where})")
+    say(f"curves: {png}; bench/quality.py took {time.perf_counter() - started:.0f} s in all")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     return 0
-
-
-def load_val_tokens(common: list[str], tmp: str) -> torch.Tensor:
-    """The validation split's tokens, as the trainer reads them."""
-    from training.data import load_split
-    from training.options import finalize, parse_args
-
-    args, _ = parse_args([*common, "--out_dir", f"{tmp}/warm"])
-    finalize(args)
-    tokens, _ = load_split(args, "val")
-    return tokens
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ BAD_FLAGS = [
     (["--cooldown", "0"], "--cooldown must be in (0, 1]"),
     (["--muon_momentum", "1"], "--muon_momentum"),
     (["--optimizer", "muon", "--muon_lr", "0"], "--muon_lr must be positive"),
+    # --time_budget (training/budget.py)
+    (["--time_budget", "0"], "expected a positive time"),
+    (["--time_budget", "-5"], "expected a positive time"),
+    (["--time_budget", "ten"], "expected a positive time"),
+    (["--time_budget", "nan"], "expected a positive time"),
+    (["--time_budget", "5", "--max_steps", "10"], "both set the run's length"),
+    (["--time_budget", "0.01s"], "too short for one step here"),
 ]
 
 

@@ -68,6 +68,44 @@ def test_muon_takes_the_block_matrices_only(tiny_config):
     assert {g["lr"] for g in opt.adamw.param_groups} == {5e-4}
 
 
+def test_muon_newton_schulz_in_float32_unless_bfloat16():
+    """Our Muon's step is PyTorch's (bit for bit with the iteration in bf16, as PyTorch runs
+    it); the trainer runs the iteration in float32 unless it computes in bfloat16."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 40), (24, 24)]
+    ref = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    f32 = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=0.02, momentum=0.95, weight_decay=0.01, nesterov=True, adjust_lr_fn="original")
+    a, b = torch.optim.Muon(ref, **kw), optim.Muon(ours, ns_dtype=torch.float32, **kw)
+    c = optim.Muon(f32, ns_dtype=torch.float32, **kw)
+    for _ in range(3):
+        for ps in (ref, ours, f32):
+            torch.manual_seed(1)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+        a.step()
+        b.step_in(torch.bfloat16)
+        c.step()
+    assert all(torch.equal(x, y) for x, y in zip(ref, ours, strict=True))
+    for x, z in zip(ref, f32, strict=True):  # float32 differs by bf16's rounding only
+        assert not torch.equal(x, z) and torch.allclose(x, z, atol=2e-3)
+    assert c.state_dict()["state"].keys() == a.state_dict()["state"].keys()
+    u = optim.newton_schulz(torch.randn(40, 12), (3.4445, -4.7750, 2.0315), 5, 1e-7,
+                            torch.float32)
+    assert u.dtype == torch.float32 and u.shape == (40, 12)
+    assert torch.linalg.svdvals(u).min() > 0.6 and torch.linalg.svdvals(u).max() < 1.25
+    model = LanguageModel(vocab_size=64, d_model=16, num_heads=2, num_layers=1, d_ff=32,
+                          max_seq_len=8)
+    args = type("Args", (), dict(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95,
+                                 optimizer="muon", muon_lr=0.02, muon_momentum=0.95,
+                                 muon_weight_decay=0.0))()
+    cpu = torch.device("cpu")
+    assert optim.build_optimizer(model, args, cpu, torch.float32).muon.ns_dtype == torch.float32
+    assert optim.build_optimizer(model, args, cpu, torch.bfloat16).muon.ns_dtype == (
+        torch.bfloat16)
+
+
 def test_muon_missing_falls_back_to_adamw(tiny_config, monkeypatch, capsys):
     monkeypatch.setattr(optim, "muon_available", lambda: False)
     opt = optim.make_optimizer(LanguageModel(**tiny_config), 1e-3, 0.1, (0.9, 0.95), "cpu",

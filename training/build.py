@@ -97,7 +97,7 @@ def build_parts(cfg: LMConfig, tokenizer: Any, args: argparse.Namespace, device:
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, args, device)
+    optimizer = build_optimizer(model, args, device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     average = WeightAverage(model, args.ema) if args.ema > 0 else None
     return Parts(model, module, ddp, optimizer, scaler, autocast_context(device.type, amp),

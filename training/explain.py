@@ -11,6 +11,7 @@ import torch
 
 from model.lm import LMConfig
 from training.batches import EpochBatches
+from training.budget import TimePlan, minutes_text
 
 
 def human(n: float) -> str:
@@ -81,11 +82,12 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
                       amp: torch.dtype, world_size: int, resumed_from: Path | None,
                       measure_step: Callable[[], tuple[float, float]], argv: list[str],
                       existing_run: bool = False, init_from: str | None = None,
-                      out=None) -> None:
+                      plan: TimePlan | None = None, out=None) -> None:
     """Print the plan for these flags.
 
     `measure_step` runs one training step and a little validation; it returns the seconds of one
-    step and of one whole evaluation.
+    step and of one whole evaluation. `plan`: the `--time_budget` plan, whose steps are
+    `max_steps`.
     """
     out = out or sys.stdout
     p = lambda s="": print(s, file=out)  # noqa: E731
@@ -110,6 +112,10 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
     p(f"  Schedule: {max_steps:,} steps = {epochs:.2f} epochs of {batches.steps_per_epoch:,} "
       f"steps, {human(max_steps * tps)} tokens in total (every window once per epoch, in a "
       "seeded order). " + describe_recipe(args, max_steps))
+    if plan is not None:
+        p(f"  Planned from the {minutes_text(plan.budget_s)} time budget (--time_budget), measured "
+          f"here just now: {plan.describe()}. The run measures again when it starts (resumed: "
+          "it keeps its plan).")
     if stop_at < max_steps:
         p(f"  LM_MAX_STEPS={stop_at} stops this run after step {stop_at:,} (the schedule above is "
           "unchanged).")

@@ -20,8 +20,9 @@ import torch
 from model.lm import LanguageModel, LMConfig
 from training import distributed as D
 from training.batches import EpochBatches
+from training.budget import measure_costs
 from training.build import Parts
-from training.evaluation import EvalResult, count_windows, evaluate_tokens
+from training.evaluation import EvalResult, evaluate_tokens
 from training.loggers import RunLog
 from training.metrics import plot_losses
 from training.mfu import datasheet_peak, flops_per_token
@@ -167,31 +168,12 @@ class Trainer:
     def measure(self) -> tuple[float, float]:
         """For `--explain`: seconds of one training step, and of one evaluation (extrapolated).
 
-        Runs without DDP (the other ranks are not stepping; communication is not timed) and with
-        a learning rate of 0: nothing here is saved anyway.
+        Runs without DDP (the other ranks are not stepping; communication is not timed); the
+        run is left as it was (`training.budget.measure_costs`).
         """
-        for g in self.parts.optimizer.param_groups:
-            g["lr"] = 0.0
-        module, spe = self.parts.module, self.batches.steps_per_epoch
-        cuda = self.device.type == "cuda"
-        self.train_step(0, 0, module)  # warm-up (and compilation with --compile)
-        if cuda:
-            torch.cuda.synchronize()
-        times = []  # up to 3 steps or ~5 s; the median
-        while len(times) < 3 and sum(times) < 5.0:
-            t0 = time.perf_counter()
-            self.train_step(0, min(len(times) + 1, spe - 1), module)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        step_time = sorted(times)[len(times) // 2]
-        t1 = time.perf_counter()
-        res = self.validation_loss(self.args.eval_batch_size)
-        t2 = time.perf_counter()
-        windows = count_windows(len(self.val_tokens), self.args.seq_len, self.args.seq_len)
-        if self.eval_windows:
-            windows = min(windows, self.eval_windows)
-        return step_time, (t2 - t1) * windows / max(1, res.windows)
+        costs = measure_costs(self, timed_steps=3, max_seconds=5.0, runner=self.parts.module,
+                              snapshot=False)
+        return costs.step_s, costs.eval_s
 
     # -- snapshots -----------------------------------------------------------------------------
 

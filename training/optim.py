@@ -82,10 +82,77 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
+def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Muon's orthogonalisation of a 2-D `update`, computed in `dtype`.
+
+    The quintic Newton-Schulz iteration X <- aX + (bA + cA^2)X with A = XX^T, on X scaled to a
+    spectral norm of at most 1 (by its Frobenius norm), for the short side of the matrix; it
+    maps the singular values towards 1 (to about 0.7-1.2 with the usual coefficients).
+    """
+    a, b, c = coefficients
+    tall = update.size(0) > update.size(1)
+    x = update.to(dtype)
+    x = x.T if tall else x  # (short, long): the Gram matrix is the small one
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` with its Newton-Schulz iteration in `ns_dtype`.
+
+    PyTorch's runs the iteration in bfloat16, which a CPU without bf16 instructions (AVX2 only:
+    many laptops, and a 2-core AMD EPYC measured here) emulates: there it took ~0.7 s of the
+    `cpu-10min` preset's 2 s step, and under 0.1 s in float32. The trainer asks for float32
+    unless the run computes in bfloat16 (`ns_dtype=torch.bfloat16` is PyTorch's step as it is).
+    The state and parameter groups are PyTorch's, so snapshots load in either.
+    """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.ns_dtype == torch.bfloat16:
+            return super().step(closure)
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure here")
+        self.step_in(self.ns_dtype)
+        return None
+
+    @torch.no_grad()
+    def step_in(self, dtype: torch.dtype) -> None:
+        """PyTorch's Muon step (Nesterov momentum, orthogonalised update, decoupled weight
+        decay, the rate scaled by sqrt(max(1, rows / cols))) with the iteration in `dtype`."""
+        for group in self.param_groups:
+            if group["adjust_lr_fn"] not in (None, "original"):
+                raise ValueError(f"adjust_lr_fn {group['adjust_lr_fn']!r} needs ns_dtype bf16")
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"],
+                                       group["eps"], dtype)
+                rows, cols = p.shape[:2]
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * math.sqrt(max(1, rows / cols)))
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                    betas: tuple[float, float], device_type: str, *, optimizer: str = "adamw",
                    muon_lr: float = 0.02, muon_momentum: float = 0.95,
-                   muon_weight_decay: float = 0.0) -> torch.optim.Optimizer | MuonAdamW:
+                   muon_weight_decay: float = 0.0, ns_dtype: torch.dtype = torch.bfloat16
+                   ) -> torch.optim.Optimizer | MuonAdamW:
     """The training optimizer (set its rates per step with `set_lr_scale`).
 
     Args:
@@ -97,6 +164,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
             this PyTorch has no `torch.optim.Muon`, "muon" says so on stderr and uses AdamW.
         muon_lr, muon_momentum, muon_weight_decay: Muon's peak rate, Nesterov momentum and
             decoupled weight decay.
+        ns_dtype: the dtype of Muon's Newton-Schulz iteration (`Muon`).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -117,9 +185,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
         return adamw
     # adjust_lr_fn "original": the step is scaled by sqrt(max(1, rows / cols)), as in the
     # reference Muon, so c_attn (3C x C) and c_fc (4C x C) move as much per entry as C x C.
-    muon = torch.optim.Muon([p for p in params if id(p) in muon_ids], lr=muon_lr,
-                            momentum=muon_momentum, weight_decay=muon_weight_decay,
-                            nesterov=True, adjust_lr_fn="original")
+    muon = Muon([p for p in params if id(p) in muon_ids], lr=muon_lr, momentum=muon_momentum,
+                weight_decay=muon_weight_decay, nesterov=True, adjust_lr_fn="original",
+                ns_dtype=ns_dtype)
     return MuonAdamW(muon, adamw)
 
 
@@ -237,14 +305,16 @@ class WeightAverage:
                     p.copy_(saved[name])
 
 
-def build_optimizer(model: torch.nn.Module, args, device: torch.device
-                    ) -> torch.optim.Optimizer | MuonAdamW:
+def build_optimizer(model: torch.nn.Module, args, device: torch.device,
+                    amp: torch.dtype = torch.float32) -> torch.optim.Optimizer | MuonAdamW:
     """The trainer's optimizer for its flags (`--optimizer`, `--lr`, `--weight_decay`,
-    `--beta1/2`, `--muon_*`); the one place `train_lm.py` builds it."""
+    `--beta1/2`, `--muon_*`); the one place `train_lm.py` builds it. `amp`: the run's autocast
+    dtype; Muon's Newton-Schulz iteration runs in bfloat16 under bfloat16, else in float32."""
     return make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
                           device.type, optimizer=args.optimizer, muon_lr=args.muon_lr,
                           muon_momentum=args.muon_momentum,
-                          muon_weight_decay=args.muon_weight_decay)
+                          muon_weight_decay=args.muon_weight_decay,
+                          ns_dtype=torch.bfloat16 if amp == torch.bfloat16 else torch.float32)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, step: int, args, max_steps: int

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3, min_lr=0.0,
                  schedule="wsd", cooldown=0.3, warmup_steps=30, max_steps=300,
                  eval_interval=100, eval_windows=100, sample_tokens=80),
-    # The best validation loss we found for 10 minutes of a 2-core CPU (bf16); figures and the
-    # runs behind them in README "Training recipe" and bench/results/quality_cpu_2core.txt.
+    # The best validation loss we found in a 10-minute budget (--time_budget) of a 2-core CPU:
+    # a few hundred steps there, so no dropout, a short warm-up, a 40% cool-down and a higher
+    # AdamW rate than a longer run would take; figures and the runs behind them in README
+    # "Training recipe" and bench/results/quality_cpu_2core.txt.
     "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
-                      dropout=0.1, batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3,
-                      min_lr=0.0, schedule="wsd", cooldown=0.3, warmup_steps=30,
-                      max_steps=800, eval_interval=100, eval_windows=0),
+                      dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.02, lr=3e-3,
+                      min_lr=0.0, schedule="wsd", cooldown=0.4, warmup_steps=10,
+                      time_budget=10.0, eval_interval=150, eval_windows=0),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
                       dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
@@ -78,6 +82,23 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+_TIME_RE = re.compile(r"\s*([0-9.e+-]+)\s*(s|sec|m|min|h)?\s*")
+_MINUTES_PER = {"s": 1 / 60, "sec": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0}
+
+
+def _minutes(text: str) -> float:
+    """`--time_budget`: minutes, as a plain number (10) or with a unit (90s, 10min, 1.5h)."""
+    m = _TIME_RE.fullmatch(text.lower())
+    try:
+        value = float(m.group(1)) * _MINUTES_PER[m.group(2) or "m"] if m else math.nan
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive time in minutes (10, or with a "
+                                         f"unit: 90s, 10min, 1.5h), got {text!r}")
+    return value
+
+
 def build_parser() -> OneLineParser:
     """The full parser with every flag and its default (before presets)."""
     p = OneLineParser(
@@ -87,7 +108,10 @@ def build_parser() -> OneLineParser:
         epilog=f"Environment: {MAX_STEPS_ENV}=N stops after N optimizer steps in total, keeping "
                "the learning-rate schedule of the full run (for smoke tests and docs); a "
                f"snapshot is written when it stops. {MAX_EVAL_WINDOWS_ENV}=N caps the windows of "
-               "each evaluation (--eval_windows, 0 = all) at N. Multi-GPU / multi-process: "
+               "each evaluation (--eval_windows, 0 = all) at N. Both caps apply under "
+               f"--time_budget: {MAX_STEPS_ENV} stops the planned run early (its plan and "
+               "schedule unchanged) and the plan is made with the capped evaluations. "
+               "Multi-GPU / multi-process: "
                "torchrun --nproc_per_node=N training/train_lm.py ...",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -118,6 +142,13 @@ def build_parser() -> OneLineParser:
                    type=_positive_int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--max_steps", type=_positive_int, default=None,
                    help="optimizer steps in the whole run (default: --epochs worth)")
+    t.add_argument("--time_budget", type=_minutes, default=None, metavar="MINUTES",
+                   help="train for this wall-clock time instead of a step count: the run times "
+                        "a step, an evaluation and a snapshot here first and plans its steps so "
+                        "that the whole command ends within the budget, its schedule included "
+                        "(10 = ten minutes; also 90s, 1.5h). The plan is printed and kept by "
+                        "--resume. Not with --max_steps or --epochs; either replaces a preset's "
+                        "budget")
     t.add_argument("--epochs", type=_nonneg_float, default=5.0,
                    help="passes over the training data when --max_steps is not given (an "
                         "explicit --epochs also replaces a preset's step count)")
@@ -231,7 +262,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     explicit = _explicit_dests(parser, argv)
     if pre.preset and "epochs" in explicit and "max_steps" not in explicit:
         args.max_steps = None  # an explicit --epochs sets the length, not the preset's steps
+    _length_flags(args, explicit)
     return args, explicit
+
+
+def _length_flags(args: argparse.Namespace, explicit: set[str]) -> None:
+    """One flag sets the run's length: `--time_budget`, or `--max_steps` / `--epochs`; the one
+    given replaces a preset's (see training/budget.py)."""
+    given = [f"--{k}" for k in ("max_steps", "epochs") if k in explicit]
+    if "time_budget" in explicit and given:
+        raise UsageError(f"--time_budget and {' and '.join(given)} both set the run's length; "
+                         "give one of them")
+    if "time_budget" in explicit:
+        args.max_steps = None  # a preset's step count gives way to the budget
+    elif given:
+        args.time_budget = None  # ... and a preset's budget to an explicit length
 
 
 def finalize(args: argparse.Namespace) -> argparse.Namespace:
@@ -264,7 +309,7 @@ def finalize(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError("--muon_lr must be positive")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-    if args.epochs <= 0 and args.max_steps is None:
+    if args.epochs <= 0 and args.max_steps is None and not args.time_budget:
         raise UsageError("--epochs must be positive (or give --max_steps)")
     if args.eval_windows < 0:
         raise UsageError("--eval_windows must be >= 0 (0 evaluates every window)")

@@ -5,6 +5,7 @@
     python training/train_lm.py --dataset wikitext --data_dir data/wikitext-2-raw
     python training/train_lm.py --preset demo --resume auto   # continue after Ctrl-C
     python training/train_lm.py --preset demo --explain       # what it would do, how long
+    python training/train_lm.py --preset cpu-10min            # ends within 10 min (--time_budget)
     python training/train_lm.py --init_from gpt2 --preset finetune --train_file my_text.txt
     torchrun --nproc_per_node=8 training/train_lm.py --preset gpt2-124m --dataset wikitext103
 
@@ -18,13 +19,17 @@ The trainer's parts, each in one place:
     the run's counters, the snapshot payload          training/run_state.py
     model, optimizer, scaler                          training/build.py (optimizer: optim.py)
     the step loop, evaluation + samples, snapshots    training/loop.py (Trainer)
+    a --time_budget's plan (steps from a timed step)  training/budget.py
     preparing the run directory, the order of it all  here (_train)
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+
+_STARTED = time.perf_counter()  # a --time_budget counts the imports below too
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,6 +43,7 @@ from model.lm import LMConfig  # noqa: E402
 from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
 from training import distributed as D  # noqa: E402
 from training.batches import EpochBatches  # noqa: E402
+from training.budget import make_plan, resolve_plan  # noqa: E402
 from training.build import build_parts  # noqa: E402
 from training.data import (  # noqa: E402
     DataError,
@@ -138,7 +144,7 @@ def _prepare_run_dir(args: argparse.Namespace, start: RunStart, info: D.DistInfo
                   resume_step=int(start.ckpt["step"]) if start.resuming else None)
 
 
-def _run(argv: list[str] | None) -> int:
+def _run(argv: list[str] | None, started: float) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, explicit = parse_args(argv)
     cap = max_steps_cap()
@@ -147,15 +153,20 @@ def _run(argv: list[str] | None) -> int:
     try:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
-        return _train(args, explicit, argv, cap, device, info)
+        return _train(args, explicit, argv, cap, device, info, started)
     finally:
         D.shutdown(info)
 
 
 def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: torch.device,
-           info: D.DistInfo) -> int:
-    """Start (or resume) a run and train it: the order of things, each done elsewhere."""
+           info: D.DistInfo, started: float) -> int:
+    """Start (or resume) a run and train it: the order of things, each done elsewhere.
+
+    `started`: the `time.perf_counter()` stamp a `--time_budget` counts from.
+    """
     start = choose_start(args, explicit, lambda line: _say(info, line))
+    plan = resolve_plan(args, explicit, start.ckpt.get("time_plan") if start.resuming else None,
+                        start.resuming)  # a resumed budgeted run keeps its plan
     finalize(args)
     adopt_data_tokenizer(args, explicit)  # --data: the folder's tokenizer
     keep_global_batch(args, explicit, start, info.world_size, lambda line: _say(info, line))
@@ -176,11 +187,8 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     batches = EpochBatches(train_tokens, args.seq_len, args.batch_size, args.grad_accum,
                            info.world_size, info.rank, args.seed)
     spe = batches.steps_per_epoch
-    max_steps = args.max_steps or max(1, round(args.epochs * spe))
+    max_steps = plan.steps if plan else args.max_steps or max(1, round(args.epochs * spe))
     stop_at = min(max_steps, cap) if cap else max_steps
-    if args.warmup_steps >= max_steps and max_steps > 1:
-        _say(info, f"note: --warmup_steps {args.warmup_steps} >= {max_steps} steps; the learning "
-                   "rate never reaches its peak")
 
     parts = build_parts(cfg, tok, args, device, info, amp)
     state = RunState(init_from=start.source)
@@ -198,6 +206,15 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
                       val_tokens=val_tokens, val_bytes=val_bytes, state=state, info=info,
                       device=device, amp=amp, max_steps=max_steps, stop_at=stop_at,
                       eval_windows=eval_windows, label=dataset_label(args))
+    planned_here = plan is None and bool(args.time_budget) and (info.is_main or not args.explain)
+    if planned_here:  # measure a step, an evaluation and a snapshot here; plan the steps
+        plan = make_plan(trainer, args.time_budget * 60, started, collective=not args.explain)
+        max_steps = trainer.max_steps = plan.steps
+        stop_at = trainer.stop_at = min(max_steps, cap) if cap else max_steps
+    state.time_plan = plan.to_dict() if plan else None
+    if args.warmup_steps >= max_steps and max_steps > 1:
+        _say(info, f"note: --warmup_steps {args.warmup_steps} >= {max_steps} steps; the learning "
+                   "rate never reaches its peak")
 
     if args.explain:
         if info.is_main:
@@ -211,7 +228,8 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
                 val_tokens=len(val_tokens), eval_windows=eval_windows, device=device, amp=amp,
                 world_size=info.world_size,
                 resumed_from=start.path if start.resuming else None,
-                measure_step=trainer.measure, argv=argv, init_from=state.init_from,
+                measure_step=(lambda: (plan.step_s, plan.eval_s)) if plan else trainer.measure,
+                argv=argv, init_from=state.init_from, plan=plan,
                 existing_run=not start.resuming and bool(list_snapshots(snap_dir)))
         D.barrier(info)
         return 0
@@ -231,20 +249,31 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
          f"{batches.tokens_per_step:,} tokens/step | {max_steps:,} steps "
          f"({max_steps / spe:.2f} epochs) | {DTYPE_NAMES[amp]} on {device}"
          f"{' x' + str(info.world_size) if info.enabled else ''} | snapshots in {snap_dir}")
+    if plan is not None:
+        _say(info, ("" if planned_here else "keeping the run's plan: ") + plan.describe())
     if cap and cap < max_steps:
         _say(info, f"LM_MAX_STEPS={cap}: stopping after step {stop_at:,}")
     try:
-        return trainer.run(resumed=start.resuming)
+        code = trainer.run(resumed=start.resuming)
+        if planned_here and code == 0 and stop_at == max_steps:
+            _say(info, f"time budget: the whole run took {time.perf_counter() - started:.1f} s of "
+                       f"{plan.budget_s:g} s (planned {plan.estimate_s:.1f} s)")
+        return code
     finally:
         if trainer.metrics is not None:
             trainer.metrics.close()  # TensorBoard and W&B flush here
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     """Run the trainer; returns the exit status (0 done, 1 diverged, 2 bad input, 130/143
-    stopped by SIGINT/SIGTERM after writing a snapshot)."""
+    stopped by SIGINT/SIGTERM after writing a snapshot).
+
+    `started`: when the command started (a `time.perf_counter()` stamp; default: now), the
+    start of a `--time_budget`.
+    """
+    started = time.perf_counter() if started is None else started
     try:
-        return _run(argv)
+        return _run(argv, started)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
     except (UsageError, DataError, SnapshotError, CheckpointError, TokenizerLoadError,
@@ -262,4 +291,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=_STARTED))
