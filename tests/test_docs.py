@@ -57,6 +57,7 @@ EXTERNAL_FLAGS = {
     "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",  # torchrun
     "--standalone", "--rdzv_backend", "--rdzv_endpoint",
     "--local-dir",  # huggingface-cli download
+    "--temp", "--top-k",  # llama-cli
     "--help",  # every argparse program
 }
 
