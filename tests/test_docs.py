@@ -58,6 +58,7 @@ EXTERNAL_FLAGS = {
     "--standalone", "--rdzv_backend", "--rdzv_endpoint",
     "--local-dir",  # huggingface-cli download
     "--logdir",  # tensorboard
+    "--temp", "--top-k",  # llama-cli
     "--help",  # every argparse program
 }
 
