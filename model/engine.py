@@ -215,6 +215,8 @@ class DecodeEngine:
             logits = logits.float()
         # NaN/inf logits (broken weights, a float16 overflow) would sample garbage silently.
         nonfinite = ~torch.isfinite(logits.sum(dim=-1))  # (n,): one reduction per row
+        if bool(nonfinite.any()):  # sample those rows from zeros: the caller raises for them
+            logits = logits.masked_fill(nonfinite[:, None], 0.0)
         tokens, records = self._sample(logits, rows, n)
         self.last[:n] = tokens
         for r in rows:
