@@ -299,10 +299,10 @@ class Scheduler:
         for slot, (job, spec) in list(self._owner.items()):
             if job.closed:  # another of its rows failed this step
                 continue
-            if bad[slot]:
+            if bad[slot]:  # freed before the job hears of it: /health counts it at once
+                self._release_job(job)
                 job.post(("error", "the model produced non-finite logits (NaN or inf): its "
                                    "weights are broken or the dtype overflowed", 500))
-                self._release_job(job)
                 continue
             tok = tokens[slot]
             done = job.generated[spec.index] = job.generated[spec.index] + 1
@@ -330,11 +330,12 @@ class Scheduler:
             jobs.update({id(j): j for j in self._waiting})
             self._waiting.clear()
         for job in jobs.values():
-            job.post(("error", message, status))
             if self.engine is not None:
                 self._release_job(job)
         self._owner.clear()
         self._count_rows()
+        for job in jobs.values():  # after the rows are freed, so /health already counts them
+            job.post(("error", message, status))
 
 
 def now() -> int:
