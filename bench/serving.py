@@ -17,7 +17,9 @@ the whole vocabulary (llama-server: top-k 0 and min-p 0, i.e. off); "top-k" adds
 llama-server: its default sampling, top-k 40 and min-p 0.05). Ours runs in float32 and with
 `--quantize bf16`, llama-server with f32 and f16 weights (and q8_0 with --llama_types). With one
 client, `generate_lm.py` on the same checkpoint, prompt and settings gives the no-HTTP
-reference. Servers run one at a time, each with the machine's cores (llama-server `-t` = the
+reference: the two are run in turn (`--pairs` of each, seconds apart, because this CPU's
+speed drifts by 10-40% over minutes) and the ratio printed is the median of the adjacent
+pairs'. Servers run one at a time, each with the machine's cores (llama-server `-t` = the
 cores; ours: torch's default); the client runs in this process.
 """
 
@@ -31,11 +33,13 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +73,8 @@ class Result:
     wall: float
     latencies: list[float]
     ttfts: list[float]
+    client_cpu: float = 0.0  # CPU seconds this process (the client) used during the load
+    server_cpu: tuple[float, float] = (0.0, 0.0)  # the server's (main thread, other threads)
 
     @property
     def rate(self) -> float:
@@ -128,7 +134,7 @@ class Proc:
 
 
 async def load(url: str, model: str, clients: int, requests: int, max_tokens: int,
-               fields: dict) -> Result:
+               fields: dict, server_pid: int | None = None) -> Result:
     """`clients` concurrent clients, each sending `requests` streamed completions in turn."""
     import httpx
     import openai
@@ -166,11 +172,31 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
         for r in range(requests):
             await one(c, r)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
+    before = thread_cpu(server_pid)
     await asyncio.gather(*(client_loop(c) for c in range(clients)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    after = thread_cpu(server_pid)
     await http.aclose()
-    return Result(tokens[0], wall, latencies, ttfts)
+    main = after.get(server_pid, 0.0) - before.get(server_pid, 0.0)
+    rest = sum(v - before.get(t, 0.0) for t, v in after.items() if t != server_pid)
+    return Result(tokens[0], wall, latencies, ttfts, cpu, (main, rest))
+
+
+def thread_cpu(pid: int | None) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, from /proc (Linux; {}
+    elsewhere). Our server's main thread runs the HTTP side, the others the model."""
+    out: dict[int, float] = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def make_checkpoint(name: str, work: Path) -> Path:
@@ -235,6 +261,8 @@ def main() -> None:
     ap.add_argument("--skip_llama", action="store_true")
     ap.add_argument("--out", type=Path, help="also write what is printed to this file")
     ap.add_argument("--skip_generate_lm", action="store_true")
+    ap.add_argument("--pairs", type=int, default=5,
+                    help="one client: server and generate_lm.py runs taken in turn (default 5)")
     ap.add_argument("--work_dir", help="keep checkpoints and GGUF files here (reused)")
     args = ap.parse_args()
     if args.out is None:
@@ -309,8 +337,27 @@ def run(args: argparse.Namespace) -> None:
               f"{'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p95 TTFT':>8}")
     rows: dict[tuple, Result] = {}
     cli: dict[tuple, float] = {}  # generate_lm.py's tokens/s per (config, format, sampling)
+    pairs: dict[tuple, list[float]] = {}  # ours / generate_lm.py, run by run (one client)
 
-    def run_server(cfg: str, label: str, wts: str, proc: Proc, model_id: str) -> None:
+    def paired(first: Result, server_run, cli_run, key: tuple) -> Result:
+        """One client: the server's load and generate_lm.py run in turn, `--pairs` times, so
+        each ratio compares runs seconds apart (this CPU's speed drifts 10-40% over minutes).
+        Returns the server's median run; the ratio kept is the median of the pairs' ratios."""
+        runs, ratios = [], []
+        for i in range(args.pairs):
+            res = first if i == 0 else server_run()
+            rate = cli_run()
+            if rate is None:
+                return res
+            runs.append(res)
+            ratios.append((res.rate / rate, rate))
+        ratios.sort()
+        cli[key] = ratios[len(ratios) // 2][1]
+        pairs[key] = [r for r, _ in ratios]
+        return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+
+    def run_server(cfg: str, label: str, wts: str, proc: Proc, model_id: str,
+                   pair=None) -> None:
         try:
             proc.wait_ready()
             warm = dict(SAMPLINGS["top-p"][0])
@@ -321,7 +368,12 @@ def run(args: argparse.Namespace) -> None:
                     else ours_fields
                 for c in clients:
                     res = asyncio.run(load(proc.url, model_id, c, args.requests,
-                                           args.max_tokens, fields))
+                                           args.max_tokens, fields, proc.proc.pid))
+                    if pair is not None and c == 1:
+                        def again(f: dict = fields) -> Result:
+                            return asyncio.run(load(proc.url, model_id, 1, args.requests,
+                                                    args.max_tokens, f, proc.proc.pid))
+                        res = paired(res, again, partial(pair, s), (cfg, wts, s))
                     rows[(cfg, label, wts, s, c)] = res
                     print(f"{cfg:<10} {label:<24} {wts:<7} {s:<8} {c:>7} {res.rate:>7.1f} "
                           f"{Result.pct(res.latencies, 0.5):>6.2f} "
@@ -337,8 +389,13 @@ def run(args: argparse.Namespace) -> None:
             cmd = [sys.executable, str(ROOT / "serve_lm.py"), "--checkpoint", str(ckpt),
                    "--port", "0", "--max_batch", str(args.max_batch), "--no_access_log",
                    "--quantize", {"fp32": "none"}.get(fmt, fmt)]
+            pair = None
+            if 1 in clients and not args.skip_generate_lm:
+                def pair(s: str, fmt: str = fmt, ckpt: Path = ckpt) -> float | None:
+                    return generate_lm_rate(ckpt, SAMPLINGS[s][0], args.max_tokens,
+                                            {"fp32": "none"}.get(fmt, fmt))
             run_server(cfg, "ours (continuous)", fmt,
-                       Proc(cmd, work / f"ours-{cfg}-{fmt}.log", None), cfg)
+                       Proc(cmd, work / f"ours-{cfg}-{fmt}.log", None), cfg, pair)
             if cfg in args.sequential.split(","):
                 cmd = [*cmd[:cmd.index("--max_batch") + 1], "1",
                        *cmd[cmd.index("--max_batch") + 2:]]
@@ -358,15 +415,11 @@ def run(args: argparse.Namespace) -> None:
                 run_server(cfg, f"llama-server -np {args.max_batch}", t,
                            Proc(cmd, work / f"llama-{cfg}-{t}.log", f"http://127.0.0.1:{port}",
                                 env=lib_env), cfg)
-        if 1 in clients and not args.skip_generate_lm:
-            for fmt in args.formats.split(","):
-                for s in samplings:
-                    rate = generate_lm_rate(ckpt, SAMPLINGS[s][0], args.max_tokens,
-                                            {"fp32": "none"}.get(fmt, fmt))
-                    if rate:
-                        cli[(cfg, fmt, s)] = rate
-                        print(f"{cfg:<10} {'generate_lm.py (no HTTP)':<24} {fmt:<7} {s:<8} "
-                              f"{1:>7} {rate:>7.1f}", flush=True)
+        for fmt in args.formats.split(","):
+            for s in samplings:
+                if (cfg, fmt, s) in cli:
+                    print(f"{cfg:<10} {'generate_lm.py (no HTTP)':<24} {fmt:<7} {s:<8} "
+                          f"{1:>7} {cli[(cfg, fmt, s)]:>7.1f}", flush=True)
     print("\nside by side (the issue's targets in brackets):")
     for (cfg, label, wts, s, c), res in rows.items():
         if label != "ours (continuous)":
@@ -381,8 +434,16 @@ def run(args: argparse.Namespace) -> None:
         if seq and c > 1:
             bits.append(f"{res.rate / seq.rate:.2f}x one row at a time"
                         + (" [>= 4x]" if c == 16 and cfg == "default" else ""))
-        if c == 1 and (cfg, wts, s) in cli:
-            bits.append(f"{res.rate / cli[(cfg, wts, s)]:.2f}x generate_lm.py [>= 0.9x]")
+        if c == 1 and res.tokens:
+            ms = 1000 / res.tokens
+            bits.append(f"CPU per token: the openai client {res.client_cpu * ms:.2f} ms, the "
+                        f"server's HTTP thread {res.server_cpu[0] * ms:.2f} ms, its model "
+                        f"threads {res.server_cpu[1] * ms:.2f} ms, wall {res.wall * ms:.2f} ms")
+        if c == 1 and (cfg, wts, s) in pairs:
+            each = ", ".join(f"{r:.2f}" for r in pairs[(cfg, wts, s)])
+            bits.append(f"{statistics.median(pairs[(cfg, wts, s)]):.2f}x generate_lm.py "
+                        f"[>= 0.9x] (median of {len(pairs[(cfg, wts, s)])} adjacent pairs: "
+                        f"{each})")
         if c == 16 and cfg == "gpt2-124M":
             bits.append(f"p95 TTFT {Result.pct(res.ttfts, 0.95):.2f} s [<= 0.5 s]")
         if bits:
