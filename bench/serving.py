@@ -434,16 +434,16 @@ def run(args: argparse.Namespace) -> None:
         if seq and c > 1:
             bits.append(f"{res.rate / seq.rate:.2f}x one row at a time"
                         + (" [>= 4x]" if c == 16 and cfg == "default" else ""))
-        if c == 1 and res.tokens:
-            ms = 1000 / res.tokens
-            bits.append(f"CPU per token: the openai client {res.client_cpu * ms:.2f} ms, the "
-                        f"server's HTTP thread {res.server_cpu[0] * ms:.2f} ms, its model "
-                        f"threads {res.server_cpu[1] * ms:.2f} ms, wall {res.wall * ms:.2f} ms")
         if c == 1 and (cfg, wts, s) in pairs:
             each = ", ".join(f"{r:.2f}" for r in pairs[(cfg, wts, s)])
             bits.append(f"{statistics.median(pairs[(cfg, wts, s)]):.2f}x generate_lm.py "
                         f"[>= 0.9x] (median of {len(pairs[(cfg, wts, s)])} adjacent pairs: "
                         f"{each})")
+        if c == 1 and res.tokens:
+            ms = 1000 / res.tokens
+            bits.append(f"CPU per token: the openai client {res.client_cpu * ms:.2f} ms, the "
+                        f"server's HTTP thread {res.server_cpu[0] * ms:.2f} ms, its model "
+                        f"threads {res.server_cpu[1] * ms:.2f} ms, wall {res.wall * ms:.2f} ms")
         if c == 16 and cfg == "gpt2-124M":
             bits.append(f"p95 TTFT {Result.pct(res.ttfts, 0.95):.2f} s [<= 0.5 s]")
         if bits:
