@@ -215,7 +215,10 @@ class DecodeEngine:
             logits = logits.float()
         # NaN/inf logits (broken weights, a float16 overflow) would sample garbage silently.
         nonfinite = ~torch.isfinite(logits.sum(dim=-1))  # (n,): one reduction per row
-        if bool(nonfinite.any()):  # sample those rows from zeros: the caller raises for them
+        # Those rows are sampled from zeros (the caller raises for them). On CPU the test is
+        # free; elsewhere it would be a device sync every step (generate checks every 8 steps),
+        # so the fill runs unconditionally there (a no-op for finite rows).
+        if logits.device.type != "cpu" or bool(nonfinite.any()):
             logits = logits.masked_fill(nonfinite[:, None], 0.0)
         tokens, records = self._sample(logits, rows, n)
         self.last[:n] = tokens
