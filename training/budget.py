@@ -10,8 +10,16 @@ already took (imports, data, model, the measurement), end within the budget less
 (`RESERVE`) for a slower stretch of the machine than the measured one. The warmup-stable-decay
 cool-down (or the cosine decay) is scheduled over that count, so it ends on time.
 
+A machine's speed can drift by tens of percent within minutes, so a warmup-stable-decay run
+plans again from its own steps (`Replanner`): every 10 steps of its constant phase it takes the
+mean of the steps it has run and plans the rest anew, until its cool-down starts. WSD's rate is
+constant until the cool-down starts, so the new count is one the run could have planned from its
+first step; the cool-down then ends on time (cosine's rate depends on the total from the first
+step, so it keeps its plan).
+
 The plan (`TimePlan`) is printed, saved in every snapshot (`time_plan`) and kept as it is by
-`--resume` (no new measurement), so a resumed run continues bit-exactly.
+`--resume` (no new measurement, no re-plan), so a resumed run continues bit-exactly: every
+budgeted run is the `--max_steps` run of its final count.
 
 What sets a run's length: `--time_budget`, `--max_steps` or `--epochs`. Giving `--time_budget`
 with either of the others is an error; an explicit `--max_steps` or `--epochs` replaces a preset's
@@ -33,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from training import distributed as D
+from training.optim import wsd_decay_start
 from training.options import UsageError
 from training.snapshots import capture_rng_state, restore_rng_state
 
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
     from training.loop import Trainer
 
 RESERVE = 0.05  # of the budget: left unplanned, for a slower stretch than the measured steps
+REPLAN_EVERY = 10  # steps: how often a WSD run plans again in its constant phase (`replan`)
 TIMED_STEPS = 5  # steps timed for a plan (after one warm-up step); the median is used
 
 
@@ -71,6 +81,9 @@ class TimePlan:
         start_s: seconds already gone when the plan was made (imports, data, model, measuring).
         estimate_s: the whole run's estimated seconds (start included).
         reserve: the fraction of the budget left unplanned.
+        replanned_at: the step after which the run planned again (`replan`; 0: not yet).
+        first_steps: the count planned before the first step (0: not re-planned).
+        run_step_s: the mean of the run's own steps before the re-plan (0: not re-planned).
     """
 
     budget_s: float
@@ -81,10 +94,14 @@ class TimePlan:
     start_s: float
     estimate_s: float
     reserve: float = RESERVE
+    replanned_at: int = 0
+    first_steps: int = 0
+    run_step_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers, for a weights_only snapshot."""
-        return {k: (int(v) if k == "steps" else float(v)) for k, v in asdict(self).items()}
+        ints = ("steps", "replanned_at", "first_steps")
+        return {k: (int(v) if k in ints else float(v)) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TimePlan:
@@ -163,6 +180,93 @@ def plan_steps(budget_s: float, start_s: float, costs: Costs, *, eval_interval: 
     return TimePlan(budget_s=budget_s, steps=lo, step_s=costs.step_s, eval_s=costs.eval_s,
                     snapshot_s=costs.snapshot_s, start_s=start_s,
                     estimate_s=start_s + cost(lo), reserve=reserve)
+
+
+def replan(plan: TimePlan, *, step: int, elapsed_s: float, step_s: float, eval_interval: int,
+           save_interval: int, warmup_steps: int, cooldown: float) -> TimePlan:
+    """The plan made again after `step` steps, from the run's own mean step time.
+
+    The new count is the largest whose remaining steps, evaluations and snapshots end within the
+    budget less its reserve, `elapsed_s` being gone; but never one whose cool-down would have
+    started by `step` (the steps already run kept the constant rate, so the schedule stays the
+    one of a run planned with the new count from the start).
+
+    Args:
+        plan: the run's plan. step: the steps done. elapsed_s: seconds since the command started.
+        step_s: the mean of the run's steps so far. eval_interval, save_interval, warmup_steps,
+            cooldown: the run's flags.
+    """
+    costs = Costs(step_s=step_s, eval_s=plan.eval_s, snapshot_s=plan.snapshot_s,
+                  timed_steps=step)
+    available = plan.budget_s * (1.0 - plan.reserve) - elapsed_s
+
+    def cost(n: int) -> float:
+        return run_seconds(n, costs, start_step=step, eval_interval=eval_interval,
+                           save_interval=save_interval)
+
+    lowest = step + 1
+    while wsd_decay_start(lowest, warmup_steps, cooldown) < step:
+        lowest += 1
+    n = lowest
+    if cost(n) <= available:
+        hi = n + 1
+        while cost(hi) <= available:  # double, then bisect
+            n, hi = hi, hi + 2 * (hi - step)
+        while hi - n > 1:
+            mid = (n + hi) // 2
+            n, hi = (mid, hi) if cost(mid) <= available else (n, mid)
+    return TimePlan(budget_s=plan.budget_s, steps=n, step_s=plan.step_s, eval_s=plan.eval_s,
+                    snapshot_s=plan.snapshot_s, start_s=plan.start_s,
+                    estimate_s=elapsed_s + cost(n), reserve=plan.reserve, replanned_at=step,
+                    first_steps=plan.first_steps or plan.steps, run_step_s=step_s)
+
+
+def describe_replan(plan: TimePlan) -> str:
+    """The final re-plan in one line."""
+    change = ("keeping" if plan.steps == plan.first_steps
+              else f"{plan.first_steps:,} planned at the start ->")
+    return (f"time budget: re-planned after step {plan.replanned_at:,}: the run's steps took "
+            f"{plan.run_step_s:.3g} s on average (measured {plan.step_s:.3g} s before the "
+            f"first): {change} {plan.steps:,} steps (the whole run an estimated "
+            f"{plan.estimate_s:.1f} s of {plan.budget_s:g} s)")
+
+
+class Replanner:
+    """Plans a budgeted WSD run again every `REPLAN_EVERY` steps of its constant phase, from the
+    mean of its own steps, until its cool-down is about to start (`replan`); then the count is
+    final. Every process decides `due` alike; the plan itself is made on rank 0.
+
+    Args:
+        plan: the run's plan before its first step.
+        eval_interval, save_interval, warmup_steps, cooldown: the run's flags.
+    """
+
+    def __init__(self, plan: TimePlan, *, eval_interval: int, save_interval: int,
+                 warmup_steps: int, cooldown: float) -> None:
+        self.plan = plan
+        self.final = False
+        self._flags = dict(eval_interval=eval_interval, save_interval=save_interval,
+                           warmup_steps=warmup_steps, cooldown=cooldown)
+
+    def due(self, step: int) -> bool:
+        """Whether to re-plan after `step` steps: every `REPLAN_EVERY` steps after the warm-up,
+        while every step so far ran at the constant rate."""
+        flags = self._flags
+        return (not self.final and step % REPLAN_EVERY == 0 and step > flags["warmup_steps"]
+                and step <= wsd_decay_start(self.plan.steps, flags["warmup_steps"],
+                                            flags["cooldown"]))
+
+    def replan(self, step: int, *, elapsed_s: float, step_s: float) -> TimePlan:
+        """The plan after `step` steps (rank 0): `replan` with the run's mean step time."""
+        return replan(self.plan, step=step, elapsed_s=elapsed_s, step_s=step_s, **self._flags)
+
+    def adopt(self, plan: TimePlan, step: int) -> bool:
+        """Take `plan` (every process); True when it is final (the cool-down starts before the
+        next re-plan would be due)."""
+        self.plan = plan
+        start = wsd_decay_start(plan.steps, self._flags["warmup_steps"], self._flags["cooldown"])
+        self.final = start < step + REPLAN_EVERY
+        return self.final
 
 
 # -- measuring --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from training.fused_loss import TrainingModule
 from training.optim import MuonAdamW, WeightAverage, build_optimizer
 from training.snapshots import SnapshotError
 from training.step import AutocastFactory, autocast_context
+from training.unseen_tokens import UnseenTokens
 
 
 @dataclass
@@ -84,15 +85,22 @@ class Parts:
 
 
 def build_parts(cfg: LMConfig, tokenizer: Any, args: argparse.Namespace, device: torch.device,
-                info: D.DistInfo, amp: torch.dtype) -> Parts:
-    """Build the model (seeded with `--seed`), its training wrappers, optimizer and scaler."""
+                info: D.DistInfo, amp: torch.dtype, unseen: UnseenTokens | None = None) -> Parts:
+    """Build the model (seeded with `--seed`), its training wrappers, optimizer and scaler.
+
+    `unseen` (`--unseen_tokens shared`): the new model's unseen-token rows start equal (a
+    resumed run's snapshot then replaces them), and the loss shares their column.
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     model = LanguageModel(**cfg.to_dict()).to(device)
     model.tokenizer = tokenizer
-    module = TrainingModule(model, fused_head=not args.no_fused_loss, compile_trunk=args.compile)
+    if unseen is not None:
+        unseen.equalize(model.lm_head.weight)  # before the weight average copies the weights
+    module = TrainingModule(model, fused_head=not args.no_fused_loss, compile_trunk=args.compile,
+                            unseen=unseen)
     ddp = None
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(

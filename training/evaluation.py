@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from model.windows import count_windows, resolve_window, window_bounds
+from training.unseen_tokens import UnseenTokens
 
 _DTYPES = {
     None: None,
@@ -133,6 +134,7 @@ def evaluate_tokens(
     dtype=None,
     progress: bool = False,
     num_bytes: int | None = None,
+    unseen: UnseenTokens | None = None,
 ) -> EvalResult:
     """Score `tokens` with sliding windows, exactly as Hugging Face's perplexity guide does.
 
@@ -154,6 +156,9 @@ def evaluate_tokens(
             non-overlapping window) count no bits, so use a stride below seq_len for a figure
             that covers every token. When `max_windows` evaluates a subset, the bytes are
             scaled by the share of the tokens that a full evaluation would score.
+        unseen: the trainer's shared unseen-token row (`--unseen_tokens shared`): the same
+            loss from the seen tokens' columns and the shared one (the model's unseen rows must
+            be equal; `training/unseen_tokens.py`).
 
     Returns:
         An EvalResult.
@@ -170,7 +175,7 @@ def evaluate_tokens(
     indices = _select_windows(total, max_windows)
     batches = _batches(tokens, indices, num_tokens, seq_len, stride, batch_size)
     nll_sum, scored = _score(model, batches, device=dev, amp_dtype=amp_dtype,
-                             progress_total=len(indices) if progress else None)
+                             progress_total=len(indices) if progress else None, unseen=unseen)
     if scored == 0:
         raise ValueError("no tokens were scored (every window was a single token)")
     loss = nll_sum / scored
@@ -228,7 +233,8 @@ def _check_arguments(model: torch.nn.Module, tokens, seq_len: int | None, stride
 
 def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]], *,
            device: torch.device, amp_dtype: torch.dtype | None,
-           progress_total: int | None) -> tuple[float, int]:
+           progress_total: int | None, unseen: UnseenTokens | None = None
+           ) -> tuple[float, int]:
     """(summed negative log-likelihood, tokens scored) over `batches`, in eval mode, no grad."""
     vocab_size = int(_unwrap(model).config.vocab_size)
     bar = None
@@ -252,13 +258,21 @@ def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.T
                         f"({vocab_size}); was the data encoded with another tokenizer?"
                     )
                 inputs, targets = inputs.to(device), targets.to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(inputs)
-                # Only the scored positions go through the (fp32) softmax: with a small stride
-                # that is a fraction of the window, and it keeps memory at one copy of the logits.
                 mask = targets != -100
-                picked = logits[mask].float()
-                nll_sum += F.cross_entropy(picked, targets[mask], reduction="sum").item()
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    if unseen is not None:
+                        base = _unwrap(model)
+                        hidden = base.forward_hidden(inputs)[mask]
+                        nll_sum += unseen.nll_sum(hidden, base.lm_head.weight,
+                                                  targets[mask]).item()
+                    else:
+                        logits = model(inputs)
+                if unseen is None:
+                    # Only the scored positions go through the (fp32) softmax: with a small
+                    # stride that is a fraction of the window, and it keeps memory at one copy
+                    # of the logits.
+                    picked = logits[mask].float()
+                    nll_sum += F.cross_entropy(picked, targets[mask], reduction="sum").item()
                 scored += int(mask.sum())
                 if bar is not None:
                     bar.update(n)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from training.unseen_tokens import UnseenTokens
+
 IGNORE_INDEX = -100
 
 
@@ -41,9 +43,11 @@ _HAS_SOFTMAX_OUT = _probe_softmax_out()
 class _LMHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_rows: int, compute_dtype: torch.dtype) -> torch.Tensor:
+                chunk_rows: int, compute_dtype: torch.dtype,
+                logit_bias: torch.Tensor | None) -> torch.Tensor:
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)  # one cast of the (V, C) weight for both products below
+        bias = None if logit_bias is None else logit_bias.to(compute_dtype)
         n_rows, vocab = h.size(0), w.size(0)
         valid = targets != IGNORE_INDEX
         any_ignored = bool((~valid).any())
@@ -61,7 +65,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n_rows))
             g = grad_logits[rows]
-            _softmax_into(h[rows] @ w.t(), g)  # fp32 accumulation whatever the dtype
+            logits = h[rows] @ w.t() if bias is None else torch.addmm(bias, h[rows], w.t())
+            _softmax_into(logits, g)  # fp32 accumulation whatever the dtype
             p_target = g.gather(1, safe_targets[rows]).squeeze(1).float()
             nll_sum -= (p_target.clamp_min(1e-38).log() * valid[rows]).sum()
             g.scatter_add_(1, safe_targets[rows], minus_one[rows])
@@ -81,7 +86,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         factor = grad_out.to(torch.float32) * scale
         grad_hidden = grad_h.to(h_dtype).mul_(factor.to(h_dtype))
         grad_weight = grad_w.to(w_dtype, memory_format=torch.contiguous_format)
-        return grad_hidden, grad_weight.mul_(factor.to(w_dtype)), None, None, None
+        return grad_hidden, grad_weight.mul_(factor.to(w_dtype)), None, None, None, None
 
 
 def default_chunk_rows(vocab_size: int, device_type: str) -> int:
@@ -91,14 +96,18 @@ def default_chunk_rows(vocab_size: int, device_type: str) -> int:
 
 
 def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int | None = None) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, without storing the logits.
+                          chunk_rows: int | None = None,
+                          logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T (+ logit_bias)` against `targets`, without
+    storing the logits.
 
     Args:
         hidden: final hidden states, (N, C) (any leading shape is flattened).
         weight: the LM head's weight, (V, C) (nn.Linear layout).
         targets: (N,) next-token ids; -100 marks positions to ignore.
         chunk_rows: rows of logits computed at a time (default: `default_chunk_rows`).
+        logit_bias: (V,) added to every row of logits (the shared unseen-token column's log U,
+            `training/unseen_tokens.py`); not trained.
 
     Returns:
         A scalar fp32 loss; its backward gives the gradients of `hidden` and `weight`.
@@ -113,7 +122,8 @@ def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.size(0), dev)
     with torch.autocast(dev, enabled=False):
-        return _LMHeadCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
+        return _LMHeadCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype,
+                                         logit_bias)
 
 
 class TrainingModule(torch.nn.Module):
@@ -122,15 +132,19 @@ class TrainingModule(torch.nn.Module):
     Mathematically `model(idx, targets)[1]`, but with the LM head and loss fused
     (`lm_head_cross_entropy`) unless `fused_head=False` or under float16 autocast. With
     `compile_trunk`, the blocks go through `torch.compile` (the fused head stays eager: it is a
-    few large matrix products).
+    few large matrix products). With `unseen` (`--unseen_tokens shared`), the head computes only
+    the columns of the tokens that occur in training and one shared column (the same loss;
+    `training/unseen_tokens.py`).
     """
 
     def __init__(self, model: torch.nn.Module, fused_head: bool = True,
-                 compile_trunk: bool = False, chunk_rows: int | None = None) -> None:
+                 compile_trunk: bool = False, chunk_rows: int | None = None,
+                 unseen: UnseenTokens | None = None) -> None:
         super().__init__()
         self.model = model
         self.fused_head = fused_head
         self.chunk_rows = chunk_rows
+        self.unseen = unseen
         self._hidden = self._plain_hidden
         if compile_trunk:
             self._hidden = torch.compile(self._plain_hidden)
@@ -141,14 +155,18 @@ class TrainingModule(torch.nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dev = idx.device.type
         fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
+        weight, bias = self.model.lm_head.weight, None
+        if self.unseen is not None:
+            weight, bias = self.unseen.head_weight(weight), self.unseen.logit_bias
+            targets = self.unseen.target_columns(targets)
         # The fused loss keeps d loss / d logits in the compute dtype before GradScaler's scale is
         # applied: fine for bf16's range, not for fp16's, which therefore takes the plain path.
         if not self.fused_head or fp16:
-            if self._hidden is self._plain_hidden:
+            if self._hidden is self._plain_hidden and self.unseen is None:
                 return self.model(idx, targets)[1]
-            logits = self.model.lm_head(self._hidden(idx))
+            logits = torch.nn.functional.linear(self._hidden(idx), weight)
+            logits = logits.float() if bias is None else logits.float() + bias
             return torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                logits.view(-1, logits.size(-1)), targets.reshape(-1),
                 ignore_index=IGNORE_INDEX)
-        return lm_head_cross_entropy(self._hidden(idx), self.model.lm_head.weight, targets,
-                                     self.chunk_rows)
+        return lm_head_cross_entropy(self._hidden(idx), weight, targets, self.chunk_rows, bias)

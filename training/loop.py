@@ -20,7 +20,7 @@ import torch
 from model.lm import LanguageModel, LMConfig
 from training import distributed as D
 from training.batches import EpochBatches
-from training.budget import measure_costs
+from training.budget import Replanner, describe_replan, measure_costs
 from training.build import Parts
 from training.evaluation import EvalResult, evaluate_tokens
 from training.loggers import RunLog
@@ -103,6 +103,9 @@ class Trainer:
         self.write = lambda s: None  # the progress bar's print, once the loop runs
         self._log_tokens, self._log_time = 0, 0.0  # since the last logged training loss
         self._stats: dict[str, Any] = {}  # the last step's gradient norm (training.step)
+        self.replanner: Replanner | None = None  # a budgeted WSD run's re-plans (`_replan`)
+        self.started = 0.0  # the command's start (a perf_counter stamp), for `_replan`
+        self.cap: int | None = None  # LM_MAX_STEPS, which a re-plan keeps
         peak = datasheet_peak(device)  # MFU where the peak is known (GPUs)
         self._flops_per_s_peak = peak * 1e12 if peak else None
 
@@ -134,7 +137,7 @@ class Trainer:
         return evaluate_tokens(self.parts.model, self.val_tokens, seq_len=self.args.seq_len,
                                batch_size=self.args.eval_batch_size, max_windows=max_windows,
                                dtype=None if self.amp == torch.float32 else DTYPE_NAMES[self.amp],
-                               num_bytes=self.val_bytes)
+                               num_bytes=self.val_bytes, unseen=self.parts.module.unseen)
 
     def evaluate(self, step: int, baseline: bool = False) -> bool:
         """Validate (rank 0), log, plot, sample; returns whether this is the best loss so far.
@@ -275,11 +278,30 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         state.train_time += elapsed
         self._log_speed(elapsed, log_now, bar)
+        if self.replanner is not None and self.replanner.due(step):
+            self._replan(step, bar)
         is_best = False
         if eval_now and not stop_now:
             is_best = self._evaluate_everywhere(step)
             save_now = save_now or is_best
         return save_now, stop_now, epoch_of_step, is_best
+
+    def _replan(self, step: int, bar) -> None:
+        """Plan the steps again from the mean of this run's steps (`training.budget.Replanner`;
+        rank 0 plans, every rank takes it)."""
+        plan = None
+        if self.info.is_main:
+            plan = self.replanner.replan(step, elapsed_s=time.perf_counter() - self.started,
+                                         step_s=self.state.train_time / step)
+        if self.info.enabled:
+            plan = D.broadcast_object(self.info, plan)
+        final = self.replanner.adopt(plan, step)
+        self.max_steps = plan.steps
+        self.stop_at = min(plan.steps, self.cap) if self.cap else plan.steps
+        self.state.time_plan = plan.to_dict()
+        bar.total = self.stop_at
+        if final:
+            self.write(describe_replan(plan))
 
     def _log_speed(self, elapsed: float, log_now: bool, bar) -> None:
         """Accumulate tokens/s since the last log line; log the training loss when due."""

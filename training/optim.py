@@ -218,12 +218,16 @@ def lr_scale(step: int, *, schedule: str, warmup_steps: int, max_steps: int,
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)
-    decay_steps = max(1, round(cooldown * max_steps))
-    decay_start = max(warmup_steps, max_steps - decay_steps)
+    decay_start = wsd_decay_start(max_steps, warmup_steps, cooldown)
     if step < decay_start:
         return 1.0
     progress = (step - decay_start) / max(1, max_steps - decay_start)
     return 1.0 - progress * (1.0 - min_ratio)
+
+
+def wsd_decay_start(max_steps: int, warmup_steps: int, cooldown: float) -> int:
+    """The first step (0-based) of a WSD run's cool-down: the last `cooldown` of `max_steps`."""
+    return max(warmup_steps, max_steps - max(1, round(cooldown * max_steps)))
 
 
 def set_lr_scale(optimizer: torch.optim.Optimizer | MuonAdamW, scale: float, lr: float,

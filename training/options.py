@@ -36,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
                       dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,
                       min_lr=0.0, schedule="wsd", cooldown=0.4, warmup_steps=10,
-                      time_budget=10.0, eval_interval=150, eval_windows=0),
+                      time_budget=10.0, eval_interval=150, eval_windows=0,
+                      unseen_tokens="shared"),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
                       dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
@@ -194,6 +195,12 @@ def build_parser() -> OneLineParser:
     s.add_argument("--no_fused_loss", action="store_true",
                    help="compute the loss from full logits (model(idx, targets)) instead of the "
                         "chunked fused LM-head + cross-entropy")
+    s.add_argument("--unseen_tokens", choices=("full", "shared"), default="full",
+                   help="shared: the token ids that never occur in the training split start "
+                        "with equal embedding rows, which training keeps equal, so the LM head's "
+                        "loss computes one column for all of them (the same loss, a fraction of "
+                        "the head's cost on a small corpus; a new run only, not --init_from). "
+                        "full: every row computed")
 
     e = p.add_argument_group("evaluation, logging, snapshots")
     e.add_argument("--eval_interval", type=_positive_int, default=100,

@@ -43,7 +43,7 @@ from model.lm import LMConfig  # noqa: E402
 from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
 from training import distributed as D  # noqa: E402
 from training.batches import EpochBatches  # noqa: E402
-from training.budget import make_plan, resolve_plan  # noqa: E402
+from training.budget import Replanner, make_plan, resolve_plan  # noqa: E402
 from training.build import build_parts  # noqa: E402
 from training.data import (  # noqa: E402
     DataError,
@@ -76,6 +76,7 @@ from training.start import (  # noqa: E402
     keep_global_batch,
     source_weights,
 )
+from training.unseen_tokens import UnseenTokens  # noqa: E402
 
 
 def _say(info: D.DistInfo, *lines: str) -> None:
@@ -106,6 +107,18 @@ def _load_data(args, info: D.DistInfo):
     if len(val) < 2:
         raise DataError(f"the validation split has {len(val)} token(s); it needs at least 2")
     return train, val, val_bytes
+
+
+def _unseen_tokens(args, start: RunStart, train_tokens, vocab_size: int, device: torch.device
+                   ) -> UnseenTokens | None:
+    """`--unseen_tokens shared`: the training split's seen ids (None: off, or all ids occur)."""
+    if args.unseen_tokens != "shared":
+        return None
+    if start.kind == "init":
+        raise UsageError(f"--unseen_tokens shared needs a new model: the weights of --init_from "
+                         f"{start.source} have their own rows for every token; give "
+                         "--unseen_tokens full")
+    return UnseenTokens.from_tokens(train_tokens, vocab_size, device)
 
 
 def _model_config(args: argparse.Namespace, start: RunStart, info: D.DistInfo, device):
@@ -190,10 +203,16 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
     max_steps = plan.steps if plan else args.max_steps or max(1, round(args.epochs * spe))
     stop_at = min(max_steps, cap) if cap else max_steps
 
-    parts = build_parts(cfg, tok, args, device, info, amp)
+    unseen = _unseen_tokens(args, start, train_tokens, cfg.vocab_size, device)
+    parts = build_parts(cfg, tok, args, device, info, amp, unseen)
     state = RunState(init_from=start.source)
     if start.resuming:
         parts.load_snapshot(start.ckpt, start.path)
+        if unseen is not None and not unseen.rows_equal(parts.model.lm_head.weight):
+            raise SnapshotError(f"{start.path}: its unseen tokens' embedding rows differ, so "
+                                "--unseen_tokens shared cannot continue it (it was trained with "
+                                "--unseen_tokens full, or on other data); resume with "
+                                "--unseen_tokens full")
         state = RunState.from_snapshot(start.ckpt, batches, args.seed, lambda s: _say(info, s))
         state.init_from = state.init_from or start.source
         restore_rng(start.ckpt, info.rank, info.world_size, args.seed, lambda s: _say(info, s))
@@ -211,6 +230,11 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
         plan = make_plan(trainer, args.time_budget * 60, started, collective=not args.explain)
         max_steps = trainer.max_steps = plan.steps
         stop_at = trainer.stop_at = min(max_steps, cap) if cap else max_steps
+        if args.schedule == "wsd":  # plans again from its own steps until its cool-down
+            trainer.replanner = Replanner(plan, eval_interval=args.eval_interval,
+                                          save_interval=args.save_interval,
+                                          warmup_steps=args.warmup_steps, cooldown=args.cooldown)
+            trainer.started, trainer.cap = started, cap
     state.time_plan = plan.to_dict() if plan else None
     if args.warmup_steps >= max_steps and max_steps > 1:
         _say(info, f"note: --warmup_steps {args.warmup_steps} >= {max_steps} steps; the learning "
@@ -249,13 +273,16 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
          f"{batches.tokens_per_step:,} tokens/step | {max_steps:,} steps "
          f"({max_steps / spe:.2f} epochs) | {DTYPE_NAMES[amp]} on {device}"
          f"{' x' + str(info.world_size) if info.enabled else ''} | snapshots in {snap_dir}")
+    if unseen is not None:
+        _say(info, unseen.describe())
     if plan is not None:
         _say(info, ("" if planned_here else "keeping the run's plan: ") + plan.describe())
     if cap and cap < max_steps:
         _say(info, f"LM_MAX_STEPS={cap}: stopping after step {stop_at:,}")
     try:
         code = trainer.run(resumed=start.resuming)
-        if planned_here and code == 0 and stop_at == max_steps:
+        if planned_here and code == 0 and trainer.stop_at == trainer.max_steps:
+            plan = trainer.replanner.plan if trainer.replanner else plan
             _say(info, f"time budget: the whole run took {time.perf_counter() - started:.1f} s of "
                        f"{plan.budget_s:g} s (planned {plan.estimate_s:.1f} s)")
         return code
