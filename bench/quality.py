@@ -4,11 +4,13 @@
 The quality twin of `bench/training.py`. Both recipes train the same model shape on the same data
 (Tiny Shakespeare, GPT-2 tokens) with `training/train_lm.py` itself, one after the other, each as
 the whole command a user would type, timed from outside, with the same `--time_budget`:
-- ours: `--preset cpu-10min` exactly as it is (Muon + AdamW, warmup-stable-decay; the run plans
-  its steps from a step it measures, so that the whole command ends within ten minutes);
+- ours: `--preset cpu-10min` exactly as it is (Muon + AdamW, warmup-stable-decay, the unseen
+  tokens' shared head column; the run plans its steps from a step it measures, and again from
+  its own steps before the cool-down, so that the whole command ends within ten minutes);
 - reference: the same preset with AdamW + cosine decay and nanoGPT's Shakespeare hyper-parameters
   (peak 1e-3 down to 1e-4, 100 warm-up steps, betas 0.9/0.99, weight decay 0.1, dropout 0.2,
-  clipping at 1.0), which plans its own steps for the same budget.
+  clipping at 1.0), every column of the LM head computed (`--unseen_tokens full`, as nanoGPT
+  does), which plans its own steps for the same budget.
 The score is the validation loss over the whole validation split of each run's `best.pt`, from
 `evaluate_lm.py --json` run on it. The curves (validation loss against training minutes) go to a
 PNG next to the table, and the table to `--out`. The data is tokenized once first, outside the
@@ -45,7 +47,7 @@ RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "ours": {},
     "reference": dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100,
                       schedule="cosine", ema=0.0, beta1=0.9, beta2=0.99, weight_decay=0.1,
-                      dropout=0.2),
+                      dropout=0.2, unseen_tokens="full"),
 }
 
 

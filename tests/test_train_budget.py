@@ -95,8 +95,18 @@ def test_replanner_plans_only_while_the_rate_is_constant():
     rp = budget.Replanner(plan, eval_interval=50, save_interval=50, warmup_steps=10,
                           cooldown=0.4)
     assert [s for s in range(1, 101) if rp.due(s)] == [20, 30, 40, 50, 60]
+    # The slower of the mean of all steps and of the last REPLAN_RECENT.
+    for _ in range(budget.REPLAN_RECENT):
+        rp.record(0.05)
+    assert rp.step_s == pytest.approx(0.05)
+    for _ in range(budget.REPLAN_RECENT):
+        rp.record(0.15)
+    assert rp.step_s == pytest.approx(0.15)  # lately slower: the recent mean
+    for _ in range(budget.REPLAN_RECENT):
+        rp.record(0.05)
+    assert rp.step_s == pytest.approx((0.05 * 2 + 0.15) / 3)  # lately faster: the mean of all
     # Much faster than planned: the count grows, and so does the constant phase.
-    new = rp.replan(60, elapsed_s=2.0 + 60 * 0.1, step_s=0.1)
+    new = rp.replan(60, elapsed_s=2.0 + 60 * 0.1)
     assert new.steps > 100 and not rp.adopt(new, 60) and rp.due(70)
     # The count that ends the constant phase before the next re-plan is final.
     last = budget.replan(rp.plan, step=70, elapsed_s=50.0, step_s=0.5, eval_interval=50,

@@ -12,10 +12,10 @@ cool-down (or the cosine decay) is scheduled over that count, so it ends on time
 
 A machine's speed can drift by tens of percent within minutes, so a warmup-stable-decay run
 plans again from its own steps (`Replanner`): every 10 steps of its constant phase it takes the
-mean of the steps it has run and plans the rest anew, until its cool-down starts. WSD's rate is
-constant until the cool-down starts, so the new count is one the run could have planned from its
-first step; the cool-down then ends on time (cosine's rate depends on the total from the first
-step, so it keeps its plan).
+slower of the mean of its steps and of its last 50 and plans the rest anew, until its cool-down
+starts. WSD's rate is constant until the cool-down starts, so the new count is one the run could
+have planned from its first step; the cool-down then ends on time (cosine's rate depends on the
+total from the first step, so it keeps its plan).
 
 The plan (`TimePlan`) is printed, saved in every snapshot (`time_plan`) and kept as it is by
 `--resume` (no new measurement, no re-plan), so a resumed run continues bit-exactly: every
@@ -29,6 +29,7 @@ time budget. `LM_MAX_STEPS` still stops a budgeted run early, its plan unchanged
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import math
 import os
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 RESERVE = 0.05  # of the budget: left unplanned, for a slower stretch than the measured steps
 REPLAN_EVERY = 10  # steps: how often a WSD run plans again in its constant phase (`replan`)
+REPLAN_RECENT = 50  # steps: a re-plan takes the slower of the mean of all steps and of these
 TIMED_STEPS = 5  # steps timed for a plan (after one warm-up step); the median is used
 
 
@@ -83,7 +85,7 @@ class TimePlan:
         reserve: the fraction of the budget left unplanned.
         replanned_at: the step after which the run planned again (`replan`; 0: not yet).
         first_steps: the count planned before the first step (0: not re-planned).
-        run_step_s: the mean of the run's own steps before the re-plan (0: not re-planned).
+        run_step_s: the step time the last re-plan used (`Replanner.step_s`; 0: none).
     """
 
     budget_s: float
@@ -184,7 +186,7 @@ def plan_steps(budget_s: float, start_s: float, costs: Costs, *, eval_interval: 
 
 def replan(plan: TimePlan, *, step: int, elapsed_s: float, step_s: float, eval_interval: int,
            save_interval: int, warmup_steps: int, cooldown: float) -> TimePlan:
-    """The plan made again after `step` steps, from the run's own mean step time.
+    """The plan made again after `step` steps, from the run's own step time `step_s`.
 
     The new count is the largest whose remaining steps, evaluations and snapshots end within the
     budget less its reserve, `elapsed_s` being gone; but never one whose cool-down would have
@@ -193,8 +195,8 @@ def replan(plan: TimePlan, *, step: int, elapsed_s: float, step_s: float, eval_i
 
     Args:
         plan: the run's plan. step: the steps done. elapsed_s: seconds since the command started.
-        step_s: the mean of the run's steps so far. eval_interval, save_interval, warmup_steps,
-            cooldown: the run's flags.
+        step_s: the run's step time (`Replanner.step_s`).
+        eval_interval, save_interval, warmup_steps, cooldown: the run's flags.
     """
     costs = Costs(step_s=step_s, eval_s=plan.eval_s, snapshot_s=plan.snapshot_s,
                   timed_steps=step)
@@ -225,16 +227,20 @@ def describe_replan(plan: TimePlan) -> str:
     """The final re-plan in one line."""
     change = ("keeping" if plan.steps == plan.first_steps
               else f"{plan.first_steps:,} planned at the start ->")
-    return (f"time budget: re-planned after step {plan.replanned_at:,}: the run's steps took "
-            f"{plan.run_step_s:.3g} s on average (measured {plan.step_s:.3g} s before the "
-            f"first): {change} {plan.steps:,} steps (the whole run an estimated "
-            f"{plan.estimate_s:.1f} s of {plan.budget_s:g} s)")
+    return (f"time budget: re-planned after step {plan.replanned_at:,}: the run's steps take "
+            f"{plan.run_step_s:.3g} s (the slower of the mean of all and of the last "
+            f"{REPLAN_RECENT}; measured {plan.step_s:.3g} s before the first): {change} "
+            f"{plan.steps:,} steps (the whole run an estimated {plan.estimate_s:.1f} s of "
+            f"{plan.budget_s:g} s)")
 
 
 class Replanner:
-    """Plans a budgeted WSD run again every `REPLAN_EVERY` steps of its constant phase, from the
-    mean of its own steps, until its cool-down is about to start (`replan`); then the count is
-    final. Every process decides `due` alike; the plan itself is made on rank 0.
+    """Plans a budgeted WSD run again every `REPLAN_EVERY` steps of its constant phase, from its
+    own steps, until its cool-down is about to start (`replan`); then the count is final. The
+    step time it plans with is the slower of the mean of all the run's steps and the mean of the
+    last `REPLAN_RECENT` (a machine that slowed down lately is taken at its word; one that sped
+    up is not trusted further than its average). Every process decides `due` alike; the plan
+    itself is made on rank 0, from the steps it `record`ed.
 
     Args:
         plan: the run's plan before its first step.
@@ -245,6 +251,8 @@ class Replanner:
                  warmup_steps: int, cooldown: float) -> None:
         self.plan = plan
         self.final = False
+        self._total_s, self._count = 0.0, 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=REPLAN_RECENT)
         self._flags = dict(eval_interval=eval_interval, save_interval=save_interval,
                            warmup_steps=warmup_steps, cooldown=cooldown)
 
@@ -256,9 +264,23 @@ class Replanner:
                 and step <= wsd_decay_start(self.plan.steps, flags["warmup_steps"],
                                             flags["cooldown"]))
 
-    def replan(self, step: int, *, elapsed_s: float, step_s: float) -> TimePlan:
-        """The plan after `step` steps (rank 0): `replan` with the run's mean step time."""
-        return replan(self.plan, step=step, elapsed_s=elapsed_s, step_s=step_s, **self._flags)
+    def record(self, step_s: float) -> None:
+        """One step of the run took `step_s` seconds."""
+        self._total_s += step_s
+        self._count += 1
+        self._recent.append(step_s)
+
+    @property
+    def step_s(self) -> float:
+        """The step time a re-plan uses (see the class)."""
+        if not self._count:
+            return self.plan.step_s
+        return max(self._total_s / self._count, sum(self._recent) / len(self._recent))
+
+    def replan(self, step: int, *, elapsed_s: float) -> TimePlan:
+        """The plan after `step` steps (rank 0): `replan` with `step_s`."""
+        return replan(self.plan, step=step, elapsed_s=elapsed_s, step_s=self.step_s,
+                      **self._flags)
 
     def adopt(self, plan: TimePlan, step: int) -> bool:
         """Take `plan` (every process); True when it is final (the cool-down starts before the

@@ -278,8 +278,10 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         state.train_time += elapsed
         self._log_speed(elapsed, log_now, bar)
-        if self.replanner is not None and self.replanner.due(step):
-            self._replan(step, bar)
+        if self.replanner is not None:
+            self.replanner.record(elapsed)
+            if self.replanner.due(step):
+                self._replan(step, bar)
         is_best = False
         if eval_now and not stop_now:
             is_best = self._evaluate_everywhere(step)
@@ -287,12 +289,11 @@ class Trainer:
         return save_now, stop_now, epoch_of_step, is_best
 
     def _replan(self, step: int, bar) -> None:
-        """Plan the steps again from the mean of this run's steps (`training.budget.Replanner`;
-        rank 0 plans, every rank takes it)."""
+        """Plan the steps again from this run's own steps (`training.budget.Replanner`; rank 0
+        plans, every rank takes it)."""
         plan = None
         if self.info.is_main:
-            plan = self.replanner.replan(step, elapsed_s=time.perf_counter() - self.started,
-                                         step_s=self.state.train_time / step)
+            plan = self.replanner.replan(step, elapsed_s=time.perf_counter() - self.started)
         if self.info.enabled:
             plan = D.broadcast_object(self.info, plan)
         final = self.replanner.adopt(plan, step)

@@ -31,9 +31,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The best validation loss we found in a 10-minute budget (--time_budget) of a 2-core CPU:
     # a few hundred steps there, so no dropout, a short warm-up, a 40% cool-down and higher
     # rates than a longer run would take (AdamW 6e-3 and Muon 0.03 beat 3e-3/0.02 and
-    # 1.5e-2/0.05); figures and the runs behind them in README "Training recipe" and
-    # bench/results/quality_cpu_2core.txt.
-    "cpu-10min": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128,
+    # 1.5e-2/0.05). The unseen tokens' shared head column makes a step ~3x cheaper, which buys
+    # a 256-wide model for about three passes over the data (128 wide overfits with the steps
+    # it then gets; 384 wide gets too few). Figures and the runs behind them in README
+    # "Training recipe" and bench/results/quality_cpu_2core.txt.
+    "cpu-10min": dict(d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=128,
                       dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,
                       min_lr=0.0, schedule="wsd", cooldown=0.4, warmup_steps=10,
                       time_budget=10.0, eval_interval=150, eval_windows=0,
