@@ -100,13 +100,13 @@ def test_train_explain_evaluate_and_log_to_every_backend(prepared, tmp_path, cap
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.value for e in events.Scalars("val/loss")] == pytest.approx(val, rel=1e-6)
 
-    # W&B's offline record log holds each scalar as JSON text after its key (history rows, then
-    # the summary's last values again).
+    # W&B's offline record log holds each scalar as JSON text after its key, as a protobuf
+    # string: a length byte, then that many bytes (history rows, then the summary's last values
+    # again). What follows the text is the next field, whatever byte that starts with.
     (record,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     raw = record.read_bytes()
-    logged = [float(m.group(2)) for m in re.finditer(rb"\ntrain/loss\x82\x01(.)([^\n]+?)(?=\n)",
-                                                     raw)
-              if len(m.group(2)) == m.group(1)[0]]
+    logged = [float(raw[m.end():m.end() + m.group(1)[0]])
+              for m in re.finditer(rb"\ntrain/loss\x82\x01(.)", raw, flags=re.DOTALL)]
     assert list(dict.fromkeys(logged)) == losses
     assert b"val/loss" in raw and b"train/grad_norm" in raw
 
