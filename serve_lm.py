@@ -34,6 +34,9 @@ Then: POST /v1/completions (the openai client's client.completions.create), GET 
 GET /health, and the playground at /.
 """
 API_KEY_ENV = "SERVE_LM_API_KEY"
+# Streamed chunks at most 50 a second: a reader sees no difference, while a fast model's
+# per-token chunks cost the client and the HTTP thread about 1 ms of CPU each (bench/serving.py).
+STREAM_INTERVAL_MS = 20.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max_queue", type=_number("--max_queue", 0, 100000, cast=int), default=64,
                    metavar="N", help="requests that may wait for a free row; more are answered "
                                      "429 with Retry-After (default: 64)")
+    b.add_argument("--stream_interval_ms", type=_number("--stream_interval_ms", 0, 1000),
+                   default=STREAM_INTERVAL_MS, metavar="MS",
+                   help="a stream's chunks are at least this far apart: tokens that come sooner "
+                        "go out together in the next chunk (the first token and the last go out "
+                        "at once); 0 sends every token as it comes, at a higher CPU cost per "
+                        f"token for server and client (default: {STREAM_INTERVAL_MS:g})")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", metavar="DEV",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
@@ -165,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _Web = _web_server_class()
     name = args.model_name or _default_name(args.checkpoint)
-    server = Server(name=name, api_key=args.api_key)
+    server = Server(name=name, api_key=args.api_key,
+                    stream_interval=args.stream_interval_ms / 1000)
     config = uvicorn.Config(create_app(server), log_config=None, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=3,
                             lifespan="off")

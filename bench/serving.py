@@ -252,6 +252,8 @@ def main() -> None:
     ap.add_argument("--formats", default="fp32,bf16", help="ours: fp32 and/or bf16")
     ap.add_argument("--llama_types", default="f32,f16", help="llama-server's GGUF types")
     ap.add_argument("--max_batch", type=int, default=16)
+    ap.add_argument("--stream_interval_ms", type=float, default=None,
+                    help="our server's --stream_interval_ms (default: the server's default)")
     ap.add_argument("--sequential", default="default",
                     help="configs that also run our server with one row (--max_batch 1)")
     ap.add_argument("--llama_server", default=os.environ.get("LLAMA_SERVER")
@@ -311,8 +313,11 @@ def cpu_name() -> str:
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from serve_lm import STREAM_INTERVAL_MS
+
     cores = os.cpu_count() or 1
     cpu = cpu_name()
+    interval = STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms
     clients = [int(c) for c in args.clients.split(",")]
     samplings = args.samplings.split(",")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-serving-"))
@@ -331,8 +336,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"cpu: {cpu}, {cores} cores | torch {torch.__version__} | python "
           f"{platform.python_version()}" + (f" | llama.cpp {llama_version}" if llama else ""))
     print(f"load: C clients at once, each {args.requests} streamed completions of "
-          f"{args.max_tokens} tokens in turn; openai client; our --max_batch {args.max_batch}, "
-          f"llama-server -np {args.max_batch}")
+          f"{args.max_tokens} tokens in turn; openai client; our --max_batch {args.max_batch}"
+          f" --stream_interval_ms {interval:g}, llama-server -np {args.max_batch}")
     header = (f"{'config':<10} {'server':<24} {'weights':<7} {'sampling':<8} {'clients':>7} "
               f"{'tok/s':>7} {'p50 s':>6} {'p95 s':>6} {'p95 TTFT':>8}")
     rows: dict[tuple, Result] = {}
@@ -389,7 +394,7 @@ def run(args: argparse.Namespace) -> None:
             quantize = {"fp32": "none"}.get(fmt, fmt)
             cmd = [sys.executable, str(ROOT / "serve_lm.py"), "--checkpoint", str(ckpt),
                    "--port", "0", "--max_batch", str(args.max_batch), "--no_access_log",
-                   "--quantize", quantize]
+                   "--quantize", quantize, "--stream_interval_ms", f"{interval:g}"]
             pair = None
             if 1 in clients and not args.skip_generate_lm:
                 def pair(s: str, q: str = quantize, ckpt: Path = ckpt) -> float | None:

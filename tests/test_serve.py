@@ -35,8 +35,10 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
+    # a chunk per token (the tests of streamed pieces want them apart); the default interval,
+    # which joins tokens, is tested in tests/test_serve_app.py
     srv = ServerProcess("--checkpoint", str(tiny_checkpoint), "--api_key", KEY,
-                        "--max_batch", "8", "--max_queue", "8")
+                        "--max_batch", "8", "--max_queue", "8", "--stream_interval_ms", "0")
     yield srv
     status = srv.stop()
     log = srv.log_text()
@@ -414,7 +416,8 @@ def test_bad_flags_and_a_bad_checkpoint_exit_2_with_one_line(tmp_path):
         cases = [(["--max_batch", "0"], "--max_batch"), (["--port", "70000"], "--port"),
                  (["--checkpoint", str(tmp_path / "missing.pt")], "not found"),
                  (["--device", "tpu"], "unknown device"), (["--api_key", " "], "--api_key"),
-                 (["--port", port], "cannot listen")]
+                 (["--port", port], "cannot listen"),
+                 (["--stream_interval_ms", "-1"], "--stream_interval_ms")]
         for args, needle in cases:
             proc = run(*args)
             assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
