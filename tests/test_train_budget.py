@@ -92,7 +92,7 @@ def test_replan_fits_the_rest_to_the_run_s_own_speed(slower):
 def test_replanner_plans_only_while_the_rate_is_constant():
     plan = budget.TimePlan(budget_s=60.0, steps=100, step_s=0.5, eval_s=1.0, snapshot_s=0.1,
                            start_s=2.0, estimate_s=57.0)
-    rp = budget.Replanner(plan, eval_interval=50, save_interval=50, warmup_steps=10,
+    rp = budget.Replanner(plan, eval_interval=50, save_interval=50, warmup_steps=10, started=0.0,
                           cooldown=0.4)
     assert [s for s in range(1, 101) if rp.due(s)] == [20, 30, 40, 50, 60]
     # The slower of the mean of all steps and of the last REPLAN_RECENT.

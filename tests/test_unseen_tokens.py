@@ -3,6 +3,8 @@ full head's training and validation (to float rounding), and the trainer uses it
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,12 @@ from test_train_helpers import tiny_flags
 
 from model.lm import LanguageModel
 from training import train_lm
+from training.data import DataError
 from training.evaluation import evaluate_tokens
 from training.fused_loss import TrainingModule
 from training.metrics import read_metrics
 from training.optim import make_optimizer
+from training.start import RunStart
 from training.unseen_tokens import UnseenTokens, seen_token_mask
 
 V = 96
@@ -37,6 +41,10 @@ def test_seen_token_mask_counts_ids_and_refuses_ids_outside_the_vocabulary():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         seen_token_mask(tokens, 9)
     assert UnseenTokens.from_tokens(np.arange(12), 12) is None  # nothing to share
+    # the trainer turns it into its one-line data error
+    args = argparse.Namespace(unseen_tokens="shared")
+    with pytest.raises(DataError, match="token id 9 is outside the vocabulary.*prepare the data"):
+        train_lm._unseen_tokens(args, RunStart(), tokens, 9, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("optimizer,fused", [("muon", True), ("adamw", True), ("muon", False)])

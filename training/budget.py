@@ -245,11 +245,13 @@ class Replanner:
     Args:
         plan: the run's plan before its first step.
         eval_interval, save_interval, warmup_steps, cooldown: the run's flags.
+        started: the `time.perf_counter()` stamp the budget counts from (the command's start).
     """
 
     def __init__(self, plan: TimePlan, *, eval_interval: int, save_interval: int,
-                 warmup_steps: int, cooldown: float) -> None:
+                 warmup_steps: int, cooldown: float, started: float) -> None:
         self.plan = plan
+        self.started = started
         self.final = False
         self._total_s, self._count = 0.0, 0
         self._recent: collections.deque[float] = collections.deque(maxlen=REPLAN_RECENT)
@@ -277,8 +279,11 @@ class Replanner:
             return self.plan.step_s
         return max(self._total_s / self._count, sum(self._recent) / len(self._recent))
 
-    def replan(self, step: int, *, elapsed_s: float) -> TimePlan:
-        """The plan after `step` steps (rank 0): `replan` with `step_s`."""
+    def replan(self, step: int, *, elapsed_s: float | None = None) -> TimePlan:
+        """The plan after `step` steps (rank 0): `replan` with `step_s`, `elapsed_s` seconds
+        into the budget (default: since `started`)."""
+        if elapsed_s is None:
+            elapsed_s = time.perf_counter() - self.started
         return replan(self.plan, step=step, elapsed_s=elapsed_s, step_s=self.step_s,
                       **self._flags)
 

@@ -12,9 +12,12 @@ as `nn.Linear` would give), softmax in fp32.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from training.unseen_tokens import UnseenTokens
+if TYPE_CHECKING:
+    from training.unseen_tokens import UnseenTokens
 
 IGNORE_INDEX = -100
 

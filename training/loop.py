@@ -104,7 +104,6 @@ class Trainer:
         self._log_tokens, self._log_time = 0, 0.0  # since the last logged training loss
         self._stats: dict[str, Any] = {}  # the last step's gradient norm (training.step)
         self.replanner: Replanner | None = None  # a budgeted WSD run's re-plans (`_replan`)
-        self.started = 0.0  # the command's start (a perf_counter stamp), for `_replan`
         self.cap: int | None = None  # LM_MAX_STEPS, which a re-plan keeps
         peak = datasheet_peak(device)  # MFU where the peak is known (GPUs)
         self._flops_per_s_peak = peak * 1e12 if peak else None
@@ -293,7 +292,7 @@ class Trainer:
         plans, every rank takes it)."""
         plan = None
         if self.info.is_main:
-            plan = self.replanner.replan(step, elapsed_s=time.perf_counter() - self.started)
+            plan = self.replanner.replan(step)
         if self.info.enabled:
             plan = D.broadcast_object(self.info, plan)
         final = self.replanner.adopt(plan, step)

@@ -118,7 +118,11 @@ def _unseen_tokens(args, start: RunStart, train_tokens, vocab_size: int, device:
         raise UsageError(f"--unseen_tokens shared needs a new model: the weights of --init_from "
                          f"{start.source} have their own rows for every token; give "
                          "--unseen_tokens full")
-    return UnseenTokens.from_tokens(train_tokens, vocab_size, device)
+    try:
+        return UnseenTokens.from_tokens(train_tokens, vocab_size, device)
+    except ValueError as exc:  # a damaged split, or one encoded with a larger vocabulary
+        raise DataError(f"the training split: {exc}; prepare the data again with this "
+                        "run's tokenizer") from None
 
 
 def _model_config(args: argparse.Namespace, start: RunStart, info: D.DistInfo, device):
@@ -233,8 +237,9 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
         if args.schedule == "wsd":  # plans again from its own steps until its cool-down
             trainer.replanner = Replanner(plan, eval_interval=args.eval_interval,
                                           save_interval=args.save_interval,
-                                          warmup_steps=args.warmup_steps, cooldown=args.cooldown)
-            trainer.started, trainer.cap = started, cap
+                                          warmup_steps=args.warmup_steps, cooldown=args.cooldown,
+                                          started=started)
+            trainer.cap = cap
     state.time_plan = plan.to_dict() if plan else None
     if args.warmup_steps >= max_steps and max_steps > 1:
         _say(info, f"note: --warmup_steps {args.warmup_steps} >= {max_steps} steps; the learning "

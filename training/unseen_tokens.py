@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from training.fused_loss import IGNORE_INDEX
+
 _COUNT_CHUNK = 1 << 24  # tokens per bincount pass: bounded memory on a memory-mapped split
 
 
