@@ -35,7 +35,8 @@ GET /health, and the playground at /.
 """
 API_KEY_ENV = "SERVE_LM_API_KEY"
 # Streamed chunks at most 50 a second: a reader sees no difference, while a fast model's
-# per-token chunks cost the client and the HTTP thread about 1 ms of CPU each (bench/serving.py).
+# per-token chunks cost the openai client 0.5-1 ms of CPU each, on the model's cores
+# (bench/serving.py).
 STREAM_INTERVAL_MS = 20.0
 
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a stream's chunks are at least this far apart: tokens that come sooner "
                         "go out together in the next chunk (the first token and the last go out "
                         "at once); 0 sends every token as it comes, at a higher CPU cost per "
-                        f"token for server and client (default: {STREAM_INTERVAL_MS:g})")
+                        f"token for the client (default: {STREAM_INTERVAL_MS:g})")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", metavar="DEV",
                    help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
