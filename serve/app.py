@@ -289,7 +289,8 @@ class _Completion:
         score = req.echo and req.logprobs is not None
         self.job = Job(self.id, specs, asyncio.get_running_loop(),
                        score_prompts=self.prompts if score else None,
-                       score_k=req.logprobs or 0)
+                       score_k=req.logprobs or 0,
+                       interval=server.stream_interval if req.stream else 0.0)
         self.needs_job = bool(specs) or score
         self.done = False
 
@@ -325,16 +326,10 @@ class _Completion:
                 out.append((index, text, list(entries) if want else None))
         return out
 
-    async def pieces(self, interval: float = 0.0
-                     ) -> AsyncIterator[list[tuple[int, str, list | None, str | None]]]:
-        """Batches of `(index, text, entries or None, finish_reason)` as they become ready.
-
-        Args:
-            interval: the least time in seconds between two batches of generated tokens:
-                tokens that arrive sooner are held and go out together (with the next batch,
-                or when the interval is up). The first batch, and one where a choice ends, go
-                out at once. 0: every step's tokens go out as they arrive.
-        """
+    async def pieces(self) -> AsyncIterator[list[tuple[int, str, list | None, str | None]]]:
+        """Batches of `(index, text, entries or None, finish_reason)` as they become ready: one
+        per item of generated tokens the scheduler posts (it holds a stream's tokens for
+        `Server.stream_interval`: see `Job.interval`), or several items if they came at once."""
         req, job = self.req, self.job
         want = req.logprobs is not None
         if req.echo:
@@ -358,58 +353,34 @@ class _Completion:
             yield [(i, "", [] if want else None, "length") for i in range(len(self.choices))]
             return
         open_choices = len(self.choices)
-        loop = asyncio.get_running_loop()
-        touched: dict[int, None] = {}  # choices fed since the last batch went out
-        sent = float("-inf")  # loop time the last batch went out
-        timer: asyncio.TimerHandle | None = None  # posts ("flush",) when a held batch is due
-        try:
-            while open_choices:
-                items = [await job.queue.get()]
-                while not job.queue.empty():
-                    items.append(job.queue.get_nowait())
-                due = ended = False
-                for item in items:
-                    if item[0] == "error":
-                        raise CompletionError(item[1], item[2])
-                    if item[0] == "flush":
-                        due = True
-                    if item[0] != "tokens":
-                        continue
-                    for index, tok, lp, top, finish in item[1]:
-                        ct = self.choices[index]
-                        if ct.finished:
-                            continue
-                        ct.feed(tok, lp, top, finish)
-                        touched[index] = None
-                        if ct.finished:
-                            ended = True
-                            open_choices -= 1
-                            if ct.stopped_by_string and finish is None:
-                                self.server.scheduler.release(job, index, "stop")
-                if not touched:
+        while open_choices:
+            items = [await job.queue.get()]
+            while not job.queue.empty():
+                items.append(job.queue.get_nowait())
+            touched: dict[int, None] = {}  # choices fed by these items, in order
+            for item in items:
+                if item[0] == "error":
+                    raise CompletionError(item[1], item[2])
+                if item[0] != "tokens":
                     continue
-                # Hold tokens that come sooner than `interval` after the last batch (a choice
-                # that ends goes out at once); the timer wakes this loop when they are due.
-                if not (due or ended or loop.time() >= sent + interval):
-                    if timer is None:
-                        timer = loop.call_at(sent + interval, job.queue.put_nowait, ("flush",))
-                    continue
-                if timer is not None:
-                    timer.cancel()
-                    timer = None
-                batch = []
-                for index in touched:
+                for index, tok, lp, top, finish in item[1]:
                     ct = self.choices[index]
-                    text, entries = ct.take()
-                    if text or entries or ct.finished:
-                        batch.append((index, text, entries if want else None, ct.finish_reason))
-                touched = {}
-                if batch:
-                    sent = loop.time()
-                    yield batch
-        finally:
-            if timer is not None:
-                timer.cancel()
+                    if ct.finished:
+                        continue
+                    ct.feed(tok, lp, top, finish)
+                    touched[index] = None
+                    if ct.finished:
+                        open_choices -= 1
+                        if ct.stopped_by_string and finish is None:
+                            self.server.scheduler.release(job, index, "stop")
+            batch = []
+            for index in touched:
+                ct = self.choices[index]
+                text, entries = ct.take()
+                if text or entries or ct.finished:
+                    batch.append((index, text, entries if want else None, ct.finish_reason))
+            if batch:
+                yield batch
         self.done = True
 
     def usage(self) -> dict[str, int]:
@@ -457,7 +428,7 @@ class _Completion:
         finished = False
         try:
             try:
-                async for batch in self.pieces(self.server.stream_interval):
+                async for batch in self.pieces():
                     yield b"".join(chunk([choice_object(i, text, ents, reason)])
                                    for i, text, ents, reason in batch)
                 if usage is not None:

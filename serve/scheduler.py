@@ -5,9 +5,9 @@ one request. The scheduler's thread owns the model and a `model.engine.DecodeEng
 `max_batch` slots. Before every step it applies releases (a finished stop string, a client that
 went away), admits waiting rows into free slots (a request that arrives while others decode
 joins at the next step), then runs one step for every row and posts each row's new token to its
-job's asyncio queue. A row that used its `max_tokens`, or sampled the end-of-text token, leaves
-at once. Requests that cannot start wait in a queue of at most `max_queue`; beyond it `submit`
-refuses them (HTTP 429).
+job's asyncio queue (a streamed job's at most every `Job.interval` seconds, several at once). A
+row that used its `max_tokens`, or sampled the end-of-text token, leaves at once. Requests that
+cannot start wait in a queue of at most `max_queue`; beyond it `submit` refuses them (HTTP 429).
 
 Every row is sampled by the engine with the samplers of `model/generation.py`: there is no
 second sampler here. Rows with the same settings and no seed share one `Sampling` (one sampler
@@ -49,11 +49,17 @@ class Job:
 
     Items put on `queue`: `("scores", [TokenScores | None per prompt])` once, when the job
     starts and `score_prompts` is set (echo with logprobs); `("tokens", [event, ...])` after
-    each step, an event being `(index, token, logprob, top, finish)` with `top` a list of
-    `(id, logprob)` (None without `top_logprobs`) and `finish` "length", "stop" (end-of-text)
-    or None; `("error", message, status)` if generation failed (status: the HTTP status a
-    response not yet started gets: 500, or 503 when the server shuts down); `("done",)` for a
-    job without rows.
+    a step (see `interval`), an event being `(index, token, logprob, top, finish)` with `top` a
+    list of `(id, logprob)` (None without `top_logprobs`) and `finish` "length", "stop"
+    (end-of-text) or None; `("error", message, status)` if generation failed (status: the HTTP
+    status a response not yet started gets: 500, or 503 when the server shuts down);
+    `("done",)` for a job without rows.
+
+    `interval` (seconds) is the least time between two `"tokens"` items: a step's events that
+    come sooner after the last item are held, and go with those of the first step that ends
+    after the interval is up (so a stream's chunks are that far apart, and its event loop
+    wakes that rarely). The first events, and a step's events where a choice ends, go at once.
+    0: an item after every step.
     """
 
     id: str
@@ -61,12 +67,15 @@ class Job:
     loop: asyncio.AbstractEventLoop
     score_prompts: list[list[int]] | None = None
     score_k: int = 0
+    interval: float = 0.0
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     pending: deque = field(init=False)
     rows: dict[int, Row] = field(default_factory=dict)
     generated: dict[int, int] = field(default_factory=dict)
     started: bool = False
     closed: bool = False
+    held: list = field(default_factory=list, init=False)  # events not yet posted (`interval`)
+    posted_at: float = field(default=float("-inf"), init=False)  # monotonic time of the last
 
     def __post_init__(self) -> None:
         self.pending = deque(self.choices)
@@ -77,6 +86,19 @@ class Job:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed (shutdown)
             pass
+
+    def post_tokens(self, events: list, now: float) -> None:
+        """Post a step's token events, or hold them if the last post is under `interval`
+        seconds old and no choice ends (engine thread; `now`: `time.monotonic()`)."""
+        self.held += events
+        if now - self.posted_at >= self.interval or any(e[4] is not None for e in events):
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Post the held token events, if any (before an error, so none is lost)."""
+        if self.held:
+            self.post(("tokens", self.held))
+            self.held, self.posted_at = [], now
 
 
 class QueueFullError(Exception):
@@ -295,12 +317,14 @@ class Scheduler:
             self.engine = DecodeEngine(self.model, self.max_batch)
             return
         self.steps += 1
+        now = time.monotonic()
         events: dict[int, tuple[Job, list]] = {}
         for slot, (job, spec) in list(self._owner.items()):
             if job.closed:  # another of its rows failed this step
                 continue
             if bad[slot]:  # freed before the job hears of it: /health counts it at once
                 self._release_job(job)
+                job.flush(now)
                 job.post(("error", "the model produced non-finite logits (NaN or inf): its "
                                    "weights are broken or the dtype overflowed", 500))
                 continue
@@ -314,7 +338,7 @@ class Scheduler:
             if finish is not None:
                 self._drop(job.rows.pop(spec.index))
         for job, evs in events.values():
-            job.post(("tokens", evs))
+            job.post_tokens(evs, now)
         self._count_rows()
 
     def _release_job(self, job: Job) -> None:
@@ -334,7 +358,9 @@ class Scheduler:
                 self._release_job(job)
         self._owner.clear()
         self._count_rows()
+        now = time.monotonic()
         for job in jobs.values():  # after the rows are freed, so /health already counts them
+            job.flush(now)
             job.post(("error", message, status))
 
 

@@ -99,92 +99,42 @@ def test_choice_text_holds_entries_until_their_text_is_out(tokenizer):
     assert ct.finish_reason == "stop" and ct.tokens == 3
 
 
-def _held_batches(tiny_checkpoint, tokenizer, interval: float, script) -> list[tuple[float, list]]:
-    """Run one streamed request's `pieces(interval)` against a job queue fed by `script`
-    (an async function of (post, batches, ready)); returns (loop time, batch) per batch."""
-    from serve.app import _Completion
-    from serve.protocol import parse_completion_request
+def _posted(interval: float, steps: list[tuple[float, str | None]], flush_at: float | None = None
+            ) -> list[list[int]]:
+    """Feed a `Job` one token event per (monotonic time, finish) in `steps` (token ids 0, 1,
+    ...), then `flush` it at `flush_at` if given; returns the token ids of each item it posted."""
+    from serve.scheduler import Job
 
-    model = _model(tiny_checkpoint, tokenizer, nan=False)
-    server = Server(name="m")
-    server.attach(model, tokenizer, scheduler=None)
-    req = parse_completion_request({"model": "m", "prompt": "Hi", "max_tokens": 8,
-                                    "stream": True, "logprobs": 0})
-
-    async def main() -> list[tuple[float, list]]:
-        run = _Completion(server, req, request=None)
-        loop = asyncio.get_running_loop()
-        batches: list[tuple[float, list]] = []
-        ready = asyncio.Event()
-
-        async def consume() -> None:
-            async for batch in run.pieces(interval):
-                batches.append((loop.time(), batch))
-                ready.set()
-
-        def post(token: int, finish: str | None = None) -> None:
-            run.job.queue.put_nowait(("tokens", [(0, token, -1.0, [], finish)]))
-
-        consumer = asyncio.ensure_future(consume())
-        await asyncio.wait_for(script(post, batches, ready), 30)
-        await asyncio.wait_for(consumer, 30)
-        return batches
+    async def main() -> list[list[int]]:
+        job = Job("j", [], asyncio.get_running_loop(), interval=interval)
+        for tok, (now, finish) in enumerate(steps):
+            job.post_tokens([(0, tok, -1.0, None, finish)], now)
+        if flush_at is not None:
+            job.flush(flush_at)
+        await asyncio.sleep(0)  # run the loop's call_soon_threadsafe callbacks
+        items = []
+        while not job.queue.empty():
+            item = job.queue.get_nowait()
+            assert item[0] == "tokens"
+            items.append([ev[1] for ev in item[1]])
+        return items
 
     return asyncio.run(main())
 
 
-def test_streamed_tokens_closer_than_the_interval_go_out_together(tiny_checkpoint, tokenizer):
-    ids = tokenizer.encode(" one two three four five")
-
-    async def wait_batch(batches, ready, n: int, timeout: float = 5.0) -> None:
-        while len(batches) < n:  # an event per batch; a held batch would time out here
-            ready.clear()
-            await asyncio.wait_for(ready.wait(), timeout)
-
-    # A long interval: the first token goes out at once, the rest is held until the choice
-    # ends, which sends it at once too (well before the interval would).
-    async def ends(post, batches, ready) -> None:
-        post(ids[0])
-        await wait_batch(batches, ready, 1)
-        post(ids[1])
-        post(ids[2])
-        await asyncio.sleep(0)  # let the consumer see them (and hold them)
-        assert len(batches) == 1
-        post(ids[3], "length")
-        await wait_batch(batches, ready, 2)
-
-    batches = _held_batches(tiny_checkpoint, tokenizer, 30.0, ends)
-    assert [[piece[1] for piece in batch] for _, batch in batches] == [[" one"],
-                                                                       [" two three four"]]
-    assert [e.token for e in batches[1][1][0][2]] == [" two", " three", " four"]
-    assert batches[1][1][0][3] == "length" and batches[0][1][0][3] is None
-
-    # A short interval: held tokens go out when it is up, without another token to wake them.
-    async def timer(post, batches, ready) -> None:
-        post(ids[0])
-        await wait_batch(batches, ready, 1)
-        post(ids[1])
-        post(ids[2])
-        await wait_batch(batches, ready, 2)
-        post(ids[3])
-        await wait_batch(batches, ready, 3)
-        post(ids[4], "length")
-        await wait_batch(batches, ready, 4)
-
-    batches = _held_batches(tiny_checkpoint, tokenizer, 0.2, timer)
-    assert [[piece[1] for piece in batch] for _, batch in batches] == [
-        [" one"], [" two three"], [" four"], [" five"]]
-    times = [t for t, _ in batches]
-    assert times[1] - times[0] >= 0.2 - 1e-3 and times[2] - times[1] >= 0.2 - 1e-3
-    # interval 0: every token as it comes
-    async def each(post, batches, ready) -> None:
-        for i, t in enumerate(ids[:4]):
-            post(t, "length" if i == 3 else None)
-            await wait_batch(batches, ready, i + 1)
-
-    batches = _held_batches(tiny_checkpoint, tokenizer, 0.0, each)
-    assert [[piece[1] for piece in batch] for _, batch in batches] == [
-        [" one"], [" two"], [" three"], [" four"]]
+def test_token_events_closer_than_the_interval_are_posted_together():
+    # 20 ms: the first step's token at once; the next ones held until a step ends 20 ms or more
+    # after that post; the step where the choice ends posts what is held at once.
+    steps = [(100.000, None), (100.005, None), (100.012, None), (100.021, None),
+             (100.030, None), (100.041, None), (100.045, "length")]
+    assert _posted(0.02, steps) == [[0], [1, 2, 3], [4, 5, 6]]
+    # interval 0: every step's token as it comes
+    assert _posted(0.0, steps) == [[i] for i in range(7)]
+    # a long interval: the first token, then the rest when the choice ends
+    assert _posted(60.0, steps) == [[0], [1, 2, 3, 4, 5, 6]]
+    # held tokens go out on `flush` (before an error); nothing held, nothing posted
+    assert _posted(60.0, steps[:3], flush_at=100.013) == [[0], [1, 2]]
+    assert _posted(60.0, steps[:1], flush_at=100.013) == [[0]]
 
 
 def test_a_long_stream_interval_sends_the_first_token_then_the_rest(tiny_checkpoint, tokenizer,
