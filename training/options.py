@@ -34,12 +34,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # tokens' shared head column makes a step ~3x cheaper, which buys a 256-wide model for
     # three to four passes over the data (128 wide overfits with the steps it then gets; 384
     # wide gets too few); Muon's weight decay 0.1 and a 60% cool-down hold the overfitting
-    # back (0.3 decays too much for so few steps). Figures and the runs behind them in README
-    # "Training recipe" and bench/results/quality_cpu_2core.txt.
+    # back (0.3 decays too much for so few steps); an average of the weights (EMA 0.99, about
+    # the last 100 steps) is what gets evaluated and saved, and beat batch 8 (more, noisier
+    # steps). Figures and the runs behind them in README "Training recipe" and
+    # bench/results/quality_cpu_2core.txt.
     "cpu-10min": dict(d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=128,
                       dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,
                       min_lr=0.0, schedule="wsd", cooldown=0.6, warmup_steps=10,
-                      muon_weight_decay=0.1, time_budget=10.0, eval_interval=150,
+                      muon_weight_decay=0.1, ema=0.99, time_budget=10.0, eval_interval=150,
                       eval_windows=0, unseen_tokens="shared"),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
