@@ -75,7 +75,7 @@ class Job:
     started: bool = False
     closed: bool = False
     held: list = field(default_factory=list, init=False)  # events not yet posted (`interval`)
-    posted_at: float = field(default=float("-inf"), init=False)  # monotonic time of the last
+    posted_at: float = field(default=float("-inf"), init=False)  # of the last post (monotonic)
 
     def __post_init__(self) -> None:
         self.pending = deque(self.choices)
