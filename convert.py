@@ -34,8 +34,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from training.cli import OneLineParser
-from training.fileio import atomic_write, fsync_dir
+from common.cli import OneLineParser
+from common.fileio import atomic_write, fsync_dir
 
 OUTTYPES = ("f32", "f16", "q8_0")  # --to_gguf's tensor types (model.gguf_export.OUTTYPES)
 

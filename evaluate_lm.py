@@ -21,8 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from training.cli import OneLineParser
-from training.data import DataError, add_data_args, load_split
+from common.cli import OneLineParser
+from corpus.datasets import DataError, add_data_args, load_split
 
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "bfloat16", "float16")

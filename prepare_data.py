@@ -14,7 +14,7 @@ every core; memory stays bounded whatever the corpus size; the same command afte
 kill -9 or a full disk keeps the complete shards and continues. The folder gets `manifest.json`
 (tokenizer and its files' hash, separator, shards, documents/tokens/bytes, the source, how
 validation was split, this command) and `train_NNNNNN.bin`, `val_NNNNNN.bin` shards; see
-training/prepare.py (how), training/shards.py (the format), training/sources.py (the readers).
+corpus/prepare.py (how), corpus/shards.py (the format), corpus/sources.py (the readers).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import os  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 
-from training.cli import OneLineParser  # noqa: E402
-from training.shards import DataError, file_crc32, read_header, read_manifest  # noqa: E402
-from training.sources import DOC_MODES, UTF8_POLICIES, HubDataset, local_files, resolve_local  # noqa: E402,E501
+from common.cli import OneLineParser  # noqa: E402
+from corpus.shards import DataError, file_crc32, read_header, read_manifest  # noqa: E402
+from corpus.sources import DOC_MODES, UTF8_POLICIES, HubDataset, local_files, resolve_local  # noqa: E402,E501
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -133,7 +133,7 @@ def _hub(name: str, args: argparse.Namespace, split: str | None):
 
 def build_config(args: argparse.Namespace, argv: list[str]):
     """The `PrepareConfig` these flags describe."""
-    from training.prepare import PrepareConfig, Stream
+    from corpus.prepare import PrepareConfig, Stream
 
     if not args.source or not args.out:
         raise DataError("give SOURCE and --out DIR (or --verify DIR)")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verify:
             return verify(args.verify)
-        from training.prepare import prepare
+        from corpus.prepare import prepare
 
         prepare(build_config(args, argv))
         return 0

@@ -59,7 +59,7 @@ SHARED = REPO.parent / "shared"
 
 def source_documents() -> list[str]:
     """The distinct documents the corpora repeat."""
-    from training.sources import split_documents
+    from corpus.sources import split_documents
 
     rng = random.Random(0)
     docs = []
@@ -203,7 +203,7 @@ def doc_digest(tokens, sep: int, piece: int = 1 << 23) -> tuple[int, int]:
 
 
 def _encode_share(path: str, lo: int, hi: int, barrier, queue) -> None:
-    from training.encoders import load_encoder
+    from corpus.encoders import load_encoder
 
     enc = load_encoder("gpt2")
     with open(path, "rb") as f:
@@ -256,7 +256,7 @@ def nanogpt_prepare(corpus: str, out: str, procs: int) -> None:
     """nanoGPT's data/openwebtext/prepare.py, pointed at a local JSONL file (runs in a child)."""
     import datasets
 
-    from training.encoders import load_encoder
+    from corpus.encoders import load_encoder
 
     enc = load_encoder("gpt2")._impl  # tiktoken's GPT-2 from the bundled files
     t0 = time.perf_counter()
@@ -298,7 +298,7 @@ def nanogpt_prepare(corpus: str, out: str, procs: int) -> None:
 
 
 def _digest_of_ours(out: Path) -> tuple[int, int]:
-    from training.shards import open_split, read_manifest
+    from corpus.shards import open_split, read_manifest
 
     manifest = read_manifest(out)
     docs, digest = 0, 0
@@ -315,11 +315,11 @@ def loader_rates(out: Path, seconds: float = 3.0) -> list[dict]:
     """Loader micro-batches/s (sharded, one memmap) and training micro-batches/s, per shape."""
     import torch
 
+    from corpus.batches import EpochBatches
+    from corpus.shards import open_split
     from model.lm import LanguageModel
-    from training.batches import EpochBatches
     from training.fused_loss import TrainingModule
     from training.options import resolve_dtype
-    from training.shards import open_split
     from training.step import autocast_context
 
     sharded = open_split(out, "train")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from training.data import load_split  # noqa: E402
+from corpus.datasets import load_split  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.options import DTYPE_NAMES, PRESETS, finalize, parse_args, resolve_dtype  # noqa: E402
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from corpus.batches import EpochBatches
 from model.lm import LMConfig
-from training.batches import EpochBatches
 from training.budget import TimePlan, minutes_text
 
 

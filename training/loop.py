@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from corpus.batches import EpochBatches
 from model.lm import LanguageModel, LMConfig
 from training import distributed as D
-from training.batches import EpochBatches
 from training.budget import Replanner, describe_replan, measure_costs
 from training.build import Parts
 from training.evaluation import EvalResult, evaluate_tokens

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from training.fileio import atomic_write
+from common.fileio import atomic_write
 
 FIELDS = ("step", "kind", "epoch", "tokens", "lr", "loss", "ppl", "tokens_per_s", "elapsed_s",
           "grad_norm", "mfu")

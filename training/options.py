@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from training.cli import OneLineParser
-from training.data import add_data_args, dataset_label
+from common.cli import OneLineParser
+from corpus.datasets import add_data_args, dataset_label
 from training.optim import OPTIMIZERS, SCHEDULES
 
 MAX_STEPS_ENV = "LM_MAX_STEPS"

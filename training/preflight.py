@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from corpus.datasets import default_cache_dir
 from model.lm import LMConfig
-from training.data import default_cache_dir
 from training.explain import human_bytes, memory_estimate
 from training.options import UsageError
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from corpus.batches import EpochBatches
 from model.lm import LMConfig
-from training.batches import EpochBatches
 from training.options import args_to_dict
 from training.snapshots import clean_state_dict, restore_rng_state, to_cpu
 

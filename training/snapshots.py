@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
+from common.fileio import atomic_link_or_copy, atomic_write
 from model.checkpoint import CheckpointError, validate_weights
-from training.fileio import atomic_link_or_copy, atomic_write
 
 LATEST, BEST = "latest.pt", "best.pt"
 _NAME_RE = re.compile(r"^snapshot_epoch_(\d{4,})_step_(\d{6,})_(\d{8}_\d{6})\.pt$")

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from corpus.datasets import dataset_label
 from model.checkpoint import build_model, read_weights_source
 from model.lm import LMConfig
-from training.data import dataset_label
 from training.options import UsageError
 from training.snapshots import SnapshotError, find_resume_snapshot, load_snapshot
 
@@ -176,7 +176,7 @@ def keep_global_batch(args: argparse.Namespace, explicit: set[str], start: RunSt
                       world_size: int, say: Say) -> None:
     """A resume with another number of processes continues with the snapshot's global batch.
 
-    The batches are a function of the global batch (`training.batches`), not of how it is split
+    The batches are a function of the global batch (`corpus.batches`), not of how it is split
     into processes and micro-batches. So when only the process count changed, `--grad_accum` is
     set to keep the global batch, and the run sees exactly the batches it would have seen (the
     dropout randomness is reseeded). Explicit `--batch_size` / `--grad_accum` are obeyed as given.

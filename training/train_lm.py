@@ -38,20 +38,20 @@ import argparse  # noqa: E402
 
 import torch  # noqa: E402
 
-from model.checkpoint import CheckpointError, DeviceError, pick_device  # noqa: E402
-from model.lm import LMConfig  # noqa: E402
-from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
-from training import distributed as D  # noqa: E402
-from training.batches import EpochBatches  # noqa: E402
-from training.budget import Replanner, make_plan, resolve_plan  # noqa: E402
-from training.build import build_parts  # noqa: E402
-from training.data import (  # noqa: E402
+from corpus.batches import EpochBatches  # noqa: E402
+from corpus.datasets import (  # noqa: E402
     DataError,
     adopt_data_tokenizer,
     dataset_label,
     describe_split,
     load_split,
 )
+from model.checkpoint import CheckpointError, DeviceError, pick_device  # noqa: E402
+from model.lm import LMConfig  # noqa: E402
+from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
+from training import distributed as D  # noqa: E402
+from training.budget import Replanner, make_plan, resolve_plan  # noqa: E402
+from training.build import build_parts  # noqa: E402
 from training.explain import print_explanation  # noqa: E402
 from training.loggers import LoggerError, RunLog  # noqa: E402
 from training.loop import Trainer  # noqa: E402

@@ -13,10 +13,11 @@ so the loss needs only the seen rows and one more column with a log U offset (11
 instead of 50,257 here: the head, most of a small model's step, costs 4.5x less), and the
 gradient of that column is U times each unseen row's gradient. A run with the shared row is
 full-vocabulary training of a model whose unseen rows start equal (at their mean): the same loss,
-gradients and updates, up to float rounding (`tests/test_unseen_tokens.py` checks it against the
-full head). The model keeps its full (V, C) matrix: snapshots, generation, `evaluate_lm.py` and
-every export read it unchanged. The trainer's validation uses the same identity, which is exact
-also for validation tokens that never occur in training (each gets probability p_shared / U).
+gradients and updates, up to float rounding (`tests/training/test_unseen_tokens.py` checks it
+against the full head). The model keeps its full (V, C) matrix: snapshots, generation,
+`evaluate_lm.py` and every export read it unchanged. The trainer's validation uses the same
+identity, which is exact also for validation tokens that never occur in training (each gets
+probability p_shared / U).
 
 It needs a new run (`--init_from` weights have unequal unseen rows); a resumed run checks that its
 unseen rows are still equal.

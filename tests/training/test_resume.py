@@ -1,0 +1,83 @@
+"""Exact resume: an interrupted-and-resumed run equals an uninterrupted one, bit for bit (CPU fp32),
+across epoch boundaries, with dropout and gradient accumulation."""
+
+from __future__ import annotations
+
+import torch
+from train_helpers import tiny_flags
+
+from training import train_lm
+from training.metrics import read_metrics
+
+
+def _flags(tmp, out):
+    # ~950 tokens -> 29 windows of 32 -> 3 steps per epoch with a global batch of 8 windows.
+    return tiny_flags(tmp, "--out_dir", str(out), "--max_steps", "7", "--grad_accum", "2",
+                      "--dropout", "0.1", "--dtype", "float32", "--log_interval", "1",
+                      "--eval_interval", "3", "--save_interval", "100", words=700)
+
+
+def _train_rows(run):
+    return [(r["step"], r["lr"], r["loss"]) for r in read_metrics(run / "metrics.csv")
+            if r["kind"] == "train"]
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_lm.main(_flags(tmp_path, a)) == 0
+
+    monkeypatch.setenv("LM_MAX_STEPS", "4")  # stop mid-epoch (epoch 1, batch 1) after step 4
+    assert train_lm.main(_flags(tmp_path, b)) == 0
+    half = torch.load(b / "snapshots" / "latest.pt", weights_only=True)
+    assert half["step"] == 4 and half["data_position"] == {
+        **half["data_position"], "epoch": 1, "batch": 1}
+    monkeypatch.delenv("LM_MAX_STEPS")
+    # Only --resume PATH: every other flag comes from the snapshot, and the run continues in
+    # the snapshot's own run directory.
+    assert train_lm.main(["--resume", str(b / "snapshots" / "latest.pt")]) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+    rows_a, rows_b = _train_rows(a), _train_rows(b)
+    assert len(rows_a) == 7 and rows_a == rows_b
+    end_a = torch.load(a / "snapshots" / "latest.pt", weights_only=True)
+    end_b = torch.load(b / "snapshots" / "latest.pt", weights_only=True)
+    assert end_a["step"] == end_b["step"] == 7
+    for key, value in end_a["model_state_dict"].items():
+        assert torch.equal(value, end_b["model_state_dict"][key]), key
+    opt_a, opt_b = end_a["optimizer_state_dict"]["state"], end_b["optimizer_state_dict"]["state"]
+    for i in opt_a:
+        for k in opt_a[i]:
+            assert torch.equal(opt_a[i][k], opt_b[i][k])
+
+    # A finished run resumed again has nothing to do.
+    assert train_lm.main(["--out_dir", str(b), "--resume", "auto"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_different_model(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "r"
+    monkeypatch.setenv("LM_MAX_STEPS", "1")
+    assert train_lm.main(_flags(tmp_path, run)) == 0
+    capsys.readouterr()
+    code = train_lm.main(["--out_dir", str(run), "--resume", "auto", "--d_model", "64",
+                          "--num_heads", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "d_model 32 in the snapshot, 64 here" in err and "\n" not in err
+    # A fresh run into a directory that holds snapshots is refused rather than mixed in.
+    assert train_lm.main(_flags(tmp_path, run)) == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+def test_fused_and_plain_loss_train_alike(tmp_path):
+    """--no_fused_loss (model(idx, targets)) and the default fused head give the same run."""
+    runs = {}
+    for name, extra in (("fused", ()), ("plain", ("--no_fused_loss",))):
+        out = tmp_path / name
+        flags = tiny_flags(tmp_path, "--out_dir", str(out), "--max_steps", "3", "--dtype",
+                           "float32", "--log_interval", "1", "--eval_interval", "100", *extra)
+        assert train_lm.main(flags) == 0
+        runs[name] = [float(r[2]) for r in _train_rows(out)]
+    assert len(runs["fused"]) == 3
+    for a, b in zip(runs["fused"], runs["plain"], strict=True):
+        assert abs(a - b) < 1e-4
