@@ -3,6 +3,9 @@ across epoch boundaries, with dropout and gradient accumulation."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from train_helpers import tiny_flags
 
@@ -81,3 +84,52 @@ def test_fused_and_plain_loss_train_alike(tmp_path):
     assert len(runs["fused"]) == 3
     for a, b in zip(runs["fused"], runs["plain"], strict=True):
         assert abs(a - b) < 1e-4
+
+
+def test_a_snapshot_of_the_old_code_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """A snapshot written before `training/config.py` (tests/training/fixtures/pre_config_resume,
+    step 4 of 7) resumes to the very run this code makes uninterrupted: same losses, weights,
+    optimizer state and saved flags."""
+    fixture = Path(__file__).parent / "fixtures" / "pre_config_resume"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for where in (a, b):
+        where.mkdir()
+        shutil.copytree(fixture / "tokenizer", where / "tokenizer")
+        for name in ("train.txt", "val.txt"):
+            shutil.copy(fixture / name, where / name)
+    (b / "run" / "snapshots").mkdir(parents=True)
+    shutil.copy(fixture / "step4.pt", b / "run" / "snapshots" / "latest.pt")
+    old = torch.load(fixture / "step4.pt", weights_only=True)
+
+    monkeypatch.chdir(a)
+    assert train_lm.main(list(PRE_CONFIG_FLAGS)) == 0
+    monkeypatch.chdir(b)
+    assert train_lm.main(["--resume", "run/snapshots/latest.pt"]) == 0
+    assert "resuming from run/snapshots/latest.pt at step 4" in capsys.readouterr().out
+
+    rows_a, rows_b = _train_rows(a / "run"), _train_rows(b / "run")
+    assert len(rows_a) == 7 and rows_a[4:] == rows_b
+    end_a = torch.load(a / "run" / "snapshots" / "latest.pt", weights_only=True)
+    end_b = torch.load(b / "run" / "snapshots" / "latest.pt", weights_only=True)
+    assert end_a["step"] == end_b["step"] == 7
+    for key, value in end_a["model_state_dict"].items():
+        assert torch.equal(value, end_b["model_state_dict"][key]), key
+    opt_a, opt_b = end_a["optimizer_state_dict"]["state"], end_b["optimizer_state_dict"]["state"]
+    for i in opt_a:
+        for k in opt_a[i]:
+            assert torch.equal(opt_a[i][k], opt_b[i][k])
+    # The snapshot's flags keep their format: the same keys and values as the old code wrote.
+    assert end_b["args"] == {**old["args"], "resume": "run/snapshots/latest.pt"}
+    assert end_a["args"] == old["args"]
+    assert end_a["data_position"] == end_b["data_position"]
+
+
+# The flags that made the fixture (tests/training/fixtures/make_pre_config_resume.py), relative to
+# a folder holding its tokenizer/ and text.
+PRE_CONFIG_FLAGS = (
+    "--train_file", "train.txt", "--val_file", "val.txt", "--out_dir", "run",
+    "--tokenizer", "tokenizer", "--d_model", "32", "--num_heads", "2", "--num_layers", "2",
+    "--d_ff", "64", "--max_seq_len", "32", "--batch_size", "4", "--eval_windows", "8",
+    "--warmup_steps", "2", "--lr", "3e-3", "--dropout", "0.1", "--no_plot", "--max_steps", "7",
+    "--grad_accum", "2", "--dtype", "float32", "--log_interval", "1", "--eval_interval", "3",
+    "--save_interval", "100")
