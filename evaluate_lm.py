@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from common.cli import OneLineParser
-from corpus.datasets import DataError, add_data_args, load_split
+from corpus.datasets import DataArgs, DataError, add_data_args, load_split
 
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -125,9 +125,11 @@ def run(args: argparse.Namespace) -> dict:
     else:
         split = args.split or "val"
         ckpt_path = Path(checkpoint["_path"])
+        flags = dict(vars(args))  # the data flags and the tokenizer: a `DataArgs`
         if not args.cache_dir and ckpt_path.parent.name == "snapshots":
-            args.out_dir = str(ckpt_path.parent.parent)  # share the training run's token cache
-        tokens, num_bytes = load_split(args, split)  # --data: checks the checkpoint's tokenizer
+            flags["out_dir"] = str(ckpt_path.parent.parent)  # share the training run's token cache
+        # --data: checks the checkpoint's tokenizer
+        tokens, num_bytes = load_split(DataArgs.from_dict(flags), split)
         data = f"{tokens.description}, {split} split"
     result = evaluate_tokens(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,

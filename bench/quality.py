@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from corpus.datasets import load_split  # noqa: E402
+from corpus.datasets import DataArgs, load_split  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
-from training.options import DTYPE_NAMES, PRESETS, finalize, parse_args, resolve_dtype  # noqa: E402
+from training.options import DTYPE_NAMES, PRESETS, parse_args, resolve_dtype  # noqa: E402
 
 PRESET = PRESETS["cpu-10min"]
 RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
@@ -138,10 +138,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--device", args.device, "--cache_dir", f"{tmp}/cache",
                   "--time_budget", f"{args.minutes:g}"]
-        targs, _ = parse_args(["--preset", "cpu-10min", *common])
-        finalize(targs)
-        load_split(targs, "val")  # tokenizes both splits' cache once, outside the runs
-        load_split(targs, "train")
+        data = DataArgs.from_dict(vars(parse_args(["--preset", "cpu-10min", *common])[0]))
+        load_split(data, "val")  # tokenizes both splits' cache once, outside the runs
+        load_split(data, "train")
         results = [run_recipe(name, [*common, *_flags(recipe)], Path(tmp) / name,
                               Path(tmp) / f"{name}.log")
                    for name, recipe in RECIPES.items()]

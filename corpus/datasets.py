@@ -16,16 +16,19 @@ Every split comes from token shards made by `corpus.prepare` (the one data path)
     file one document. Without `--val_file`, the last 10% of `--train_file` (by characters) is
     held out for validation.
 
-`load_split(args, split)` returns the split's tokens (`TokenShards`) and the UTF-8 size of the
-text they encode (for bits per byte).
+`DataArgs` names the data (the flags of `add_data_args`); `load_split(data, split)` returns the
+split's tokens (`TokenShards`) and the UTF-8 size of the text they encode (for bits per byte).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,8 @@ from corpus.prepare import PrepareConfig, Stream, prepare
 from corpus.shards import DataError, TokenShards, open_split, read_manifest
 from corpus.sources import HubDataset, LocalFiles
 
-__all__ = ["DataError", "add_data_args", "dataset_label", "default_cache_dir", "describe_split",
-           "load_split", "adopt_data_tokenizer", "data_folder"]
+__all__ = ["DataArgs", "DataError", "add_data_args", "dataset_label", "default_cache_dir",
+           "describe_split", "load_split", "adopt_data_tokenizer", "data_folder"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"
@@ -49,6 +52,43 @@ _DIR_FILES = {
     "test": ("test.txt", "wiki.test.tokens", "wiki.test.raw"),
 }
 _LOCAL_FLAGS = ("train_file", "val_file", "test_file", "data_dir")
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    """Which data a run or an evaluation reads (the flags of `add_data_args`).
+
+    Attributes:
+        data: a folder of token shards made by `prepare_data.py` (`--data`), or None.
+        dataset: the built-in dataset (`--dataset`).
+        data_dir, train_file, val_file, test_file: local text for the built-in data.
+        tokenizer: the tokenizer name or folder the splits are encoded with.
+        cache_dir: where the built-in data's shards go (None: `<out_dir>/cache`).
+        out_dir: the run directory whose `cache/` holds them (None: `lm_<label>`).
+    """
+
+    data: str | None = None
+    dataset: str = "shakespeare"
+    data_dir: str | None = None
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+    tokenizer: str = "gpt2"
+    cache_dir: str | None = None
+    out_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, flags: Mapping[str, Any]) -> DataArgs:
+        """The data named by `flags` (e.g. `vars()` of parsed flags); absent or None values take
+        their defaults, other keys are ignored."""
+        given = {f.name: flags[f.name] for f in dataclasses.fields(cls)
+                 if flags.get(f.name) is not None}
+        return cls(**{k: str(v) for k, v in given.items()})
+
+    @property
+    def label(self) -> str:
+        """Short name of the data (`dataset_label`)."""
+        return dataset_label(self)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -71,31 +111,30 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="where the built-in datasets' shards go (default: <run dir>/cache)")
 
 
-def dataset_label(args: argparse.Namespace) -> str:
+def dataset_label(data: DataArgs) -> str:
     """Short name of the data: the `--data` folder's name, 'custom' for --train_file, or the
     dataset."""
-    if getattr(args, "data", None):
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.data).resolve().name) or "data"
-    return "custom" if getattr(args, "train_file", None) else getattr(args, "dataset", None) or (
-        "shakespeare")
+    if data.data:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data.data).resolve().name) or "data"
+    return "custom" if data.train_file else data.dataset or "shakespeare"
 
 
-def default_cache_dir(args: argparse.Namespace) -> Path:
+def default_cache_dir(data: DataArgs) -> Path:
     """`--cache_dir`, else `<out_dir>/cache`, else `lm_<label>/cache`."""
-    if getattr(args, "cache_dir", None):
-        return Path(args.cache_dir)
-    out_dir = getattr(args, "out_dir", None) or f"lm_{dataset_label(args)}"
-    return Path(out_dir) / "cache"
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    return Path(data.out_dir or f"lm_{dataset_label(data)}") / "cache"
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    if not getattr(args, "data", None):
+def check_data_flags(data: DataArgs) -> None:
+    """Raise DataError when `--data` is given with flags of the built-in data."""
+    if not data.data:
         return
-    clash = [f"--{n}" for n in _LOCAL_FLAGS if getattr(args, n, None)]
-    if getattr(args, "dataset", "shakespeare") not in (None, "shakespeare"):
+    clash = [f"--{n}" for n in _LOCAL_FLAGS if getattr(data, n)]
+    if data.dataset not in (None, "shakespeare"):
         clash.append("--dataset")
     if clash:
-        raise DataError(f"--data {args.data} is the whole data; drop {', '.join(clash)} (put "
+        raise DataError(f"--data {data.data} is the whole data; drop {', '.join(clash)} (put "
                         "other text in with prepare_data.py)")
 
 
@@ -125,15 +164,14 @@ def _text(path: Path, title: str, char_range: tuple[float, float] | None = None,
     return LocalFiles(str(path), [path], docs, char_range=char_range, title=title)
 
 
-def _split_source(args: argparse.Namespace, split: str):
+def _split_source(data: DataArgs, split: str):
     """The source of one split of the built-in data, or None when the data has no such split.
 
     Raises:
         DataError: the split is unavailable (with how to get it).
     """
-    train_file = getattr(args, "train_file", None)
-    explicit = {"train": train_file, "val": getattr(args, "val_file", None),
-                "test": getattr(args, "test_file", None)}[split]
+    train_file = data.train_file
+    explicit = {"train": train_file, "val": data.val_file, "test": data.test_file}[split]
     if explicit:
         return _text(_existing(explicit, f"--{split}_file"), f"file {explicit}")
     if train_file:  # custom text: hold out its tail for validation
@@ -142,8 +180,8 @@ def _split_source(args: argparse.Namespace, split: str):
         path = _existing(train_file, "--train_file")
         rule = (0.0, 0.9) if split == "train" else (0.9, 1.0)
         return _text(path, f"file {train_file}", rule)
-    dataset = getattr(args, "dataset", None) or "shakespeare"
-    data_dir = getattr(args, "data_dir", None)
+    dataset = data.dataset or "shakespeare"
+    data_dir = data.data_dir
     if dataset == "shakespeare":
         if split == "test":
             return None
@@ -165,8 +203,8 @@ def _hub_wikitext(dataset: str, split: str) -> HubDataset:
     return HubDataset("wikitext", config, _HF_SPLITS[split], docs="wikitext", hint=hint)
 
 
-def _missing_split(args: argparse.Namespace, split: str) -> DataError:
-    if getattr(args, "train_file", None):
+def _missing_split(data: DataArgs, split: str) -> DataError:
+    if data.train_file:
         return DataError(f"no {split} split for --train_file data; pass --{split}_file FILE")
     return DataError("Tiny Shakespeare has only train and val splits (90/10); evaluate on val, "
                      f"or pass --{split}_file FILE")
@@ -179,7 +217,7 @@ def _slug(name: str) -> str:
     return f"{tail}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def _builtin_config(args: argparse.Namespace, split: str) -> PrepareConfig:
+def _builtin_config(data: DataArgs, split: str) -> PrepareConfig:
     """The preparation of one split of the built-in data the flags name: its own folder,
     `<cache_dir>/<label>.<split>.<tokenizer>/`, so that a split is prepared only when it is used
     (and one whose source is absent, as WikiText's train split beside its test split, does not
@@ -188,48 +226,55 @@ def _builtin_config(args: argparse.Namespace, split: str) -> PrepareConfig:
     Raises:
         DataError: the split is unavailable (with how to get it).
     """
-    src = _split_source(args, split)
+    src = _split_source(data, split)
     if src is None:
-        raise _missing_split(args, split)
-    tok = str(getattr(args, "tokenizer", None) or "gpt2")
-    label = dataset_label(args)
-    out = default_cache_dir(args) / f"{label}.{split}.{_slug(tok)}"
+        raise _missing_split(data, split)
+    tok = str(data.tokenizer or "gpt2")
+    label = dataset_label(data)
+    out = default_cache_dir(data) / f"{label}.{split}.{_slug(tok)}"
     big = isinstance(src, HubDataset) or (src.total_bytes or 0) > (64 << 20)
     return PrepareConfig(out=out, streams=[Stream(split, src)], tokenizer=tok, validation="",
                          command=f"corpus/datasets.py: the {split} split of the built-in data "
                                  f"{label!r}", progress=big, log=None, replace_stale=True)
 
 
-def data_folder(args: argparse.Namespace, split: str = "train") -> Path:
-    """The prepared folder the flags name: `--data`, or the built-in data's cache (prepared
-    now if needed).
+def data_folder(data: DataArgs, split: str = "train") -> Path:
+    """The prepared folder `data` names: `--data`, or the built-in data's cache (prepared now
+    if needed).
 
     Raises:
         DataError: the data is unavailable, unprepared or unusable (one line).
     """
-    _check_flags(args)
-    if getattr(args, "data", None):
-        read_manifest(args.data)
-        return Path(args.data)
-    cfg = _builtin_config(args, split)
+    check_data_flags(data)
+    if data.data:
+        read_manifest(data.data)
+        return Path(data.data)
+    cfg = _builtin_config(data, split)
     prepare(cfg)
     return cfg.out
 
 
-def adopt_data_tokenizer(args: argparse.Namespace, explicit: set[str]) -> None:
+def adopt_data_tokenizer(data: DataArgs, tokenizer_given: bool) -> DataArgs:
     """With `--data`, train with the folder's tokenizer; refuse another one given explicitly.
+
+    Args:
+        data: the run's data.
+        tokenizer_given: `--tokenizer` was given on the command line.
+
+    Returns:
+        `data`, with the folder's tokenizer unless `tokenizer_given`.
 
     Raises:
         DataError: `--tokenizer` names another tokenizer than the folder was prepared with.
     """
-    if not getattr(args, "data", None):
-        return
-    _check_flags(args)
-    manifest = read_manifest(args.data)
-    name = manifest["tokenizer"]["name"]
-    if "tokenizer" not in explicit:
-        args.tokenizer = name
-    check_tokenizer(args.data, manifest, args.tokenizer)
+    if not data.data:
+        return data
+    check_data_flags(data)
+    manifest = read_manifest(data.data)
+    if not tokenizer_given:
+        data = dataclasses.replace(data, tokenizer=manifest["tokenizer"]["name"])
+    check_tokenizer(data.data, manifest, data.tokenizer)
+    return data
 
 
 def check_tokenizer(directory: str | Path, manifest: dict[str, Any], tokenizer: str) -> None:
@@ -246,12 +291,11 @@ def check_tokenizer(directory: str | Path, manifest: dict[str, Any], tokenizer: 
                         "or prepare the data again with this one")
 
 
-def load_split(args: argparse.Namespace, split: str) -> tuple[TokenShards, int]:
+def load_split(data: DataArgs, split: str) -> tuple[TokenShards, int]:
     """Token ids of one split, and the UTF-8 byte count of the text they encode.
 
     Args:
-        args: a namespace with the flags of `add_data_args` (missing ones take their defaults)
-            and optionally `out_dir`.
+        data: which data (`DataArgs`).
         split: "train", "val" or "test".
 
     Returns:
@@ -262,24 +306,24 @@ def load_split(args: argparse.Namespace, split: str) -> tuple[TokenShards, int]:
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    directory = data_folder(args, split)
-    tok = str(getattr(args, "tokenizer", None) or "gpt2")
+    directory = data_folder(data, split)
+    tok = str(data.tokenizer or "gpt2")
     try:
         manifest = read_manifest(directory)
         check_tokenizer(directory, manifest, tok)
         tokens = open_split(directory, split, manifest)
     except DataError:
-        if getattr(args, "data", None):
+        if data.data:
             raise
-        _rebuild(args, split)  # the cache is damaged: make it again
+        _rebuild(data, split)  # the cache is damaged: make it again
         manifest = read_manifest(directory)
         tokens = open_split(directory, split, manifest)
-    tokens.description = _describe(directory, manifest, split, bool(getattr(args, "data", None)))
+    tokens.description = _describe(directory, manifest, split, bool(data.data))
     return tokens, tokens.num_bytes
 
 
-def _rebuild(args: argparse.Namespace, split: str) -> None:
-    cfg = _builtin_config(args, split)
+def _rebuild(data: DataArgs, split: str) -> None:
+    cfg = _builtin_config(data, split)
     if cfg.out.is_dir():
         for path in cfg.out.iterdir():
             if path.is_file():
@@ -300,6 +344,6 @@ def _describe(directory: Path, manifest: dict[str, Any], split: str, user_folder
     return f"{directory} ({len(info['shards'])} shard(s) of {what}{held})"
 
 
-def describe_split(args: argparse.Namespace, split: str) -> str:
+def describe_split(data: DataArgs, split: str) -> str:
     """One line naming where `split` comes from (may prepare the data, or raise DataError)."""
-    return load_split(args, split)[0].description
+    return load_split(data, split)[0].description

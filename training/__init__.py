@@ -1,7 +1,11 @@
 """Training: `train_lm.py` (the CLI) and the pieces it is made of.
 
-data.py (sources and token caches), batches.py (epoch order), fused_loss.py (LM head + loss),
-step.py (one optimizer step), optim.py (AdamW, schedule), snapshots.py / fileio.py (crash-safe
-checkpoints), metrics.py (CSV and plot), distributed.py (torchrun), options.py (flags, presets),
-explain.py (--explain), evaluation.py (windowed perplexity).
+options.py (flags, presets), config.py (the typed run configuration, resolved once), start.py
+(new, --init_from, --resume), build.py (model, optimizer, scaler), optim.py (AdamW/Muon,
+schedule), loop.py (the Trainer), step.py (one optimizer step), fused_loss.py (LM head + loss),
+unseen_tokens.py (the shared column of unseen tokens), evaluation.py (windowed perplexity,
+samples), budget.py (--time_budget arithmetic), measure.py (timing a run's parts), run_state.py
+(counters, snapshot payload), snapshots.py (crash-safe checkpoints), metrics.py / loggers.py
+(CSV, plot, TensorBoard, W&B), explain.py (--explain), preflight.py (paths, memory),
+distributed.py (torchrun). The data lives in corpus/, shared helpers in common/.
 """

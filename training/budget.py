@@ -1,6 +1,7 @@
 """`--time_budget`: a run that lasts a wall-clock time instead of a step count.
 
-Before its first step a new run measures what its parts cost on this machine (`measure_costs`):
+Before its first step a new run measures what its parts cost on this machine
+(`training.measure.measure_costs`; this module is the arithmetic on those costs):
 one warm-up step, then timed steps (their median), one evaluation (extrapolated from one batch of
 windows, with the sample and the loss plot when the run makes them) and one snapshot written to
 a temporary file. The weights, the optimizer, the loss scaler and the RNG are put back afterwards,
@@ -28,26 +29,14 @@ time budget. `LM_MAX_STEPS` still stops a budgeted run early, its plan unchanged
 
 from __future__ import annotations
 
-import argparse
 import collections
-import copy
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
-from training import distributed as D
+from training.errors import UsageError
 from training.optim import wsd_decay_start
-from training.options import UsageError
-from training.snapshots import capture_rng_state, restore_rng_state
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
 
 RESERVE = 0.05  # of the budget: left unplanned, for a slower stretch than the measured steps
 REPLAN_EVERY = 10  # steps: how often a WSD run plans again in its constant phase (`replan`)
@@ -296,188 +285,35 @@ class Replanner:
         return self.final
 
 
-# -- measuring --------------------------------------------------------------------------------
-
-
-def _time_snapshot(trainer: Trainer) -> float:
-    """Seconds to serialise and write (with fsync) what a snapshot of this run holds."""
-    parts = trainer.parts
-    payload: dict[str, Any] = {"model_state_dict": parts.model.state_dict(),
-                               "optimizer_state_dict": parts.optimizer.state_dict()}
-    if parts.average is not None:
-        payload["ema_state"] = parts.average.state_dict()
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return time.perf_counter() - t0
-
-
-def _time_plot(trainer: Trainer) -> float:
-    """Seconds to draw the loss plot (on a two-row metrics file in a temporary folder)."""
-    from training.metrics import MetricsLog, plot_losses
-
-    with tempfile.TemporaryDirectory() as tmp:
-        log = MetricsLog(Path(tmp) / "metrics.csv")
-        log.log(1, "train", 0.0, 0, 0.0, 10.0)
-        log.log(1, "val", 0.0, 0, 0.0, 10.0)
-        t0 = time.perf_counter()
-        plot_losses(log.path, Path(tmp) / "loss.png", "measuring")
-        return time.perf_counter() - t0
-
-
-@torch.no_grad()
-def _restore(trainer: Trainer, weights: dict[str, torch.Tensor], optimizer: dict,
-             scaler: dict | None, average: dict | None, rng: dict) -> None:
-    """Put back what `measure_costs` saved before its steps."""
-    parts = trainer.parts
-    parts.model.load_state_dict(weights)
-    parts.optimizer.load_state_dict(optimizer)
-    if scaler is not None:
-        parts.scaler.load_state_dict(scaler)
-    if average is not None:
-        parts.average.load_state_dict(average)
-    restore_rng_state(rng)
-
-
-def measure_costs(trainer: Trainer, *, timed_steps: int = TIMED_STEPS,
-                  max_seconds: float | None = None, runner: torch.nn.Module | None = None,
-                  snapshot: bool = True) -> Costs:
-    """Time a step, an evaluation and a snapshot of this run, then put the run back as it was.
-
-    The steps run at a learning rate of 0 on the first batches, after one warm-up step (and
-    compilation with `--compile`); the weights, optimizer state, loss scaler and RNG are
-    restored afterwards, so the run's own steps are those of an unmeasured run.
-
-    Args:
-        trainer: the run (its model, optimizer, batches and validation split).
-        timed_steps: steps to time after the warm-up.
-        max_seconds: stop timing steps once they took this long (one process only).
-        runner: what a step calls (default: the trainer's, DDP-wrapped in several processes;
-            every process must then call this together, with the same `timed_steps`).
-        snapshot: also time writing a snapshot (else its cost is 0).
-
-    Returns:
-        The costs; evaluation and snapshot are timed on rank 0 only (0 elsewhere).
-    """
-    parts = trainer.parts
-    weights = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
-    optimizer = copy.deepcopy(parts.optimizer.state_dict())
-    scaler = copy.deepcopy(parts.scaler.state_dict()) if parts.scaler.is_enabled() else None
-    average = copy.deepcopy(parts.average.state_dict()) if parts.average else None
-    rng = capture_rng_state()
-    for g in parts.optimizer.param_groups:
-        g["lr"] = 0.0
-    spe = trainer.batches.steps_per_epoch
-    cuda = trainer.device.type == "cuda"
-    try:
-        trainer.train_step(0, 0, runner)  # warm-up (and compilation with --compile)
-        if cuda:
-            torch.cuda.synchronize()
-        times: list[float] = []
-        while len(times) < timed_steps and (max_seconds is None or sum(times) < max_seconds):
-            t0 = time.perf_counter()
-            trainer.train_step(0, min(len(times) + 1, spe - 1), runner)
-            if parts.average is not None:  # the run updates its weight average every step
-                parts.average.update(parts.model)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        step_s = sorted(times)[len(times) // 2]
-        eval_s = snapshot_s = 0.0
-        if trainer.info.is_main:
-            eval_s = _time_evaluation(trainer)
-            snapshot_s = _time_snapshot(trainer) if snapshot else 0.0
-    finally:
-        _restore(trainer, weights, optimizer, scaler, average, rng)
-    return Costs(step_s=step_s, eval_s=eval_s, snapshot_s=snapshot_s, timed_steps=len(times))
-
-
-def _time_evaluation(trainer: Trainer) -> float:
-    """One evaluation's seconds: one batch of windows, scaled to the evaluation's windows, plus
-    the sample and the plot when the run makes them."""
-    from training.evaluation import count_windows
-    from training.loop import sample_text
-
-    args = trainer.args
-    t0 = time.perf_counter()
-    res = trainer.validation_loss(args.eval_batch_size)
-    seconds = time.perf_counter() - t0
-    windows = count_windows(len(trainer.val_tokens), args.seq_len, args.seq_len)
-    if trainer.eval_windows:
-        windows = min(windows, trainer.eval_windows)
-    seconds *= windows / max(1, res.windows)
-    if args.sample_tokens:
-        t0 = time.perf_counter()
-        sample_text(trainer.parts.model, trainer.tok, args)
-        seconds += time.perf_counter() - t0
-    if not args.no_plot:
-        seconds += _time_plot(trainer)
-    return seconds
-
-
 # -- the plan of a run --------------------------------------------------------------------------
 
 
-def resolve_plan(args: argparse.Namespace, explicit: set[str], saved: dict | None,
-                 resuming: bool) -> TimePlan | None:
-    """The plan a resumed run keeps (None: no budget, or a new plan is to be made).
+def resolve_plan(time_budget: float | None, explicit: set[str], saved: dict | None,
+                 resuming: bool) -> tuple[TimePlan | None, float | None]:
+    """The plan a resumed run keeps, and the run's `--time_budget`.
 
     On resume an explicit `--max_steps` or `--epochs` replaces the run's budget; a different
     `--time_budget` is an error (the plan is the run's length, like its schedule).
+
+    Args:
+        time_budget: `--time_budget` (minutes) as resolved so far. explicit: the flags given.
+        saved: the snapshot's `time_plan`, or None. resuming: whether the run resumes.
+
+    Returns:
+        (the plan, None: no budget, or a new plan is to be made; the `--time_budget` to keep).
     """
     if not resuming:
-        return None
+        return None, time_budget
     if explicit & {"max_steps", "epochs"}:
-        args.time_budget = None
-        return None
+        return None, None
     if saved is None:
-        if "time_budget" in explicit and args.time_budget:
+        if "time_budget" in explicit and time_budget:
             raise UsageError("--time_budget applies to a new run; the run being resumed has a "
                              "fixed length: give --max_steps to change it")
-        return None
+        return None, time_budget
     plan = TimePlan.from_dict(saved)
-    if "time_budget" in explicit and args.time_budget * 60 != plan.budget_s:
-        raise UsageError(f"--time_budget {args.time_budget:g}: the run being resumed keeps its "
+    if "time_budget" in explicit and time_budget * 60 != plan.budget_s:
+        raise UsageError(f"--time_budget {time_budget:g}: the run being resumed keeps its "
                          f"plan ({plan.steps:,} steps for {minutes_text(plan.budget_s)}); give "
                          "--max_steps to change its length")
-    args.time_budget = plan.budget_s / 60
-    return plan
-
-
-def make_plan(trainer: Trainer, budget_s: float, started: float, *, collective: bool
-              ) -> TimePlan:
-    """Measure this run's costs and plan its steps for `budget_s` seconds since `started`
-    (a `time.perf_counter()` stamp).
-
-    `collective`: every process measures its steps together (through DDP) and rank 0's plan is
-    broadcast; otherwise only this process measures (e.g. rank 0 for `--explain`).
-
-    Raises:
-        UsageError: the budget leaves no time for one step (on every process).
-    """
-    args, info = trainer.args, trainer.info
-
-    def agreed(error: str | None) -> None:  # rank 0's verdict, on every process
-        error = D.broadcast_object(info, error) if collective else error
-        if error:
-            raise UsageError(error)
-
-    spent = time.perf_counter() - started
-    agreed(f"--time_budget {minutes_text(budget_s)} is too short for one step here: the start "
-           f"alone took {spent:.1f} s" if spent >= budget_s * (1.0 - RESERVE) else None)
-    runner = None if collective else trainer.parts.module
-    costs = measure_costs(trainer, runner=runner)
-    plan, error = None, None
-    if info.is_main or not collective:
-        try:
-            plan = plan_steps(budget_s, time.perf_counter() - started, costs,
-                              eval_interval=args.eval_interval, save_interval=args.save_interval,
-                              baseline_eval=bool(trainer.state.init_from))
-        except UsageError as exc:
-            error = str(exc)
-    if collective:
-        plan = D.broadcast_object(info, plan)
-    agreed(error)
-    return plan
+    return plan, plan.budget_s / 60

@@ -6,7 +6,6 @@ run's state back into them and `Parts.load_weights` the `--init_from` weights.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,27 @@ import torch
 
 from model.lm import LanguageModel, LMConfig
 from training import distributed as D
+from training.config import SpeedArgs
 from training.fused_loss import TrainingModule
-from training.optim import MuonAdamW, WeightAverage, build_optimizer
+from training.optim import MuonAdamW, OptimArgs, WeightAverage, build_optimizer
 from training.snapshots import SnapshotError
 from training.step import AutocastFactory, autocast_context
 from training.unseen_tokens import UnseenTokens
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run trains.
+
+    Attributes:
+        info: the process group (`training.distributed`).
+        device: this process's device.
+        amp: the autocast dtype (float32: none).
+    """
+
+    info: D.DistInfo
+    device: torch.device
+    amp: torch.dtype
 
 
 @dataclass
@@ -84,29 +99,34 @@ class Parts:
             raise SnapshotError(f"{path} does not fit this model/optimizer ({first})") from None
 
 
-def build_parts(cfg: LMConfig, tokenizer: Any, args: argparse.Namespace, device: torch.device,
-                info: D.DistInfo, amp: torch.dtype, unseen: UnseenTokens | None = None) -> Parts:
-    """Build the model (seeded with `--seed`), its training wrappers, optimizer and scaler.
+def build_parts(cfg: LMConfig, tokenizer: Any, optim: OptimArgs, speed: SpeedArgs, seed: int,
+                runtime: Runtime, unseen: UnseenTokens | None = None) -> Parts:
+    """Build the model (seeded with `seed`), its training wrappers, optimizer and scaler.
 
-    `unseen` (`--unseen_tokens shared`): the new model's unseen-token rows start equal (a
-    resumed run's snapshot then replaces them), and the loss shares their column.
+    Args:
+        cfg: the model's config. tokenizer: the run's tokenizer (`model.tokenizer`).
+        optim: the optimizer's flags. speed: `--compile`, `--no_fused_loss`.
+        seed: `--seed`. runtime: where and in which precision it trains.
+        unseen: (`--unseen_tokens shared`) the new model's unseen-token rows start equal (a
+            resumed run's snapshot then replaces them), and the loss shares their column.
     """
+    info, device, amp = runtime.info, runtime.device, runtime.amp
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = LanguageModel(**cfg.to_dict()).to(device)
     model.tokenizer = tokenizer
     if unseen is not None:
         unseen.equalize(model.lm_head.weight)  # before the weight average copies the weights
-    module = TrainingModule(model, fused_head=not args.no_fused_loss, compile_trunk=args.compile,
-                            unseen=unseen)
+    module = TrainingModule(model, fused_head=not speed.no_fused_loss,
+                            compile_trunk=speed.compile, unseen=unseen)
     ddp = None
     if info.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, args, device, amp)
+    optimizer = build_optimizer(model, optim, device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    average = WeightAverage(model, args.ema) if args.ema > 0 else None
+    average = WeightAverage(model, optim.ema) if optim.ema > 0 else None
     return Parts(model, module, ddp, optimizer, scaler, autocast_context(device.type, amp),
                  average)

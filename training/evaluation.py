@@ -281,3 +281,15 @@ def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.T
         if bar is not None:
             bar.close()
     return nll_sum, scored
+
+
+def sample_text(model: torch.nn.Module, prompt: str, tokens: int, seed: int) -> str:
+    """A sample of `tokens` tokens after `prompt` for the training log, decoded with the
+    model's tokenizer (never raises: a sample is a nicety)."""
+    try:
+        with model:
+            out = model.generate(prompt, max_new_tokens=tokens, temperature=0.8, top_k=200,
+                                 seed=seed)
+        return model.tokenizer.decode(out[0].tolist())
+    except Exception as exc:  # noqa: BLE001 - never stop training for a sample
+        return f"(no sample: {exc})"

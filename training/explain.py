@@ -5,13 +5,17 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
 from corpus.batches import EpochBatches
 from model.lm import LMConfig
 from training.budget import TimePlan, minutes_text
+from training.config import RunConfig
+from training.optim import OptimArgs
 
 
 def human(n: float) -> str:
@@ -75,43 +79,79 @@ def resume_command(argv: list[str], world_size: int) -> str:
     return launcher + shlex.join(["training/train_lm.py", *kept, "--resume", "auto"])
 
 
-def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: int,
-                      batches: EpochBatches, max_steps: int, stop_at: int, start_step: int,
-                      train_desc: str, val_desc: str, val_tokens: int, eval_windows: int,
-                      device: torch.device,
-                      amp: torch.dtype, world_size: int, resumed_from: Path | None,
-                      measure_step: Callable[[], tuple[float, float]], argv: list[str],
-                      existing_run: bool = False, init_from: str | None = None,
-                      plan: TimePlan | None = None, out=None) -> None:
-    """Print the plan for these flags.
+@dataclass(frozen=True)
+class RunFacts:
+    """What the trainer found out about a run before its first step, for `--explain`.
+
+    Attributes:
+        model_config: the model's config. num_params: its parameters; non_embedding: those
+            besides the token and position embeddings.
+        batches: the training batches. max_steps: the run's steps (the schedule);
+            stop_at: where this invocation would stop (`LM_MAX_STEPS`); start_step: where it
+            starts.
+        train_desc, val_desc: where the splits come from. val_tokens: the validation tokens.
+        device, amp: where and in which precision it trains. world_size: its processes.
+        resumed_from: the snapshot it resumes, or None. init_from: its `--init_from` source.
+        plan: the `--time_budget` plan, whose steps are `max_steps`, or None.
+        argv: the command line. existing_run: the run directory holds another run's snapshots.
+    """
+
+    model_config: LMConfig
+    num_params: int
+    non_embedding: int
+    batches: EpochBatches
+    max_steps: int
+    stop_at: int
+    start_step: int
+    train_desc: str
+    val_desc: str
+    val_tokens: int
+    device: torch.device
+    amp: torch.dtype
+    world_size: int
+    resumed_from: Path | None
+    argv: list[str]
+    existing_run: bool = False
+    init_from: str | None = None
+    plan: TimePlan | None = None
+
+
+def print_explanation(config: RunConfig, facts: RunFacts,
+                      measure_step: Callable[[], tuple[float, float]],
+                      out: TextIO | None = None) -> None:
+    """Print the plan for this run.
 
     `measure_step` runs one training step and a little validation; it returns the seconds of one
-    step and of one whole evaluation. `plan`: the `--time_budget` plan, whose steps are
-    `max_steps`.
+    step and of one whole evaluation.
     """
+    f, cfg, batches = facts, facts.model_config, facts.batches
+    max_steps, stop_at, start_step, plan = f.max_steps, f.stop_at, f.start_step, f.plan
+    world_size, amp, device, resumed_from = f.world_size, f.amp, f.device, f.resumed_from
+    eval_windows, log = config.eval.windows, config.log
     out = out or sys.stdout
     p = lambda s="": print(s, file=out)  # noqa: E731
-    snap_dir = Path(args.out_dir) / "snapshots"
+    snap_dir = log.snap_dir
     tps = batches.tokens_per_step
     steps_left = max(0, stop_at - start_step)
     p("What this command would do:")
     p(f"  Model: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, d_ff "
       f"{cfg.d_ff}, context {cfg.max_seq_len} tokens, vocabulary {cfg.vocab_size:,}, dropout "
-      f"{cfg.dropout}: {num_params:,} parameters ({human(non_embedding)} besides the token and "
+      f"{cfg.dropout}: {f.num_params:,} parameters ({human(f.non_embedding)} besides the token and "
       "position embeddings; the token embedding doubles as the output layer).")
     shards = getattr(batches.tokens, "num_shards", 0)
     size = human_bytes(len(batches.tokens) * batches.tokens.dtype.itemsize)
     in_shards = f" in {shards} shard(s) ({size}, memory-mapped)" if shards else ""
-    p(f"  Data: training on {train_desc}: {len(batches.tokens):,} tokens{in_shards}, "
-      f"{batches.num_windows:,} windows of {batches.seq_len} tokens. Validation on {val_desc}: "
-      f"{val_tokens:,} tokens" + (f", {eval_windows} windows per evaluation."
+    p(f"  Data: training on {f.train_desc}: {len(batches.tokens):,} tokens{in_shards}, "
+      f"{batches.num_windows:,} windows of {batches.seq_len} tokens. Validation on "
+      f"{f.val_desc}: {f.val_tokens:,} tokens" + (f", {eval_windows} windows per evaluation."
                                   if eval_windows else ", all of it each time."))
-    p(f"  Each step: {args.batch_size} sequences x {batches.seq_len} tokens x {args.grad_accum} "
+    p(f"  Each step: {config.batch.batch_size} sequences x {batches.seq_len} tokens x "
+      f"{config.batch.grad_accum} "
       f"accumulation step(s) x {world_size} process(es) = {tps:,} tokens.")
     epochs = max_steps / batches.steps_per_epoch
     p(f"  Schedule: {max_steps:,} steps = {epochs:.2f} epochs of {batches.steps_per_epoch:,} "
       f"steps, {human(max_steps * tps)} tokens in total (every window once per epoch, in a "
-      "seeded order). " + describe_recipe(args, max_steps))
+      "seeded order). " + describe_recipe(config.optim, max_steps))
     if plan is not None:
         p(f"  Planned from the {minutes_text(plan.budget_s)} time budget (--time_budget), measured "
           f"here just now: {plan.describe()}. The run measures again when it starts (resumed: "
@@ -119,11 +159,11 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
     if stop_at < max_steps:
         p(f"  LM_MAX_STEPS={stop_at} stops this run after step {stop_at:,} (the schedule above is "
           "unchanged).")
-    if existing_run:
+    if f.existing_run:
         p(f"  Note: {snap_dir} already holds snapshots of a run, so training would refuse to "
           "start there: add --resume auto to continue it, or pick another --out_dir.")
-    if init_from is not None:
-        p(f"  Starting from the weights of {init_from}" + (
+    if f.init_from is not None:
+        p(f"  Starting from the weights of {f.init_from}" + (
             " (a fine-tune run)." if resumed_from is not None else
             ": a new run at step 0 with a fresh optimizer and schedule; the model's shape "
             "and tokenizer come from it."))
@@ -131,50 +171,52 @@ def print_explanation(*, args, cfg: LMConfig, num_params: int, non_embedding: in
         p(f"  Resuming from {resumed_from} at step {start_step:,}: {steps_left:,} steps to go.")
     amp_name = {torch.float32: "float32 (no autocast)", torch.bfloat16: "bfloat16 autocast",
                 torch.float16: "float16 autocast with loss scaling"}[amp]
-    p(f"  Precision and device: {amp_name} on {device}" + (" with torch.compile" if args.compile
-                                                          else "") + ".")
-    state, acts = memory_estimate(cfg, args.batch_size, batches.seq_len, amp,
-                                  not args.no_fused_loss)
+    compiled = " with torch.compile" if config.speed.compile else ""
+    p(f"  Precision and device: {amp_name} on {device}{compiled}.")
+    state, acts = memory_estimate(cfg, config.batch.batch_size, batches.seq_len, amp,
+                                  not config.speed.no_fused_loss)
     p(f"  Memory: about {human_bytes(state + acts)} per process ({human_bytes(state)} for weights, "
       f"gradients and AdamW state; {human_bytes(acts)} of activations) - a rough estimate.")
     seconds, eval_seconds = measure_step()
-    every = args.eval_interval  # evaluations at multiples of it, and at the last step
+    every = config.eval.eval_interval  # evaluations at multiples of it, and at the last step
     evals = stop_at // every - start_step // every + (1 if stop_at % every else 0)
     total = seconds * steps_left + eval_seconds * evals
     p(f"  Time: a step took {seconds:.2f} s here just now ({tps / seconds:,.0f} tokens/s), so "
       f"about {human_time(total)} in all: {human_time(seconds * steps_left)} for {steps_left:,} "
       f"steps and {human_time(eval_seconds * evals)} for {evals} evaluations.")
-    p(f"  Snapshots: every {args.save_interval} steps, at the end and on Ctrl-C, into "
-      f"{snap_dir}/ as snapshot_epoch_EEEE_step_SSSSSS_<time>.pt (the last {args.keep_last} "
+    p(f"  Snapshots: every {log.save_interval} steps, at the end and on Ctrl-C, into "
+      f"{snap_dir}/ as snapshot_epoch_EEEE_step_SSSSSS_<time>.pt (the last {log.keep_last} "
       f"kept), with latest.pt (newest) and best.pt (lowest validation loss). Metrics: "
-      f"{Path(args.out_dir) / 'metrics.csv'}; loss plot: {Path(args.out_dir) / 'loss_curve.png'}.")
-    p(f"  Resume:   {resume_command(argv, world_size)}")
-    prompt = "ROMEO:" if args.dataset == "shakespeare" and not args.train_file else "The"
+      f"{Path(log.out_dir) / 'metrics.csv'}; loss plot: {Path(log.out_dir) / 'loss_curve.png'}.")
+    p(f"  Resume:   {resume_command(f.argv, world_size)}")
+    data = config.data
+    prompt = "ROMEO:" if data.dataset == "shakespeare" and not data.train_file else "The"
     p(f"  Generate: python generate_lm.py --checkpoint {snap_dir / 'latest.pt'} --prompt "
       f"{shlex.quote(prompt)} --max_length 100 --temperature 0.8 --top_p 0.9")
     p("Nothing was trained or written (except the token cache). Drop --explain to train.")
 
 
-def describe_recipe(args, max_steps: int) -> str:
+def describe_recipe(optim: OptimArgs, max_steps: int) -> str:
     """The optimizer, learning-rate schedule and weight averaging of a run, in words."""
-    ratio = args.min_lr / args.lr if args.lr else 0.0
-    if args.schedule == "wsd":
-        decay = max(1, round(args.cooldown * max_steps))
-        sched = (f"linear warmup over {args.warmup_steps} steps, constant, then a linear "
-                 f"cool-down over the last {decay:,} steps ({args.cooldown:g} of the run) to "
+    sch = optim.schedule
+    ratio = sch.min_lr / sch.lr if sch.lr else 0.0
+    if sch.schedule == "wsd":
+        decay = max(1, round(sch.cooldown * max_steps))
+        sched = (f"linear warmup over {sch.warmup_steps} steps, constant, then a linear "
+                 f"cool-down over the last {decay:,} steps ({sch.cooldown:g} of the run) to "
                  f"{ratio:g} of the peak")
     else:
-        sched = (f"linear warmup over {args.warmup_steps} steps, then cosine decay to "
+        sched = (f"linear warmup over {sch.warmup_steps} steps, then cosine decay to "
                  f"{ratio:g} of the peak")
-    adamw = (f"AdamW (peak {args.lr:g}, betas {args.beta1}, {args.beta2}, weight decay "
-             f"{args.weight_decay} on matrices)")
-    if args.optimizer == "muon":
-        opt = (f"Muon on the blocks' matrices (peak {args.muon_lr:g}, momentum "
-               f"{args.muon_momentum}, weight decay {args.muon_weight_decay}), {adamw} on "
+    adamw = (f"AdamW (peak {optim.lr:g}, betas {optim.beta1}, {optim.beta2}, weight decay "
+             f"{optim.weight_decay} on matrices)")
+    if optim.optimizer == "muon":
+        opt = (f"Muon on the blocks' matrices (peak {optim.muon_lr:g}, momentum "
+               f"{optim.muon_momentum}, weight decay {optim.muon_weight_decay}), {adamw} on "
                "embeddings, LayerNorms and biases")
     else:
         opt = adamw
-    ema = (f" Weights averaged with decay {args.ema:g}: evaluation and snapshots use the average."
-           if args.ema > 0 else "")
+    ema = (f" Weights averaged with decay {optim.ema:g}: evaluation and snapshots use the average."
+           if optim.ema > 0 else "")
     return (f"Learning rate: {sched}. Optimizer: {opt}; gradient clipping at "
-            f"{args.grad_clip:g}.{ema}")
+            f"{optim.grad_clip:g}.{ema}")

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from training.targets import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from training.unseen_tokens import UnseenTokens
 
-IGNORE_INDEX = -100
 
 
 def _softmax_into(logits: torch.Tensor, out: torch.Tensor) -> None:

@@ -15,7 +15,6 @@ is known), for evaluations `val/loss` and `val/ppl`. Only rank 0 logs.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import uuid
@@ -104,11 +103,11 @@ class RunLog:
     Args:
         out_dir: the run directory.
         log_to: backends, a subset of `LOG_TO`.
-        args: the run's flags (W&B's config).
+        flags: the run's flags as plain values (`RunConfig.to_dict()`; W&B's config).
         resume_step: the step a resumed run continues from (None for a new run).
     """
 
-    def __init__(self, out_dir: str | Path, log_to: list[str], args: argparse.Namespace | None,
+    def __init__(self, out_dir: str | Path, log_to: list[str], flags: dict[str, Any] | None,
                  resume_step: int | None = None) -> None:
         out_dir = Path(out_dir)
         self.csv = MetricsLog(out_dir / "metrics.csv") if "csv" in log_to else None
@@ -118,10 +117,7 @@ class RunLog:
         if "tensorboard" in log_to:
             self.backends.append(_TensorBoard(out_dir, resume_step))
         if "wandb" in log_to:
-            from training.options import args_to_dict
-
-            config = args_to_dict(args) if args is not None else {}
-            self.backends.append(_WandB(out_dir, config, out_dir.resolve().name))
+            self.backends.append(_WandB(out_dir, dict(flags or {}), out_dir.resolve().name))
 
     @property
     def path(self) -> Path | None:

@@ -5,12 +5,12 @@ on Ctrl-C / SIGTERM (`StopRequest`).
 
 from __future__ import annotations
 
-import argparse
 import math
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from corpus.batches import EpochBatches
-from model.lm import LanguageModel, LMConfig
 from training import distributed as D
-from training.budget import Replanner, describe_replan, measure_costs
-from training.build import Parts
-from training.evaluation import EvalResult, evaluate_tokens
+from training.budget import Replanner, describe_replan
+from training.build import Parts, Runtime
+from training.config import RunConfig
+from training.evaluation import EvalResult, evaluate_tokens, sample_text
 from training.loggers import RunLog
+from training.measure import measure_costs
 from training.metrics import plot_losses
 from training.mfu import datasheet_peak, flops_per_token
 from training.optim import set_lr
@@ -63,49 +64,52 @@ class StopRequest:
               "snapshot (send it again to abort without one)", file=sys.stderr, flush=True)
 
 
-def sample_text(model: LanguageModel, tok, args: argparse.Namespace) -> str:
-    """A sample from the model for the log (never raises: a sample is a nicety)."""
-    try:
-        with model:
-            out = model.generate(args.sample_prompt, max_new_tokens=args.sample_tokens,
-                                 temperature=0.8, top_k=200, seed=args.seed)
-        return tok.decode(out[0].tolist())
-    except Exception as exc:  # noqa: BLE001 - never stop training for a sample
-        return f"(no sample: {exc})"
+@dataclass(frozen=True)
+class TrainData:
+    """What a run trains and validates on.
+
+    Attributes:
+        batches: the training batches. val_tokens: the validation split's tokens;
+        val_bytes: the UTF-8 size of their text (bits per byte). label: the data's short name.
+    """
+
+    batches: EpochBatches
+    val_tokens: np.ndarray
+    val_bytes: int
+    label: str
 
 
 class Trainer:
     """Runs the steps of one run from `state` to `stop_at`, evaluating and saving on the way.
 
     Args:
-        args: the finalized flags. cfg: the model config. tok: the tokenizer (for samples).
-        parts: model, optimizer, scaler (see `training.build`).
-        batches: the training batches. val_tokens, val_bytes: the validation split.
+        config: the run's configuration.
+        parts: model (with its tokenizer, for samples), optimizer, scaler (`training.build`).
+        data: the training batches and the validation split.
         state: where the run stands (restored on resume).
-        info: the process group. device, amp: where and in which precision it trains.
+        runtime: the process group, and where and in which precision it trains.
         max_steps: steps of the whole run (the schedule); stop_at: where this invocation stops.
-        label: the dataset label. metrics: the run's log (`--log_to`; rank 0 only, else None).
+
+    `metrics`, the run's log (`--log_to`; rank 0 only, else None), is set before `run`.
     """
 
-    def __init__(self, *, args: argparse.Namespace, cfg: LMConfig, tok: Any, parts: Parts,
-                 batches: EpochBatches, val_tokens: np.ndarray, val_bytes: int,
-                 state: RunState, info: D.DistInfo, device: torch.device, amp: torch.dtype,
-                 max_steps: int, stop_at: int, eval_windows: int, label: str,
-                 metrics: RunLog | None = None) -> None:
-        self.args, self.cfg, self.tok, self.parts, self.batches = args, cfg, tok, parts, batches
-        self.val_tokens, self.val_bytes, self.state, self.info = val_tokens, val_bytes, state, info
-        self.device, self.amp, self.max_steps, self.stop_at = device, amp, max_steps, stop_at
-        self.eval_windows = eval_windows  # per evaluation, 0: all (`windows_per_eval`)
-        self.label, self.metrics = label, metrics
-        self.snap_dir = Path(args.out_dir) / "snapshots"
+    def __init__(self, config: RunConfig, parts: Parts, data: TrainData, state: RunState,
+                 runtime: Runtime, *, max_steps: int, stop_at: int) -> None:
+        self.config, self.parts, self.state, self.runtime = config, parts, state, runtime
+        self.batches, self.val_tokens = data.batches, data.val_tokens
+        self.val_bytes, self.label = data.val_bytes, data.label
+        self.info, self.device, self.amp = runtime.info, runtime.device, runtime.amp
+        self.max_steps, self.stop_at = max_steps, stop_at
+        self.metrics: RunLog | None = None
+        self.snap_dir = config.log.snap_dir
         self.params = list(parts.model.parameters())
-        self.lr = args.lr
+        self.lr = config.optim.lr
         self.write = lambda s: None  # the progress bar's print, once the loop runs
         self._log_tokens, self._log_time = 0, 0.0  # since the last logged training loss
         self._stats: dict[str, Any] = {}  # the last step's gradient norm (training.step)
         self.replanner: Replanner | None = None  # a budgeted WSD run's re-plans (`_replan`)
         self.cap: int | None = None  # LM_MAX_STEPS, which a re-plan keeps
-        peak = datasheet_peak(device)  # MFU where the peak is known (GPUs)
+        peak = datasheet_peak(runtime.device)  # MFU where the peak is known (GPUs)
         self._flops_per_s_peak = peak * 1e12 if peak else None
 
     # -- one step ------------------------------------------------------------------------------
@@ -113,11 +117,11 @@ class Trainer:
     def train_step(self, epoch: int, batch_idx: int, runner: torch.nn.Module | None = None
                    ) -> torch.Tensor:
         """One optimizer step on batch `batch_idx` of `epoch`; returns the (device) loss."""
-        args, device, parts = self.args, self.device, self.parts
+        device, parts, grad_accum = self.device, self.parts, self.config.batch.grad_accum
         runner = runner or parts.runner
 
         def micro_batches():
-            for micro in range(args.grad_accum):
+            for micro in range(grad_accum):
                 x, y = self.batches.get(epoch, batch_idx, micro)
                 if device.type == "cuda":
                     yield (x.pin_memory().to(device, non_blocking=True),
@@ -125,16 +129,17 @@ class Trainer:
                 else:
                     yield x.to(device), y.to(device)
 
-        return train_step(runner, parts.optimizer, parts.scaler, micro_batches(), args.grad_accum,
-                          parts.autocast, self.params, args.grad_clip,
+        return train_step(runner, parts.optimizer, parts.scaler, micro_batches(), grad_accum,
+                          parts.autocast, self.params, self.config.optim.grad_clip,
                           parts.ddp if runner is parts.ddp else None, stats=self._stats)
 
     # -- evaluation and sampling ---------------------------------------------------------------
 
     def validation_loss(self, max_windows: int | None) -> EvalResult:
         """The validation split's loss over `max_windows` windows (None: all)."""
-        return evaluate_tokens(self.parts.model, self.val_tokens, seq_len=self.args.seq_len,
-                               batch_size=self.args.eval_batch_size, max_windows=max_windows,
+        return evaluate_tokens(self.parts.model, self.val_tokens,
+                               seq_len=self.config.batch.seq_len,
+                               batch_size=self.config.eval.eval_batch_size, max_windows=max_windows,
                                dtype=None if self.amp == torch.float32 else DTYPE_NAMES[self.amp],
                                num_bytes=self.val_bytes, unseen=self.parts.module.unseen)
 
@@ -144,10 +149,11 @@ class Trainer:
         `baseline`: the loss of the starting weights (`--init_from`, step 0), logged but never
         "best" (no snapshot holds it).
         """
-        args, state = self.args, self.state
+        evals, state, model = self.config.eval, self.state, self.parts.model
         with self.parts.averaged():  # under --ema, the averaged weights are what is judged
-            res = self.validation_loss(self.eval_windows or None)
-            sample = sample_text(self.parts.model, self.tok, args) if args.sample_tokens else ""
+            res = self.validation_loss(evals.windows or None)
+            sample = (sample_text(model, evals.sample_prompt, evals.sample_tokens,
+                                  self.config.seed) if evals.sample_tokens else "")
         if not math.isfinite(res.loss):
             raise DivergedError(f"the validation loss is {res.loss} at step {step}")
         state.last_val = (res.loss, res.perplexity, step)
@@ -160,10 +166,10 @@ class Trainer:
         bpb = f" | {res.bits_per_byte:.3f} bits/byte" if res.bits_per_byte else ""
         self.write(f"step {step:,} | val loss {res.loss:.4f} | ppl {res.perplexity:.1f}{bpb}"
                    f"{' | best' if is_best else ''}")
-        if not args.no_plot and self.metrics.path is not None:
-            plot_losses(self.metrics.path, Path(args.out_dir) / "loss_curve.png",
-                        f"{self.label}: {self.cfg.num_layers} layers x {self.cfg.d_model}")
-        if args.sample_tokens:
+        if not self.config.log.no_plot and self.metrics.path is not None:
+            plot_losses(self.metrics.path, Path(self.config.log.out_dir) / "loss_curve.png",
+                        f"{self.label}: {model.config.num_layers} layers x {model.config.d_model}")
+        if evals.sample_tokens:
             self.write("  sample: " + sample.replace("\n", "\n  | "))
         return is_best
 
@@ -188,12 +194,13 @@ class Trainer:
         name = snapshot_name(epoch_of_step, state.step)
         if is_best:
             state.best_name = name
-        payload = snapshot_payload(state=state, epoch_of_step=epoch_of_step, cfg=self.cfg,
-                                   model=parts.model, optimizer=parts.optimizer,
-                                   scaler=parts.scaler, args=self.args, batches=self.batches,
+        payload = snapshot_payload(state=state, epoch_of_step=epoch_of_step,
+                                   cfg=parts.model.config, model=parts.model,
+                                   optimizer=parts.optimizer, scaler=parts.scaler,
+                                   flags=self.config.to_dict(), batches=self.batches,
                                    rng=rng, dataset=self.label, average=parts.average)
         return save_snapshot(self.snap_dir, payload, name=name, is_best=is_best,
-                             keep_last=self.args.keep_last,
+                             keep_last=self.config.log.keep_last,
                              protect=[state.best_name] if state.best_name else [])
 
     # -- the loop ------------------------------------------------------------------------------
@@ -219,7 +226,8 @@ class Trainer:
             kept = (f"the last good snapshot is {self.snap_dir / 'latest.pt'}"
                     if last_saved or resumed else "no snapshot was written")
             print(f"error: {exc}; stopped without saving ({kept}). Try a lower --lr (it is "
-                  f"{self.args.lr:g}), more --warmup_steps, or --dtype float32.", file=sys.stderr)
+                  f"{self.config.optim.lr:g}), more --warmup_steps, or --dtype float32.",
+                  file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             bar.close()
@@ -250,8 +258,9 @@ class Trainer:
 
     def _one_step(self, stop: StopRequest, bar) -> tuple[bool, bool, int, bool]:
         """Step, log, maybe evaluate; returns (save now, stop now, epoch of the step, is best)."""
-        args, state, info = self.args, self.state, self.info
-        self.lr = set_lr(self.parts.optimizer, state.step, args, self.max_steps)
+        state, info = self.state, self.info
+        self.lr = set_lr(self.parts.optimizer, state.step, self.config.optim.schedule,
+                         self.max_steps)
         t0 = time.perf_counter()
         step_loss = self.train_step(state.epoch, state.batch)
         if self.parts.average is not None:
@@ -266,9 +275,10 @@ class Trainer:
         else:
             stop_now = stop.signum is not None
         final = step >= self.stop_at
-        eval_now = final or step % args.eval_interval == 0
-        save_now = final or stop_now or step % args.save_interval == 0
-        log_now = final or step % args.log_interval == 0
+        log = self.config.log
+        eval_now = final or step % self.config.eval.eval_interval == 0
+        save_now = final or stop_now or step % log.save_interval == 0
+        log_now = final or step % log.log_interval == 0
         if log_now or eval_now or save_now or info.enabled or self.device.type == "cpu":
             value = float(step_loss.item())  # a host sync: on GPUs only when needed
             if not math.isfinite(value):

@@ -16,12 +16,74 @@ import contextlib
 import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from training.errors import UsageError
+
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+
+
+@dataclass(frozen=True)
+class ScheduleArgs:
+    """The learning-rate schedule (`training.optim.set_lr`): peak rates, warm-up, decay."""
+
+    schedule: str
+    lr: float
+    min_lr: float
+    muon_lr: float
+    warmup_steps: int
+    cooldown: float
+
+    def __post_init__(self) -> None:
+        if self.min_lr > self.lr:
+            raise UsageError(f"--min_lr {self.min_lr} is larger than --lr {self.lr}")
+        if self.warmup_steps < 0:
+            raise UsageError("--warmup_steps must be >= 0")
+        # --cooldown is checked by OptimArgs, after --ema (the order the flags were checked in)
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    """The optimizer (`training.optim.build_optimizer`), its clipping and weight average; the
+    schedule's flags are `schedule`'s (`lr`, `min_lr`, `muon_lr`, `warmup_steps`, ...)."""
+
+    optimizer: str
+    weight_decay: float
+    beta1: float
+    beta2: float
+    muon_momentum: float
+    muon_weight_decay: float
+    grad_clip: float
+    ema: float
+    schedule: ScheduleArgs
+
+    def __post_init__(self) -> None:  # in the order the flags were always checked
+        s = self.schedule
+        if not 0 <= self.ema < 1:
+            raise UsageError(f"--ema must be in [0, 1) (0: off; 0.99 averages over ~100 steps), "
+                             f"got {self.ema:g}")
+        if not 0 < s.cooldown <= 1:
+            raise UsageError(f"--cooldown must be in (0, 1], got {s.cooldown:g}")
+        if not 0 <= self.muon_momentum < 1:
+            raise UsageError(f"--muon_momentum must be in [0, 1), got {self.muon_momentum:g}")
+        if self.optimizer == "muon" and s.muon_lr <= 0:
+            raise UsageError("--muon_lr must be positive")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UsageError("--beta1 and --beta2 must be in [0, 1)")
+
+    @property
+    def lr(self) -> float:
+        """AdamW's peak rate (`--lr`)."""
+        return self.schedule.lr
+
+    @property
+    def muon_lr(self) -> float:
+        """Muon's peak rate (`--muon_lr`)."""
+        return self.schedule.muon_lr
 
 
 def muon_available() -> bool:
@@ -309,25 +371,27 @@ class WeightAverage:
                     p.copy_(saved[name])
 
 
-def build_optimizer(model: torch.nn.Module, args, device: torch.device,
+def build_optimizer(model: torch.nn.Module, optim: OptimArgs, device: torch.device,
                     amp: torch.dtype = torch.float32) -> torch.optim.Optimizer | MuonAdamW:
     """The trainer's optimizer for its flags (`--optimizer`, `--lr`, `--weight_decay`,
     `--beta1/2`, `--muon_*`); the one place `train_lm.py` builds it. `amp`: the run's autocast
     dtype; Muon's Newton-Schulz iteration runs in bfloat16 under bfloat16, else in float32."""
-    return make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2),
-                          device.type, optimizer=args.optimizer, muon_lr=args.muon_lr,
-                          muon_momentum=args.muon_momentum,
-                          muon_weight_decay=args.muon_weight_decay,
+    return make_optimizer(model, optim.lr, optim.weight_decay, (optim.beta1, optim.beta2),
+                          device.type, optimizer=optim.optimizer, muon_lr=optim.muon_lr,
+                          muon_momentum=optim.muon_momentum,
+                          muon_weight_decay=optim.muon_weight_decay,
                           ns_dtype=torch.bfloat16 if amp == torch.bfloat16 else torch.float32)
 
 
-def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, step: int, args, max_steps: int
-           ) -> float:
-    """Set every parameter group's rate for optimizer step `step` (0-based) from the flags'
-    schedule (`--schedule`, `--warmup_steps`, `--min_lr`, `--cooldown`); returns AdamW's rate
-    (`--lr` times the multiplier). The one place the trainer sets the rate each step."""
-    scale = lr_scale(step, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                     max_steps=max_steps, min_ratio=args.min_lr / args.lr if args.lr else 0.0,
-                     cooldown=args.cooldown)
-    set_lr_scale(optimizer, scale, args.lr, args.muon_lr)
-    return args.lr * scale
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, step: int, schedule: ScheduleArgs,
+           max_steps: int) -> float:
+    """Set every parameter group's rate for optimizer step `step` (0-based) from the run's
+    schedule (`--schedule`, `--warmup_steps`, `--min_lr`, `--cooldown`) over `max_steps`;
+    returns AdamW's rate (`--lr` times the multiplier). The one place the trainer sets the rate
+    each step."""
+    s = schedule
+    scale = lr_scale(step, schedule=s.schedule, warmup_steps=s.warmup_steps,
+                     max_steps=max_steps, min_ratio=s.min_lr / s.lr if s.lr else 0.0,
+                     cooldown=s.cooldown)
+    set_lr_scale(optimizer, scale, s.lr, s.muon_lr)
+    return s.lr * scale

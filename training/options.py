@@ -1,4 +1,9 @@
-"""`train_lm.py`'s command line: flags, presets, validation, device and precision choice."""
+"""`train_lm.py`'s command line: flags, presets, the flags given, device and precision choice.
+
+`parse_args` returns the argparse namespace (defaults, then the preset, then the command line)
+and the names of the flags given; `training.config.resolve_config` turns them into the run's
+typed configuration (the one reader of the namespace).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,13 @@ from typing import Any
 import torch
 
 from common.cli import OneLineParser
-from corpus.datasets import add_data_args, dataset_label
+from corpus.datasets import add_data_args
+from training.errors import UsageError
+from training.loggers import LOG_TO
 from training.optim import OPTIMIZERS, SCHEDULES
+
+__all__ = ["PRESETS", "UsageError", "build_parser", "parse_args", "max_steps_cap",
+           "windows_per_eval", "resolve_dtype", "cpu_has_bf16", "DTYPE_NAMES"]
 
 MAX_STEPS_ENV = "LM_MAX_STEPS"
 MAX_EVAL_WINDOWS_ENV = "LM_MAX_EVAL_WINDOWS"
@@ -53,10 +63,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": dict(lr=6e-5, min_lr=6e-6, warmup_steps=10, weight_decay=0.1, max_steps=200,
                      batch_size=8, eval_interval=50, eval_windows=100),
 }
-
-
-class UsageError(ValueError):
-    """A bad flag or flag combination; reported as one line with exit status 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -128,7 +134,14 @@ def build_parser() -> OneLineParser:
     p.add_argument("--explain", action="store_true",
                    help="print what this command would do (sizes, time, memory, paths) and exit")
     add_data_args(p)
+    _add_model_flags(p)
+    _add_training_flags(p)
+    _add_speed_flags(p)
+    _add_output_flags(p)
+    return p
 
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (LanguageModel arguments)")
     m.add_argument("--vocab_size", type=_positive_int, default=None,
                    help="default: the tokenizer's vocabulary (50257 for gpt2)")
@@ -140,6 +153,8 @@ def build_parser() -> OneLineParser:
                    help="context length of the model")
     m.add_argument("--dropout", type=_nonneg_float, default=0.1)
 
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--seq_len", type=_positive_int, default=None,
                    help="tokens per training sequence (default: max_seq_len)")
@@ -191,6 +206,8 @@ def build_parser() -> OneLineParser:
                    help="clip the global gradient norm to this (0: off)")
     t.add_argument("--seed", type=_seed, default=1337)
 
+
+def _add_speed_flags(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("speed")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -207,6 +224,8 @@ def build_parser() -> OneLineParser:
                         "the head's cost on a small corpus; a new run only, not --init_from). "
                         "full: every row computed")
 
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation, logging, snapshots")
     e.add_argument("--eval_interval", type=_positive_int, default=100,
                    help="validate every N steps (and at the end)")
@@ -236,12 +255,9 @@ def build_parser() -> OneLineParser:
                    help="where the scalars go, comma-separated: csv (metrics.csv, the default; "
                         "the loss plot reads it), tensorboard (<run dir>/tensorboard), wandb "
                         "(offline unless an API key is set up)")
-    return p
 
 
 def _log_targets(text: str) -> str:
-    from training.loggers import LOG_TO
-
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in LOG_TO]
     if bad or not names:
@@ -292,51 +308,6 @@ def _length_flags(args: argparse.Namespace, explicit: set[str]) -> None:
         args.time_budget = None  # ... and a preset's budget to an explicit length
 
 
-def finalize(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived defaults and check combinations; raises UsageError with one line."""
-    if args.seq_len is None:
-        args.seq_len = args.max_seq_len
-    if args.seq_len > args.max_seq_len:
-        raise UsageError(f"--seq_len {args.seq_len} exceeds --max_seq_len {args.max_seq_len}")
-    if args.seq_len < 2:
-        raise UsageError("--seq_len must be at least 2")
-    if args.d_model % args.num_heads:
-        raise UsageError(f"--d_model {args.d_model} must be divisible by --num_heads "
-                         f"{args.num_heads}")
-    if args.dropout >= 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if args.min_lr > args.lr:
-        raise UsageError(f"--min_lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.warmup_steps < 0:
-        raise UsageError("--warmup_steps must be >= 0")
-    if not 0 <= args.ema < 1:
-        raise UsageError(f"--ema must be in [0, 1) (0: off; 0.99 averages over ~100 steps), got "
-                         f"{args.ema:g}")
-    if not 0 < args.cooldown <= 1:
-        raise UsageError(f"--cooldown must be in (0, 1], got {args.cooldown:g}")
-    if not 0 <= args.muon_momentum < 1:
-        raise UsageError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum:g}")
-    if args.optimizer == "muon" and args.muon_lr <= 0:
-        raise UsageError("--muon_lr must be positive")
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        raise UsageError("--beta1 and --beta2 must be in [0, 1)")
-    if args.epochs <= 0 and args.max_steps is None and not args.time_budget:
-        raise UsageError("--epochs must be positive (or give --max_steps)")
-    if args.eval_windows < 0:
-        raise UsageError("--eval_windows must be >= 0 (0 evaluates every window)")
-    if args.sample_tokens < 0:
-        raise UsageError("--sample_tokens must be >= 0")
-    if args.save_interval is None:
-        args.save_interval = args.eval_interval
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.batch_size
-    if args.out_dir is None:
-        args.out_dir = f"lm_{dataset_label(args)}"
-    return args
-
-
 def _env_positive_int(name: str) -> int | None:
     """A positive integer from the environment variable `name`, or None when it is unset."""
     raw = os.environ.get(name, "").strip()
@@ -356,23 +327,13 @@ def max_steps_cap() -> int | None:
     return _env_positive_int(MAX_STEPS_ENV)
 
 
-def windows_per_eval(args: argparse.Namespace) -> int:
+def windows_per_eval(eval_windows: int) -> int:
     """`--eval_windows` (0: all) capped by `LM_MAX_EVAL_WINDOWS` (smoke tests, docs); raises
-    UsageError for a bad value. `args` is left as it is, so snapshots keep the flag's value and a
-    resume without the cap evaluates as the flag says (as `LM_MAX_STEPS` leaves `--max_steps`)."""
+    UsageError for a bad value. The flag itself is kept as it is, so snapshots keep its value and
+    a resume without the cap evaluates as the flag says (as `LM_MAX_STEPS` leaves
+    `--max_steps`)."""
     cap = _env_positive_int(MAX_EVAL_WINDOWS_ENV)
-    return args.eval_windows if cap is None else min(args.eval_windows or cap, cap)
-
-
-def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags as a dict of plain values (safe for weights_only snapshots)."""
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, Path):
-            value = str(value)
-        if value is None or isinstance(value, (bool, int, float, str)):
-            out[key] = value
-    return out
+    return eval_windows if cap is None else min(eval_windows or cap, cap)
 
 
 # -- device and precision -----------------------------------------------------------------------

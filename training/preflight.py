@@ -7,17 +7,16 @@ was tokenized. Both checks raise `UsageError` (exit 2).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
-from corpus.datasets import default_cache_dir
+from corpus.datasets import DataArgs, default_cache_dir
 from model.lm import LMConfig
+from training.errors import UsageError
 from training.explain import human_bytes, memory_estimate
-from training.options import UsageError
 
 # -- output paths ------------------------------------------------------------------------------
 
@@ -46,18 +45,18 @@ def _writable_dir(path: Path, flag: str, probed: dict[Path, None]) -> None:
     probed[existing] = None
 
 
-def check_output_paths(args: argparse.Namespace) -> None:
+def check_output_paths(out_dir: str | Path, data: DataArgs) -> None:
     """Every directory and file the run writes is usable: one `UsageError` line if not.
 
-    Covers `--out_dir`, its `snapshots/`, the token cache (`--cache_dir`), `metrics.csv` and
-    `loss_curve.png`: a file where a directory should be (or the reverse), no permission, a
-    read-only filesystem.
+    Covers `--out_dir`, its `snapshots/`, the token cache (`--cache_dir` of `data`),
+    `metrics.csv` and `loss_curve.png`: a file where a directory should be (or the reverse), no
+    permission, a read-only filesystem.
     """
-    out = Path(args.out_dir)
+    out = Path(out_dir)
     probed: dict[Path, None] = {}
     for flag, path in (("--out_dir", out), ("--out_dir", out / "snapshots"),
-                       ("--cache_dir" if getattr(args, "cache_dir", None) else "--out_dir",
-                        default_cache_dir(args))):
+                       ("--cache_dir" if data.cache_dir else "--out_dir",
+                        default_cache_dir(data))):
         _writable_dir(path, flag, probed)
     for path in (out / "metrics.csv", out / "loss_curve.png", out / "snapshots" / "latest.pt",
                  out / "snapshots" / "best.pt"):

@@ -8,7 +8,6 @@ function that builds a snapshot; `RunState.from_snapshot` and `restore_rng` read
 
 from __future__ import annotations
 
-import argparse
 import math
 import platform
 from collections.abc import Callable
@@ -21,7 +20,6 @@ import torch
 
 from corpus.batches import EpochBatches
 from model.lm import LMConfig
-from training.options import args_to_dict
 from training.snapshots import clean_state_dict, restore_rng_state, to_cpu
 
 SNAPSHOT_FORMAT = "1"
@@ -127,7 +125,7 @@ def versions() -> dict[str, str]:
 
 def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
                      model: torch.nn.Module, optimizer: Any,
-                     scaler: torch.amp.GradScaler, args: argparse.Namespace,
+                     scaler: torch.amp.GradScaler, flags: dict[str, Any],
                      batches: EpochBatches, rng: list[dict[str, Any]],
                      dataset: str, average: Any = None) -> dict[str, Any]:
     """Everything a snapshot saves (weights_only-loadable types only).
@@ -135,6 +133,8 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
     Args:
         state: the run's counters after the step being saved.
         epoch_of_step: the epoch the saved step belonged to (names the file).
+        flags: the run's flags as plain values (`RunConfig.to_dict()`), saved as "args"; its
+            `seed` and `tokenizer` also name the data position and the tokenizer.
         rng: every process's `capture_rng_state()`, in rank order.
         dataset: the dataset label.
         average: the `--ema` weight average (`training.optim.WeightAverage`), or None. With
@@ -148,10 +148,10 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
         "model_state_dict": clean_state_dict(weights),
         "optimizer_state_dict": to_cpu(optimizer.state_dict()),
         "epoch": epoch_of_step,
-        **state.fields(batches, args.seed),
-        "args": args_to_dict(args),
+        **state.fields(batches, flags["seed"]),
+        "args": dict(flags),
         "rng_state": {"world_size": len(rng), "ranks": [to_cpu(r) for r in rng]},
-        "tokenizer": args.tokenizer, "dataset": dataset,
+        "tokenizer": flags["tokenizer"], "dataset": dataset,
         "versions": versions(), "created": datetime.now().isoformat(timespec="seconds"),
     }
     if scaler.is_enabled():

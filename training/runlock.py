@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from training.options import UsageError
+from training.errors import UsageError
 
 try:
     import fcntl

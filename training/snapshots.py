@@ -67,17 +67,6 @@ def list_snapshots(snap_dir: str | Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DistributedDataParallel and/or `torch.compile` wrappers."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes (`_orig_mod.`, `module.`) and move tensors to the CPU."""
     out = {}

@@ -13,18 +13,17 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from corpus.datasets import dataset_label
+from corpus.datasets import DataArgs, dataset_label
 from model.checkpoint import build_model, read_weights_source
 from model.lm import LMConfig
-from training.options import UsageError
+from training.errors import UsageError
 from training.snapshots import SnapshotError, find_resume_snapshot, load_snapshot
 
 SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
@@ -54,85 +53,100 @@ class RunStart:
         return self.kind == "resume"
 
 
-def run_dir(args: argparse.Namespace) -> Path:
+Flags = dict[str, Any]  # flag name -> plain value, as parsed (and as a snapshot's "args")
+
+
+def run_dir(flags: Mapping[str, Any]) -> Path:
     """The run directory: `--out_dir`, else `lm_<dataset>`."""
-    return Path(args.out_dir or f"lm_{dataset_label(args)}")
+    return Path(flags.get("out_dir") or f"lm_{dataset_label(DataArgs.from_dict(flags))}")
 
 
-def choose_start(args: argparse.Namespace, explicit: set[str], say: Say) -> RunStart:
+def choose_start(flags: Mapping[str, Any], explicit: set[str], say: Say
+                 ) -> tuple[RunStart, Flags]:
     """Find the snapshot to resume or read the `--init_from` source, and adopt its flags.
 
     On resume the snapshot's flags replace those not given on this command line; with
     `--init_from` the model shape (and tokenizer, unless `--tokenizer`) come from the source.
 
+    Args:
+        flags: the parsed flags (defaults and preset applied). explicit: those given.
+        say: prints a note.
+
+    Returns:
+        (where the run starts, the flags with what it adopted: a new dict).
+
     Raises:
         UsageError, SnapshotError, CheckpointError: one line each.
     """
-    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
-        raise UsageError(f"--resume: no snapshot file at {args.resume!r} (use --resume auto for "
+    flags = dict(flags)
+    resume = flags["resume"]
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise UsageError(f"--resume: no snapshot file at {resume!r} (use --resume auto for "
                          "the run directory's latest)")
     ckpt, path = None, None
-    if args.resume == "auto":
-        snap_dir = run_dir(args) / "snapshots"
+    if resume == "auto":
+        snap_dir = run_dir(flags) / "snapshots"
         path, ckpt, problems = find_resume_snapshot(snap_dir)
         for problem in problems:
             say(f"warning: skipping unloadable snapshot: {problem}")
         if ckpt is None:
             say(f"--resume auto: no snapshot in {snap_dir}; starting a new run")
-    elif args.resume:
-        path = Path(args.resume)
+    elif resume:
+        path = Path(resume)
         ckpt = load_snapshot(path)
         if "out_dir" not in explicit and path.parent.name == "snapshots":
-            args.out_dir = str(path.parent.parent)  # keep writing next to that snapshot
+            flags["out_dir"] = str(path.parent.parent)  # keep writing next to that snapshot
     if ckpt is not None:
-        _inherit_from_snapshot(args, explicit, ckpt, say)
-        return RunStart("resume", ckpt, path, ckpt.get("init_from") or args.init_from)
-    if args.init_from:
-        return _read_source(args, explicit)
-    return RunStart()
+        _inherit_from_snapshot(flags, explicit, ckpt, say)
+        return RunStart("resume", ckpt, path, ckpt.get("init_from") or flags["init_from"]), flags
+    if flags["init_from"]:
+        return _read_source(flags, explicit), flags
+    return RunStart(), flags
 
 
-def _inherit_from_snapshot(args: argparse.Namespace, explicit: set[str], ckpt: dict,
-                           say: Say) -> None:
-    """Resume with the snapshot's flags, except those given on this command line."""
+def _inherit_from_snapshot(flags: Flags, explicit: set[str], ckpt: dict, say: Say) -> None:
+    """Resume with the snapshot's flags (into `flags`), except those given on this command
+    line."""
     saved = ckpt.get("args") or {}
     changed = []
     for key, value in saved.items():
-        if key in NEVER_INHERITED or not hasattr(args, key):
+        if key in NEVER_INHERITED or key not in flags:
             continue
         if key in explicit:
-            if getattr(args, key) != value and key not in SHAPE_KEYS:
-                changed.append(f"{key} {value!r} -> {getattr(args, key)!r}")
+            if flags[key] != value and key not in SHAPE_KEYS:
+                changed.append(f"{key} {value!r} -> {flags[key]!r}")
             continue
-        setattr(args, key, value)
+        flags[key] = value
     if changed:
         say("note: resuming with changed flags (the result will differ from an "
             "uninterrupted run): " + ", ".join(changed))
 
 
-def _read_source(args: argparse.Namespace, explicit: set[str]) -> RunStart:
-    """Read `--init_from`, check its weights, and take the model shape and tokenizer from it."""
-    source = str(args.init_from)
+def _read_source(flags: Flags, explicit: set[str]) -> RunStart:
+    """Read `--init_from`, check its weights, and take the model shape and tokenizer from it
+    (into `flags`)."""
+    source = str(flags["init_from"])
     ckpt = read_weights_source(source)
     path = Path(ckpt["_path"])
     model = build_model(ckpt, "cpu")  # the loader's checks: config, weight shapes, tied head
     src = model.config
-    conflicts = [f"--{key} {getattr(args, key)} (it has {getattr(src, key)})"
+    conflicts = [f"--{key} {flags[key]} (it has {getattr(src, key)})"
                  for key in SHAPE_KEYS[:-1]
-                 if key in explicit and getattr(args, key) != getattr(src, key)]
+                 if key in explicit and flags[key] != getattr(src, key)]
     if conflicts:
         raise UsageError(f"--init_from {source}: the model's shape comes from it, but "
                          f"{', '.join(conflicts)}; drop those flags")
-    if "max_seq_len" in explicit and args.max_seq_len > src.max_seq_len:
-        raise UsageError(f"--init_from {source}: --max_seq_len {args.max_seq_len} is larger than "
-                         f"its context of {src.max_seq_len} (it can be made smaller, not larger)")
+    if "max_seq_len" in explicit and flags["max_seq_len"] > src.max_seq_len:
+        raise UsageError(f"--init_from {source}: --max_seq_len {flags['max_seq_len']} is larger "
+                         f"than its context of {src.max_seq_len} (it can be made smaller, not "
+                         "larger)")
     for key in SHAPE_KEYS:
         if key != "max_seq_len" or "max_seq_len" not in explicit:
-            setattr(args, key, getattr(src, key))
+            flags[key] = getattr(src, key)
     if "dropout" not in explicit:
-        args.dropout = src.dropout
+        flags["dropout"] = src.dropout
     if "tokenizer" not in explicit:
-        args.tokenizer = str(ckpt.get("tokenizer") or "gpt2")
+        flags["tokenizer"] = str(ckpt.get("tokenizer") or "gpt2")
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return RunStart("init", {"model_config": src.to_dict(), "model_state_dict": weights},
                     path, source)
@@ -172,9 +186,10 @@ def check_resume_fits(cfg: LMConfig, start: RunStart) -> None:
                          "drop those flags to use the snapshot's, or use a new --out_dir")
 
 
-def keep_global_batch(args: argparse.Namespace, explicit: set[str], start: RunStart,
-                      world_size: int, say: Say) -> None:
-    """A resume with another number of processes continues with the snapshot's global batch.
+def keep_global_batch(batch_size: int, grad_accum: int, explicit: set[str], start: RunStart,
+                      world_size: int, say: Say) -> int:
+    """A resume with another number of processes continues with the snapshot's global batch:
+    returns the `--grad_accum` to train with.
 
     The batches are a function of the global batch (`corpus.batches`), not of how it is split
     into processes and micro-batches. So when only the process count changed, `--grad_accum` is
@@ -186,18 +201,19 @@ def keep_global_batch(args: argparse.Namespace, explicit: set[str], start: RunSt
             batch size.
     """
     if not start.resuming or "batch_size" in explicit or "grad_accum" in explicit:
-        return
+        return grad_accum
     saved = int((start.ckpt.get("rng_state") or {}).get("world_size") or world_size)
     target = (start.ckpt.get("data_position") or {}).get("global_batch")
     if saved == world_size or not target:
-        return
-    per_step = args.batch_size * world_size
+        return grad_accum
+    per_step = batch_size * world_size
     if target % per_step:
         raise UsageError(f"--resume: the snapshot's global batch is {target} sequences ({saved} "
                          f"process(es)); {world_size} processes with --batch_size "
-                         f"{args.batch_size} cannot make it: pass --batch_size B and --grad_accum "
+                         f"{batch_size} cannot make it: pass --batch_size B and --grad_accum "
                          f"A with B x A x {world_size} = {target}")
-    args.grad_accum = target // per_step
+    grad_accum = target // per_step
     say(f"note: resuming a {saved}-process run with {world_size} process(es): --grad_accum "
-        f"{args.grad_accum} keeps its global batch of {target} sequences, so the data order is "
+        f"{grad_accum} keeps its global batch of {target} sequences, so the data order is "
         "unchanged")
+    return grad_accum

@@ -15,11 +15,12 @@ token cache. See `--help` for every flag; `LM_MAX_STEPS=N` caps the steps of one
 and `LM_MAX_EVAL_WINDOWS=N` the windows of each evaluation (smoke tests and docs use both).
 
 The trainer's parts, each in one place:
+    the run's configuration (flags, preset, snapshot) training/config.py (flags: options.py)
     where a run starts (new, --init_from, --resume)   training/start.py
     the run's counters, the snapshot payload          training/run_state.py
     model, optimizer, scaler                          training/build.py (optimizer: optim.py)
     the step loop, evaluation + samples, snapshots    training/loop.py (Trainer)
-    a --time_budget's plan (steps from a timed step)  training/budget.py
+    a --time_budget's plan (steps from a timed step)  training/budget.py (timing: measure.py)
     preparing the run directory, the order of it all  here (_train)
 """
 
@@ -34,48 +35,34 @@ _STARTED = time.perf_counter()  # a --time_budget counts the imports below too
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import argparse  # noqa: E402
-
 import torch  # noqa: E402
 
 from corpus.batches import EpochBatches  # noqa: E402
-from corpus.datasets import (  # noqa: E402
-    DataError,
-    adopt_data_tokenizer,
-    dataset_label,
-    describe_split,
-    load_split,
-)
+from corpus.datasets import DataArgs, DataError, describe_split, load_split  # noqa: E402
 from model.checkpoint import CheckpointError, DeviceError, pick_device  # noqa: E402
 from model.lm import LMConfig  # noqa: E402
 from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
 from training import distributed as D  # noqa: E402
-from training.budget import Replanner, make_plan, resolve_plan  # noqa: E402
-from training.build import build_parts  # noqa: E402
-from training.explain import print_explanation  # noqa: E402
+from training.budget import Replanner, TimePlan  # noqa: E402
+from training.build import Parts, Runtime, build_parts  # noqa: E402
+from training.config import RunConfig, resolve_config  # noqa: E402
+from training.explain import RunFacts, print_explanation  # noqa: E402
 from training.loggers import LoggerError, RunLog  # noqa: E402
-from training.loop import Trainer  # noqa: E402
+from training.loop import TrainData, Trainer  # noqa: E402
+from training.measure import make_plan  # noqa: E402
 from training.options import (  # noqa: E402
     DTYPE_NAMES,
     UsageError,
-    finalize,
+    cpu_has_bf16,
     max_steps_cap,
     parse_args,
     resolve_dtype,
-    windows_per_eval,
 )
 from training.preflight import check_memory, check_output_paths  # noqa: E402
 from training.run_state import RunState, restore_rng  # noqa: E402
 from training.runlock import lock_run_dir  # noqa: E402
 from training.snapshots import SnapshotError, list_snapshots, remove_stale_temporaries  # noqa: E402
-from training.start import (  # noqa: E402
-    RunStart,
-    check_resume_fits,
-    check_vocabulary,
-    choose_start,
-    keep_global_batch,
-    source_weights,
-)
+from training.start import RunStart, check_resume_fits, check_vocabulary, source_weights  # noqa: E402
 from training.unseen_tokens import UnseenTokens  # noqa: E402
 
 
@@ -85,11 +72,11 @@ def _say(info: D.DistInfo, *lines: str) -> None:
             print(line, flush=True)
 
 
-def _load_data(args, info: D.DistInfo):
+def _load_data(data: DataArgs, info: D.DistInfo):
     """Train and val tokens; rank 0 builds the caches first, the others then read them."""
     def load():
-        train, _ = load_split(args, "train")
-        val, val_bytes = load_split(args, "val")
+        train, _ = load_split(data, "train")
+        val, val_bytes = load_split(data, "val")
         return train, val, val_bytes
 
     result, error = None, None
@@ -109,10 +96,10 @@ def _load_data(args, info: D.DistInfo):
     return train, val, val_bytes
 
 
-def _unseen_tokens(args, start: RunStart, train_tokens, vocab_size: int, device: torch.device
-                   ) -> UnseenTokens | None:
+def _unseen_tokens(mode: str, start: RunStart, train_tokens, vocab_size: int,
+                   device: torch.device) -> UnseenTokens | None:
     """`--unseen_tokens shared`: the training split's seen ids (None: off, or all ids occur)."""
-    if args.unseen_tokens != "shared":
+    if mode != "shared":
         return None
     if start.kind == "init":
         raise UsageError(f"--unseen_tokens shared needs a new model: the weights of --init_from "
@@ -125,20 +112,19 @@ def _unseen_tokens(args, start: RunStart, train_tokens, vocab_size: int, device:
                         "run's tokenizer") from None
 
 
-def _model_config(args: argparse.Namespace, start: RunStart, info: D.DistInfo, device):
+def _model_config(config: RunConfig, start: RunStart, info: D.DistInfo, device):
     """(precision, tokenizer, model config) for the flags; checks them against the start."""
-    amp = resolve_dtype(args.dtype, device)
-    if amp == torch.bfloat16 and device.type == "cpu" and args.dtype == "bfloat16":
-        from training.options import cpu_has_bf16
-
+    dtype, m, tokenizer = config.speed.dtype, config.model, config.data.tokenizer
+    amp = resolve_dtype(dtype, device)
+    if amp == torch.bfloat16 and device.type == "cpu" and dtype == "bfloat16":
         if not cpu_has_bf16():
             _say(info, "warning: this CPU has no native bfloat16 instructions; float32 is faster")
-    tok = load_tokenizer(args.tokenizer)
-    vocab = args.vocab_size or len(tok)
-    check_vocabulary(start, vocab, len(tok), args.tokenizer)
+    tok = load_tokenizer(tokenizer)
+    vocab = m.vocab_size or len(tok)
+    check_vocabulary(start, vocab, len(tok), tokenizer)
     try:
-        cfg = LMConfig(vocab, args.d_model, args.num_heads, args.num_layers, args.d_ff,
-                       args.max_seq_len, args.dropout)
+        cfg = LMConfig(vocab, m.d_model, m.num_heads, m.num_layers, m.d_ff, m.max_seq_len,
+                       m.dropout)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if start.resuming:
@@ -146,18 +132,17 @@ def _model_config(args: argparse.Namespace, start: RunStart, info: D.DistInfo, d
     return amp, tok, cfg
 
 
-def _prepare_run_dir(args: argparse.Namespace, start: RunStart, info: D.DistInfo
-                     ) -> RunLog | None:
+def _prepare_run_dir(config: RunConfig, start: RunStart, info: D.DistInfo) -> RunLog | None:
     """Create the run directory, clear half-written files, open the run's log (rank 0).
 
     Checks on the run directory before any training belong here.
     """
     if not info.is_main:
         return None
-    snap_dir = Path(args.out_dir) / "snapshots"
-    snap_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(snap_dir)
-    return RunLog(args.out_dir, args.log_to.split(","), args,
+    log = config.log
+    log.snap_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(log.snap_dir)
+    return RunLog(log.out_dir, log.log_to.split(","), config.to_dict(),
                   resume_step=int(start.ckpt["step"]) if start.resuming else None)
 
 
@@ -170,45 +155,18 @@ def _run(argv: list[str] | None, started: float) -> int:
     try:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
-        return _train(args, explicit, argv, cap, device, info, started)
+        resolved = resolve_config(args, explicit, world_size=info.world_size,
+                                  say=lambda line: _say(info, line))
+        return _train(resolved.config, resolved.start, resolved.plan, argv, cap, device, info,
+                      started)
     finally:
         D.shutdown(info)
 
 
-def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: torch.device,
-           info: D.DistInfo, started: float) -> int:
-    """Start (or resume) a run and train it: the order of things, each done elsewhere.
-
-    `started`: the `time.perf_counter()` stamp a `--time_budget` counts from.
-    """
-    start = choose_start(args, explicit, lambda line: _say(info, line))
-    plan = resolve_plan(args, explicit, start.ckpt.get("time_plan") if start.resuming else None,
-                        start.resuming)  # a resumed budgeted run keeps its plan
-    finalize(args)
-    adopt_data_tokenizer(args, explicit)  # --data: the folder's tokenizer
-    keep_global_batch(args, explicit, start, info.world_size, lambda line: _say(info, line))
-    eval_windows = windows_per_eval(args)  # after a resume has inherited the run's flag
-    snap_dir = Path(args.out_dir) / "snapshots"
-    if not start.resuming and not args.explain and list_snapshots(snap_dir):
-        raise UsageError(f"{snap_dir} already holds snapshots of another run; continue it with "
-                         "--resume auto, or start over with a new --out_dir")
-    amp, tok, cfg = _model_config(args, start, info, device)
-    # Before anything is allocated or written: fits in memory, paths usable, nobody else here.
-    check_output_paths(args)
-    check_memory(cfg, args.batch_size, args.seq_len, amp, not args.no_fused_loss, device,
-                 processes=info.world_size if device.type == "cpu" else 1)
-    # The lock lasts while `run_lock` is referenced: until this function returns.
-    run_lock = None if args.explain or not info.is_main else lock_run_dir(args.out_dir)  # noqa: F841
-
-    train_tokens, val_tokens, val_bytes = _load_data(args, info)
-    batches = EpochBatches(train_tokens, args.seq_len, args.batch_size, args.grad_accum,
-                           info.world_size, info.rank, args.seed)
-    spe = batches.steps_per_epoch
-    max_steps = plan.steps if plan else args.max_steps or max(1, round(args.epochs * spe))
-    stop_at = min(max_steps, cap) if cap else max_steps
-
-    unseen = _unseen_tokens(args, start, train_tokens, cfg.vocab_size, device)
-    parts = build_parts(cfg, tok, args, device, info, amp, unseen)
+def _restore_or_init(config: RunConfig, start: RunStart, parts: Parts, batches: EpochBatches,
+                     unseen: UnseenTokens | None, info: D.DistInfo) -> RunState:
+    """The run's state: a resumed snapshot's (weights, optimizer, counters, RNG), else a new
+    run's (from the `--init_from` weights, if any)."""
     state = RunState(init_from=start.source)
     if start.resuming:
         parts.load_snapshot(start.ckpt, start.path)
@@ -217,58 +175,102 @@ def _train(args, explicit: set[str], argv: list[str], cap: int | None, device: t
                                 "--unseen_tokens shared cannot continue it (it was trained with "
                                 "--unseen_tokens full, or on other data); resume with "
                                 "--unseen_tokens full")
-        state = RunState.from_snapshot(start.ckpt, batches, args.seed, lambda s: _say(info, s))
+        state = RunState.from_snapshot(start.ckpt, batches, config.seed, lambda s: _say(info, s))
         state.init_from = state.init_from or start.source
-        restore_rng(start.ckpt, info.rank, info.world_size, args.seed, lambda s: _say(info, s))
+        restore_rng(start.ckpt, info.rank, info.world_size, config.seed,
+                    lambda s: _say(info, s))
     else:
         if start.kind == "init":
-            parts.load_weights(source_weights(start, cfg))
+            parts.load_weights(source_weights(start, parts.model.config))
         if info.enabled:
-            torch.manual_seed(args.seed + 1000003 * info.rank)  # different dropout masks per rank
-    trainer = Trainer(args=args, cfg=cfg, tok=tok, parts=parts, batches=batches,
-                      val_tokens=val_tokens, val_bytes=val_bytes, state=state, info=info,
-                      device=device, amp=amp, max_steps=max_steps, stop_at=stop_at,
-                      eval_windows=eval_windows, label=dataset_label(args))
-    planned_here = plan is None and bool(args.time_budget) and (info.is_main or not args.explain)
+            torch.manual_seed(config.seed + 1000003 * info.rank)  # other dropout masks per rank
+    return state
+
+
+def _explain(config: RunConfig, trainer: Trainer, start: RunStart, plan: TimePlan | None,
+             argv: list[str]) -> int:
+    """`--explain`: print what the run would do (rank 0), train nothing."""
+    info, state, model = trainer.info, trainer.state, trainer.parts.model
+    if info.is_main:
+        cfg = model.config
+        facts = RunFacts(
+            model_config=cfg, num_params=model.num_params(non_embedding=False),
+            non_embedding=model.num_params(non_embedding=False) - (
+                cfg.vocab_size + cfg.max_seq_len) * cfg.d_model,
+            batches=trainer.batches, max_steps=trainer.max_steps, stop_at=trainer.stop_at,
+            start_step=state.step, train_desc=describe_split(config.data, "train"),
+            val_desc=describe_split(config.data, "val"), val_tokens=len(trainer.val_tokens),
+            device=trainer.device, amp=trainer.amp, world_size=info.world_size,
+            resumed_from=start.path if start.resuming else None, argv=argv,
+            init_from=state.init_from, plan=plan,
+            existing_run=not start.resuming and bool(list_snapshots(config.log.snap_dir)))
+        print_explanation(config, facts,
+                          (lambda: (plan.step_s, plan.eval_s)) if plan else trainer.measure)
+    D.barrier(info)
+    return 0
+
+
+def _train(config: RunConfig, start: RunStart, plan: TimePlan | None, argv: list[str],
+           cap: int | None, device: torch.device, info: D.DistInfo, started: float) -> int:
+    """Start (or resume) a run and train it: the order of things, each done elsewhere.
+
+    `plan`: the time plan a resumed budgeted run keeps. `started`: the `time.perf_counter()`
+    stamp a `--time_budget` counts from.
+    """
+    explain, snap_dir, batch = config.start.explain, config.log.snap_dir, config.batch
+    if not start.resuming and not explain and list_snapshots(snap_dir):
+        raise UsageError(f"{snap_dir} already holds snapshots of another run; continue it with "
+                         "--resume auto, or start over with a new --out_dir")
+    amp, tok, cfg = _model_config(config, start, info, device)
+    # Before anything is allocated or written: fits in memory, paths usable, nobody else here.
+    check_output_paths(config.log.out_dir, config.data)
+    check_memory(cfg, batch.batch_size, batch.seq_len, amp, not config.speed.no_fused_loss,
+                 device, processes=info.world_size if device.type == "cpu" else 1)
+    # The lock lasts while `run_lock` is referenced: until this function returns.
+    run_lock = None if explain or not info.is_main else lock_run_dir(config.log.out_dir)  # noqa: F841
+
+    train_tokens, val_tokens, val_bytes = _load_data(config.data, info)
+    batches = EpochBatches(train_tokens, batch.seq_len, batch.batch_size, batch.grad_accum,
+                           info.world_size, info.rank, config.seed)
+    spe = batches.steps_per_epoch
+    length = config.budget
+    max_steps = plan.steps if plan else length.max_steps or max(1, round(length.epochs * spe))
+    stop_at = min(max_steps, cap) if cap else max_steps
+
+    unseen = _unseen_tokens(config.speed.unseen_tokens, start, train_tokens, cfg.vocab_size,
+                            device)
+    runtime = Runtime(info, device, amp)
+    parts = build_parts(cfg, tok, config.optim, config.speed, config.seed, runtime, unseen)
+    state = _restore_or_init(config, start, parts, batches, unseen, info)
+    trainer = Trainer(config, parts, TrainData(batches, val_tokens, val_bytes, config.label),
+                      state, runtime, max_steps=max_steps, stop_at=stop_at)
+    planned_here = plan is None and bool(length.time_budget) and (info.is_main or not explain)
     if planned_here:  # measure a step, an evaluation and a snapshot here; plan the steps
-        plan = make_plan(trainer, args.time_budget * 60, started, collective=not args.explain)
+        plan = make_plan(trainer, length.time_budget * 60, started, collective=not explain)
         max_steps = trainer.max_steps = plan.steps
         stop_at = trainer.stop_at = min(max_steps, cap) if cap else max_steps
-        if args.schedule == "wsd":  # plans again from its own steps until its cool-down
-            trainer.replanner = Replanner(plan, eval_interval=args.eval_interval,
-                                          save_interval=args.save_interval,
-                                          warmup_steps=args.warmup_steps, cooldown=args.cooldown,
+        if config.optim.schedule.schedule == "wsd":  # plans again until its cool-down
+            s = config.optim.schedule
+            trainer.replanner = Replanner(plan, eval_interval=config.eval.eval_interval,
+                                          save_interval=config.log.save_interval,
+                                          warmup_steps=s.warmup_steps, cooldown=s.cooldown,
                                           started=started)
             trainer.cap = cap
     state.time_plan = plan.to_dict() if plan else None
-    if args.warmup_steps >= max_steps and max_steps > 1:
-        _say(info, f"note: --warmup_steps {args.warmup_steps} >= {max_steps} steps; the learning "
+    warmup = config.optim.schedule.warmup_steps
+    if warmup >= max_steps and max_steps > 1:
+        _say(info, f"note: --warmup_steps {warmup} >= {max_steps} steps; the learning "
                    "rate never reaches its peak")
 
-    if args.explain:
-        if info.is_main:
-            model = parts.model
-            print_explanation(
-                args=args, cfg=cfg, num_params=model.num_params(non_embedding=False),
-                non_embedding=model.num_params(non_embedding=False) - (
-                    cfg.vocab_size + cfg.max_seq_len) * cfg.d_model,
-                batches=batches, max_steps=max_steps, stop_at=stop_at, start_step=state.step,
-                train_desc=describe_split(args, "train"), val_desc=describe_split(args, "val"),
-                val_tokens=len(val_tokens), eval_windows=eval_windows, device=device, amp=amp,
-                world_size=info.world_size,
-                resumed_from=start.path if start.resuming else None,
-                measure_step=(lambda: (plan.step_s, plan.eval_s)) if plan else trainer.measure,
-                argv=argv, init_from=state.init_from, plan=plan,
-                existing_run=not start.resuming and bool(list_snapshots(snap_dir)))
-        D.barrier(info)
-        return 0
+    if explain:
+        return _explain(config, trainer, start, plan, argv)
 
     if state.step >= stop_at:
         _say(info, f"nothing to do: the run is already at step {state.step:,} (of "
                    f"{max_steps:,}); raise --max_steps to train further")
         return 0
 
-    trainer.metrics = _prepare_run_dir(args, start, info)
+    trainer.metrics = _prepare_run_dir(config, start, info)
     begin = {"new": "new run", "init": f"new run from the weights of {start.source}",
              "resume": f"resuming from {start.path} at step {state.step}"}[start.kind]
     _say(info,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.fused_loss import IGNORE_INDEX
+from training.targets import IGNORE_INDEX
 
 _COUNT_CHUNK = 1 << 24  # tokens per bincount pass: bounded memory on a memory-mapped split
 

@@ -15,15 +15,15 @@ import torch
 from train_helpers import REPO, write_text
 
 from corpus.batches import EpochBatches
-from corpus.datasets import DataError, add_data_args, load_split
+from corpus.datasets import DataArgs, DataError, add_data_args, load_split
 from corpus.shards import TokenShards
 from model.tokenizer import load_tokenizer
 
 
-def _args(tmp_path, *argv: str) -> argparse.Namespace:
+def _args(tmp_path, *argv: str) -> DataArgs:
     p = argparse.ArgumentParser()
     add_data_args(p)
-    return p.parse_args(["--cache_dir", str(tmp_path / "cache"), *argv])
+    return DataArgs.from_dict(vars(p.parse_args(["--cache_dir", str(tmp_path / "cache"), *argv])))
 
 
 def test_shakespeare_split_matches_nanogpt(tmp_path):

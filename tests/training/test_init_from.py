@@ -3,7 +3,6 @@ of our snapshots; its errors; and exact resume of such a run. All offline, tiny 
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from types import SimpleNamespace
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from train_helpers import write_text
 
-from corpus.datasets import load_split
+from corpus.datasets import DataArgs, load_split
 from model.hf_interop import state_dict_from_hf
 from model.tokenizer import BUNDLED_GPT2_DIR
 from training import train_lm
@@ -76,8 +75,7 @@ def _hf_val_loss(hf_dir, flags):
         def forward(self, idx):
             return self.hf(input_ids=idx).logits
 
-    args = argparse.Namespace(**vars(train_lm.parse_args(flags)[0]))
-    val, _ = load_split(args, "val")
+    val, _ = load_split(DataArgs.from_dict(vars(train_lm.parse_args(flags)[0])), "val")
     return evaluate_tokens(Logits(), val, seq_len=32, batch_size=4, max_windows=8).loss, hf
 
 

@@ -97,9 +97,11 @@ def test_muon_newton_schulz_in_float32_unless_bfloat16():
     assert torch.linalg.svdvals(u).min() > 0.6 and torch.linalg.svdvals(u).max() < 1.25
     model = LanguageModel(vocab_size=64, d_model=16, num_heads=2, num_layers=1, d_ff=32,
                           max_seq_len=8)
-    args = type("Args", (), dict(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                                 optimizer="muon", muon_lr=0.02, muon_momentum=0.95,
-                                 muon_weight_decay=0.0))()
+    args = optim.OptimArgs(optimizer="muon", weight_decay=0.1, beta1=0.9, beta2=0.95,
+                           muon_momentum=0.95, muon_weight_decay=0.0, grad_clip=1.0, ema=0.0,
+                           schedule=optim.ScheduleArgs(schedule="cosine", lr=1e-3, min_lr=1e-4,
+                                                       muon_lr=0.02, warmup_steps=0,
+                                                       cooldown=0.2))
     cpu = torch.device("cpu")
     assert optim.build_optimizer(model, args, cpu, torch.float32).muon.ns_dtype == torch.float32
     assert optim.build_optimizer(model, args, cpu, torch.bfloat16).muon.ns_dtype == (

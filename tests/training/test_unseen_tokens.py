@@ -3,8 +3,6 @@ full head's training and validation (to float rounding), and the trainer uses it
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -42,9 +40,8 @@ def test_seen_token_mask_counts_ids_and_refuses_ids_outside_the_vocabulary():
         seen_token_mask(tokens, 9)
     assert UnseenTokens.from_tokens(np.arange(12), 12) is None  # nothing to share
     # the trainer turns it into its one-line data error
-    args = argparse.Namespace(unseen_tokens="shared")
     with pytest.raises(DataError, match="token id 9 is outside the vocabulary.*prepare the data"):
-        train_lm._unseen_tokens(args, RunStart(), tokens, 9, torch.device("cpu"))
+        train_lm._unseen_tokens("shared", RunStart(), tokens, 9, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("optimizer,fused", [("muon", True), ("adamw", True), ("muon", False)])
