@@ -3,7 +3,6 @@ ranks, exact resume, a resume with another process count, `--log_to`, and bad fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -236,12 +235,8 @@ def test_resume_with_another_process_count_keeps_the_global_batch_or_refuses():
     start = RunStart("resume", {"rng_state": {"world_size": 2},
                                 "data_position": {"global_batch": 8}}, Path("x.pt"))
     said = []
-    args = argparse.Namespace(batch_size=2, grad_accum=2)
-    keep_global_batch(args, set(), start, 4, said.append)
-    assert args.grad_accum == 1 and "keeps its global batch of 8" in said[0]
+    assert keep_global_batch(2, 2, set(), start, 4, said.append) == 1
+    assert "keeps its global batch of 8" in said[0]
     with pytest.raises(UsageError, match=r"3 processes with --batch_size 2 cannot make it"):
-        keep_global_batch(argparse.Namespace(batch_size=2, grad_accum=2), set(), start, 3,
-                          said.append)
-    explicit = argparse.Namespace(batch_size=2, grad_accum=3)
-    keep_global_batch(explicit, {"grad_accum"}, start, 3, said.append)  # as given: obeyed
-    assert explicit.grad_accum == 3
+        keep_global_batch(2, 2, set(), start, 3, said.append)
+    assert keep_global_batch(2, 3, {"grad_accum"}, start, 3, said.append) == 3  # as given
