@@ -32,7 +32,8 @@ from training.options import windows_per_eval
 from training.start import RunStart, choose_start, keep_global_batch
 
 __all__ = ["BatchArgs", "BudgetArgs", "DataArgs", "EvalArgs", "LogArgs", "ModelArgs", "OptimArgs",
-           "Resolved", "RunConfig", "ScheduleArgs", "SpeedArgs", "StartArgs", "resolve_config"]
+           "Resolved", "RunConfig", "ScheduleArgs", "SpeedArgs", "StartArgs", "requested_device",
+           "resolve_config"]
 
 Say = Callable[[str], None]
 _DERIVED = {"flag": False}  # metadata of a resolved field that is no flag (not saved)
@@ -226,6 +227,12 @@ def _derive(flags: dict[str, Any]) -> dict[str, Any]:
     if flags["out_dir"] is None:
         flags["out_dir"] = f"lm_{dataset_label(DataArgs.from_dict(flags))}"
     return flags
+
+
+def requested_device(args: argparse.Namespace) -> str:
+    """`--device` as given (a snapshot never sets it): the process group is set up on it before
+    the configuration is resolved."""
+    return args.device
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
 from training import distributed as D  # noqa: E402
 from training.budget import Replanner, TimePlan  # noqa: E402
 from training.build import Parts, Runtime, build_parts  # noqa: E402
-from training.config import RunConfig, resolve_config  # noqa: E402
+from training.config import RunConfig, requested_device, resolve_config  # noqa: E402
 from training.explain import RunFacts, print_explanation  # noqa: E402
 from training.loggers import LoggerError, RunLog  # noqa: E402
 from training.loop import TrainData, Trainer  # noqa: E402
@@ -150,7 +150,7 @@ def _run(argv: list[str] | None, started: float) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, explicit = parse_args(argv)
     cap = max_steps_cap()
-    device = pick_device(args.device)
+    device = pick_device(requested_device(args))
     info = D.init_distributed(device.type)
     try:
         if info.enabled and device.type == "cuda":
