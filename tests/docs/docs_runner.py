@@ -1,4 +1,4 @@
-"""Run the fenced code blocks of README.md and GENERATION_GUIDE.md.
+"""Run the fenced code blocks of README.md, GENERATION_GUIDE.md and docs/*.md (`doc_files`).
 
 Used by tests/docs/test_docs.py.
 
@@ -13,6 +13,8 @@ What runs, and how:
                                                syntax-checked only.
     `<!-- docs-test: standalone -->`           a python block run without the preamble (it must
                                                define everything it uses).
+- Every block runs from the repository root, wherever its page is (docs/ pages too), as the
+  pages tell the reader to run them.
 - Each block runs in its own scratch directory (`make_workdir`): the repo's files and folders are
   linked in, and the tiny test checkpoint sits at every checkpoint path the docs use
   (`CHECKPOINT_PATHS`), so commands run exactly as written (blocks that run the trainer start
@@ -159,6 +161,12 @@ def parse_blocks(text: str, file: str) -> list[Block]:
     if pending:
         raise DocsError(f"{file}:{pending[2]}: docs-test directive is not followed by a code block")
     return blocks
+
+
+def doc_files(repo: Path = REPO) -> list[str]:
+    """The Markdown pages whose blocks run: the README, the guide, then docs/*.md by name."""
+    return ["README.md", "GENERATION_GUIDE.md",
+            *(f"docs/{p.name}" for p in sorted((repo / "docs").glob("*.md")))]
 
 
 def collect(files: list[str], repo: Path = REPO) -> list[Block]:

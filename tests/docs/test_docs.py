@@ -1,4 +1,5 @@
-"""Docs that run: every python and bash block of README.md and GENERATION_GUIDE.md is executed.
+"""Docs that run: every python and bash block of README.md, GENERATION_GUIDE.md and docs/*.md is
+executed.
 
 One test per block (see tests/docs/docs_runner.py for the rules). In short:
 
@@ -18,8 +19,9 @@ One test per block (see tests/docs/docs_runner.py for the rules). In short:
 
 At the end the test prints how many blocks ran and how many were only syntax-checked. Further
 checks: every `--flag` the docs mention exists in some script, every repo path they name exists,
-every H200 figure they quote is in the recorded run, and the guide keeps every command, import
-and flag of the founding guide.
+every relative link (and its #anchor) between the pages resolves, no page shows a machine's
+scratch path, every H200 figure they quote is in the recorded run, and the guide keeps every
+command, import and flag of the founding guide.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docs_runner as dr  # noqa: E402
 
 REPO = dr.REPO
-DOC_FILES = ["README.md", "GENERATION_GUIDE.md"]
+DOC_FILES = dr.doc_files()  # README.md, GENERATION_GUIDE.md, docs/*.md
 SEED = REPO.parent / "shared" / "spec" / "GENERATION_GUIDE.seed.md"
 BLOCKS = dr.collect(DOC_FILES)
 # pytest-xdist's worker name, when the suite runs on several workers (`-n`): see bash_runs.
@@ -285,7 +287,8 @@ def test_documented_files_exist():
     """Every repo file or folder the docs name in backticks (`model/lm.py`, `data/`) exists."""
     text = _doc_text()
     paths = set(re.findall(r"`([\w./-]+\.(?:py|md|toml))`", text))
-    paths |= set(re.findall(r"`((?:model|training|bench|tests|data|\.ci)/[\w./-]*)`", text))
+    paths |= set(re.findall(r"`((?:model|training|corpus|common|serve|bench|tests|data|"
+                            r"docs|\.ci)/[\w./-]*)`", text))
     paths |= set(re.findall(r"(?:python|torchrun \S+) ([\w./-]+\.py)", text))
     missing = sorted(p for p in paths if not (REPO / p).exists())
     assert not missing, f"the docs name files that are not in the repo: {missing}"
@@ -314,9 +317,52 @@ def test_docs_have_enough_running_blocks():
     """Guard against a docs edit that silently turns the test into a no-op."""
     for name in DOC_FILES:
         runnable = [b for b in BLOCKS if b.file == name and b.directive != "skip"]
-        assert len(runnable) >= 5, f"{name}: only {len(runnable)} blocks would run"
+        least = 5 if name in ("README.md", "GENERATION_GUIDE.md") else 1
+        assert len(runnable) >= least, f"{name}: only {len(runnable)} blocks would run"
     assert any("train_lm.py" in b.code and b.directive is None for b in BLOCKS), \
         "no training command runs"
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to '-'."""
+    anchors = set()
+    fenced = False
+    for line in text.splitlines():
+        if re.match(r"^\s*(`{3,}|~{3,})", line):
+            fenced = not fenced
+        m = None if fenced else re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            title = re.sub(r"[^\w\- ]", "", m.group(1).lower().replace("`", ""))
+            anchors.add(title.replace(" ", "-"))
+    return anchors
+
+
+def test_links_between_pages_resolve():
+    """Every relative Markdown link of the pages names an existing file, and its #anchor (if
+    any) a heading of that page."""
+    bad = []
+    for name in DOC_FILES:
+        page = REPO / name
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                bad.append(f"{name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and \
+                    anchor not in _anchors(dest.read_text(encoding="utf-8")):
+                bad.append(f"{name}: {target} (no such heading)")
+    assert not bad, "broken links:\n" + "\n".join(bad)
+
+
+def test_no_machine_paths():
+    """The pages show no scratch paths of the machine a run was made on."""
+    found = [f"{name}:{i}: {line.strip()[:120]}" for name in DOC_FILES
+             for i, line in enumerate((REPO / name).read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"(?<![\w.])/(?:tmp|work|root|home)/", line)]
+    assert not found, "machine paths in the docs:\n" + "\n".join(found)
 
 
 # The founding guide's blocks that GENERATION_GUIDE.md shows corrected rather than verbatim,
@@ -357,13 +403,19 @@ def test_guide_keeps_the_founding_guide():
 
 def test_gpu_figures_come_from_the_recorded_run():
     """Every number the docs quote beside the H200 appears in a recorded benchmark output (the
-    H200 run, or the 2-core CPU run that the same paragraph compares it with)."""
+    H200 run, or the 2-core CPU run that the same sentence compares it with). Table rows and
+    sentences are checked one by one."""
     results = "\n".join((REPO / "bench" / "results" / name).read_text(encoding="utf-8")
                         for name in ("cuda_h200.txt", "cpu_2core.txt"))
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    guide = (REPO / "GENERATION_GUIDE.md").read_text(encoding="utf-8")
-    quoted = [ln for ln in readme.splitlines() if "H200" in ln]
-    quoted += [p for p in re.split(r"\n\s*\n", guide) if "H200" in p]
+    quoted = []
+    for name in DOC_FILES:
+        text = (REPO / name).read_text(encoding="utf-8")
+        for part in re.split(r"\n\s*\n", text):
+            if part.lstrip().startswith("|"):
+                quoted += [ln for ln in part.splitlines() if "H200" in ln]
+            else:  # prose: sentence by sentence (arithmetic on a figure may follow it)
+                quoted += [t for t in re.split(r"(?<=[.;])\s+(?=[A-Z0-9(`])", part)
+                           if "H200" in t]
     assert quoted, "no H200 figures found in the docs"
     for text in quoted:
         for number in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?%?", text):
