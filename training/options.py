@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from common.cli import OneLineParser
+from common.cli import nonneg_float as _nonneg_float
+from common.cli import positive_int as _positive_int
+from common.cli import seed as _seed
 from corpus.datasets import add_data_args, dataset_label
 from training.optim import OPTIMIZERS, SCHEDULES
 
@@ -57,36 +60,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class UsageError(ValueError):
     """A bad flag or flag combination; reported as one line with exit status 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:  # what numpy's and torch's generators both accept
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 _TIME_RE = re.compile(r"\s*([0-9.e+-]+)\s*(s|sec|m|min|h)?\s*")
