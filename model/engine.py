@@ -137,6 +137,7 @@ class DecodeEngine:
 
     @property
     def free_slots(self) -> int:
+        """How many more rows `add` can take now."""
         return sum(r is None for r in self.slots)
 
     def add(self, prompt: torch.Tensor, sampling: Sampling) -> Row:

@@ -76,6 +76,7 @@ class TokenLogprobs:
         return self._map(lambda t: t[idx])
 
     def cpu(self) -> TokenLogprobs:
+        """A copy with every tensor on the CPU."""
         return self._map(lambda t: t.cpu())
 
     def blank(self, mask: torch.Tensor) -> TokenLogprobs:

@@ -63,6 +63,7 @@ class TokenScores:
 
     @property
     def tokens_scored(self) -> int:
+        """How many tokens have a score."""
         return int(self.scored.sum())
 
     @property

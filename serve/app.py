@@ -79,6 +79,7 @@ class Server:
 
     @property
     def ready(self) -> bool:
+        """True once the model is loaded and its scheduler runs."""
         return self.scheduler is not None
 
     # -- a request's rows ---------------------------------------------------------------------

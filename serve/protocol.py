@@ -37,6 +37,7 @@ class ApiError(Exception):
         self.type, self.code, self.headers = type, code, headers or {}
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI error body of this error."""
         return error_body(self.message, self.type, self.param, self.code)
 
 
