@@ -30,6 +30,7 @@ examples:
 --checkpoint accepts a snapshot file, latest.pt, a run directory (lm_x/) or its snapshots/
 directory (the snapshot with the highest step is used), or a .safetensors export.
 """
+SEED_MAX = 2**64 - 1  # model.sampling.SEED_LIMIT - 1: what torch.Generator.manual_seed takes
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (no heavy imports, so `--help` and usage errors are instant)."""
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        low_open=True),
                    default=1.0, metavar="R",
                    help="CTRL repetition penalty; > 1 discourages repeats (default: 1.0, off)")
-    g.add_argument("--seed", type=number("--seed", 0, 2**64 - 1, cast=int), metavar="S",
+    g.add_argument("--seed", type=number("--seed", 0, SEED_MAX, cast=int), metavar="S",
                    help="random seed for reproducible samples; sample i uses S+i "
                         "(default: random, shown by --verbose)")
     g.add_argument("--num_samples", type=number("--num_samples", 1, cast=int), default=1,
@@ -203,8 +204,8 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
     top = args.show_probs if args.show_probs is not None else 5 if args.json else None
     with model:
         for i in range(args.num_samples):
+            settings.seed = base_seed + i
             try:
-                settings.seed = base_seed + i  # past 2**64 - 1: the settings' one-line error
                 gen = TextGeneration(model, tokenizer, ids, settings, stream=not args.no_stream,
                                      top_logprobs=top)
                 pieces = iter(gen)  # --no_stream generates here
@@ -254,6 +255,9 @@ def _run(argv: list[str] | None) -> int:
         _fail("--json applies to --prompt; the interactive prompt prints text")
     if args.interactive and args.num_samples != 1:
         _fail("--num_samples applies to --prompt; in --interactive use /regen for another sample")
+    if args.seed is not None and args.seed + args.num_samples - 1 > SEED_MAX:
+        _fail(f"--seed {args.seed} with --num_samples {args.num_samples}: sample i uses seed S+i, "
+              f"which must stay at most {SEED_MAX} (2**64 - 1); pick a smaller --seed")
     # Cheap checks before torch is imported (seconds), so typos fail at once.
     if device_error(args.device):
         _fail(device_error(args.device))

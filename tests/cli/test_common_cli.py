@@ -85,3 +85,21 @@ def test_the_cli_layer_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_generate_seeds_are_the_sampling_range():
+    import generate_lm
+    from model.sampling import SEED_LIMIT
+
+    assert generate_lm.SEED_MAX == SEED_LIMIT - 1
+    parser = generate_lm.build_parser()
+    assert parser.parse_args(["--seed", str(SEED_LIMIT - 1)]).seed == SEED_LIMIT - 1
+    assert parser.parse_args(["--seed", "0"]).seed == 0
+    for bad in ("-1", str(SEED_LIMIT)):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--seed", bad])
+    proc = subprocess.run([sys.executable, "generate_lm.py", "--prompt", "x", "--seed",
+                           str(SEED_LIMIT - 1), "--num_samples", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --seed ") and proc.stderr.count("\n") == 1
