@@ -123,6 +123,8 @@ def _prompt_rows(model, prompt: Any, pad_id: int | None, attention_mask: Any) ->
 def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, do_sample,
           repetition_penalty, seed, generator, pad_token_id, attention_mask, compile,
           return_logprobs=False, top_logprobs=5) -> _Plan:
+    """Check `generate`'s arguments (the sampling ones by `Sampling`) and plan the rows; a seed
+    becomes a generator on the model's device when the engine adds the rows."""
     if not isinstance(return_logprobs, bool):
         raise ValueError(f"return_logprobs must be True or False, got {return_logprobs!r}")
     if top_logprobs is None:  # always an int here (None would mean "don't record")
@@ -164,7 +166,6 @@ def _plan(model, prompt, max_length, temperature, top_k, top_p, max_new_tokens, 
     device = model.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the model is on {device}")
-    sampling.generator_on(device)  # a seed becomes a fresh generator on the model's device
     if not do_sample:
         sampling.temperature = 0.0
     if not return_logprobs:
