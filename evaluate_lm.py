@@ -21,15 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-from common.cli import OneLineParser
+from common.cli import OneLineParser, Runtime, add_runtime_flags
 from corpus.datasets import DataArgs, DataError, add_data_args, load_split
 
 SPLITS = ("train", "val", "test")
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "bf16", "int8")  # model.quant.FORMATS, named here without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line (no torch import: usage errors are instant)."""
     p = OneLineParser(
         prog="evaluate_lm.py",
         description="Perplexity, mean loss and bits per byte of a checkpoint, with sliding "
@@ -51,12 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: seq_len, no overlap)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="autocast dtype for the forward pass (the loss is summed in float32)")
-    p.add_argument("--quantize", choices=QUANTIZE, default="none",
-                   help="CPU weight format, as generate_lm.py --quantize: none (float32), bf16 "
-                        "or int8; measures what that format costs in perplexity")
+    add_runtime_flags(p, tokenizer=False,  # --tokenizer: add_data_args has it
+                      dtype_help="autocast dtype for the forward pass (the loss is summed in "
+                                 "float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
@@ -102,23 +98,23 @@ def read_text_file(path: str | Path, tokenizer) -> tuple:
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed arguments say; returns the report as a dict."""
     check_args(args)
-    from model.checkpoint import build_model, pick_device, read_checkpoint
-    from model.tokenizer import TokenizerLoadError, load_tokenizer
+    from model.checkpoint import pick_device
+    from model.loading import load_for_inference
+    from model.tokenizer import TokenizerLoadError
     from training.evaluation import evaluate_tokens
 
-    device = pick_device(args.device)  # before reading a large file
-    if args.quantize != "none" and device.type != "cpu":
-        raise ValueError(f"--quantize {args.quantize} is for the CPU, but the device is {device}; "
-                         "use --dtype bfloat16 on a GPU, or pass --device cpu")
-    checkpoint = read_checkpoint(args.checkpoint)
-    args.tokenizer = args.tokenizer or checkpoint.get("tokenizer") or "gpt2"
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
+    runtime = Runtime.from_args(args)
+    device = pick_device(runtime.device)  # before reading a large file
+    if runtime.quantize != "none" and device.type != "cpu":
+        raise ValueError(f"--quantize {runtime.quantize} is for the CPU, but the device is "
+                         f"{device}; use --dtype bfloat16 on a GPU, or pass --device cpu")
+    try:  # (the loader checks that the tokenizer's vocabulary is the model's)
+        loaded = load_for_inference(args.checkpoint, device=device, weights=runtime.quantize,
+                                    tokenizer=runtime.tokenizer)
     except TokenizerLoadError as exc:
         raise DataError(str(exc)) from None
-    # build_model checks that the tokenizer's vocabulary is the model's.
-    model = build_model(checkpoint, device, tokenizer)
-    model.quantize(args.quantize)
+    model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.checkpoint
+    args.tokenizer = loaded.tokenizer_name  # load_split checks --data's tokenizer against it
     if args.file is not None:
         tokens, num_bytes = read_text_file(args.file, tokenizer)
         data = f"file {args.file}"
@@ -167,6 +163,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
     args = build_parser().parse_args(argv)
     try:
         report = run(args)

@@ -12,13 +12,13 @@ and a one-line `error: ...`. See GENERATION_GUIDE.md.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import secrets
 import sys
-import time
 from typing import Any, NoReturn
+
+from common.cli import OneLineParser, Runtime, add_runtime_flags, device_error, number
 
 EXAMPLES = """\
 examples:
@@ -30,45 +30,11 @@ examples:
 --checkpoint accepts a snapshot file, latest.pt, a run directory (lm_x/) or its snapshots/
 directory (the snapshot with the highest step is used), or a .safetensors export.
 """
-
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "bf16", "int8")  # model.quant.FORMATS, named here without importing torch
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _number(flag: str, low: float | None = None, high: float | None = None, *,
-            low_open: bool = False, cast=float):
-    """An argparse type that checks a range and names the flag in its message."""
-
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            kind = "an integer" if cast is int else "a number"
-            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
-        if cast is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if high is not None:
-            rng = f"in {'(' if low_open else '['}{low}, {high}]"
-        else:
-            rng = f"> {low}" if low_open else f">= {low}"
-        if (low is not None and (value <= low if low_open else value < low)) or (
-                high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
-        return value
-
-    parse.__name__ = flag  # argparse shows this name in its own messages
-    return parse
-
+SEED_MAX = 2**64 - 1  # model.sampling.SEED_LIMIT - 1: what torch.Generator.manual_seed takes
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (no heavy imports, so `--help` and usage errors are instant)."""
-    p = _Parser(
+    p = OneLineParser(
         prog="generate_lm.py",
         description="Generate text with a language model trained by training/train_lm.py.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,25 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="interactive prompt: each line is a prompt; /help lists commands")
 
     g = p.add_argument_group("generation parameters")
-    g.add_argument("--max_length", type=_number("--max_length", 1, cast=int), default=100,
+    g.add_argument("--max_length", type=number("--max_length", 1, cast=int), default=100,
                    metavar="N", help="maximum total length, prompt plus new tokens (default: 100)")
-    g.add_argument("--max_new_tokens", type=_number("--max_new_tokens", 1, cast=int),
+    g.add_argument("--max_new_tokens", type=number("--max_new_tokens", 1, cast=int),
                    metavar="N", help="number of new tokens; replaces --max_length (default: none)")
-    g.add_argument("--temperature", type=_number("--temperature", 0.0), default=1.0,
+    g.add_argument("--temperature", type=number("--temperature", 0.0), default=1.0,
                    metavar="T", help="sampling temperature; 0 is greedy (default: 1.0)")
-    g.add_argument("--top_k", type=_number("--top_k", 1, cast=int), metavar="K",
+    g.add_argument("--top_k", type=number("--top_k", 1, cast=int), metavar="K",
                    help="sample from the K most likely tokens only (default: none)")
-    g.add_argument("--top_p", type=_number("--top_p", 0.0, 1.0, low_open=True), metavar="P",
+    g.add_argument("--top_p", type=number("--top_p", 0.0, 1.0, low_open=True), metavar="P",
                    help="nucleus sampling: the most likely tokens holding probability P, "
                         "in (0, 1] (default: none)")
-    g.add_argument("--repetition_penalty", type=_number("--repetition_penalty", 0.0,
-                                                        low_open=True),
+    g.add_argument("--repetition_penalty", type=number("--repetition_penalty", 0.0,
+                                                       low_open=True),
                    default=1.0, metavar="R",
                    help="CTRL repetition penalty; > 1 discourages repeats (default: 1.0, off)")
-    g.add_argument("--seed", type=_number("--seed", 0, 2**63 - 1, cast=int), metavar="S",
+    g.add_argument("--seed", type=number("--seed", 0, SEED_MAX, cast=int), metavar="S",
                    help="random seed for reproducible samples; sample i uses S+i "
                         "(default: random, shown by --verbose)")
-    g.add_argument("--num_samples", type=_number("--num_samples", 1, cast=int), default=1,
+    g.add_argument("--num_samples", type=number("--num_samples", 1, cast=int), default=1,
                    metavar="N", help="number of samples for the prompt (default: 1)")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop when the generated text contains STR (not printed); repeatable; "
@@ -111,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stops at the end-of-text token)")
 
     o = p.add_argument_group("token probabilities")
-    o.add_argument("--show_probs", type=_number("--show_probs", 0, cast=int), metavar="K",
+    o.add_argument("--show_probs", type=number("--show_probs", 0, cast=int), metavar="K",
                    help="after each sample, print on stderr a table of the generated tokens "
                         "with their probability, rank and the K likeliest alternatives; in "
                         "--interactive, K for /probs (default: no table; /probs shows 5)")
@@ -121,19 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "alternatives, default 5), timing")
 
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", metavar="DEV",
-                   help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
-    r.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="compute dtype: float32, or bfloat16/float16 autocast on a GPU; on CPU, "
-                        "bfloat16 means --quantize bf16 and float16 is autocast, which is slower "
-                        "than float32 there (default: float32)")
-    r.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="CPU weight format for decoding: none (float32), bf16 or int8 "
-                        "(per-channel int8 weights, fastest); checkpoints are not changed "
-                        "(default: none)")
-    r.add_argument("--tokenizer", metavar="NAME",
-                   help="gpt2 (the bundled copy), a local tokenizer folder or a hub name "
-                        "(default: the checkpoint's tokenizer, else gpt2)")
+    add_runtime_flags(r)
     r.add_argument("--no_stream", action="store_true",
                    help="print each sample when it is complete instead of token by token "
                         "(same text for the same --seed)")
@@ -177,40 +131,6 @@ def _from_argv(flag: str, text: str | None) -> str | None:
     return fixed
 
 
-def _autocast_dtype(name: str, device: Any):
-    """The autocast dtype for --dtype, or None for plain float32."""
-    import torch
-
-    if name == "float32":
-        return None
-    dtype = getattr(torch, name)
-    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        _fail(f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name(device)}) does not "
-              "support it; use float16 or float32")
-    return dtype
-
-
-def _weight_format(args: argparse.Namespace, device: Any) -> tuple[str, Any]:
-    """--quantize and --dtype: (the CPU weight format, the autocast dtype or None)."""
-    fmt = args.quantize
-    if fmt != "none":
-        if device.type != "cpu":
-            _fail(f"--quantize {fmt} is for CPU decoding, but the device is {device}; on a GPU "
-                  "use --dtype bfloat16, or pass --device cpu")
-        if args.dtype != "float32":
-            _fail(f"--quantize {fmt} sets the weight format itself; drop --dtype {args.dtype}")
-        return fmt, None
-    if device.type == "cpu" and args.dtype == "bfloat16":
-        # Autocast would convert every weight at every step, slower than float32 on CPU; bf16
-        # weight copies are the fast form of the same request.
-        return "bf16", None
-    if device.type == "cpu" and args.dtype == "float16":
-        sys.stderr.write("note: --dtype float16 on CPU is autocast, which converts the weights at "
-                         "every step and is usually slower than float32; --quantize bf16 or int8 "
-                         "is faster\n")
-    return "none", _autocast_dtype(args.dtype, device)
-
-
 def _compute_context(model: Any, amp_dtype: Any):
     """Autocast for --dtype bfloat16/float16, nothing for float32."""
     import contextlib
@@ -222,66 +142,20 @@ def _compute_context(model: Any, amp_dtype: Any):
     return torch.autocast(model.device.type, dtype=amp_dtype)
 
 
-def _describe(ckpt: dict, model: Any, device: Any, dtype: Any) -> str:
-    bits = [f"step {ckpt['step']}" if "step" in ckpt else None,
-            f"val_loss {ckpt['val_loss']:.4g}" if isinstance(ckpt.get("val_loss"), float)
-            else None,
-            f"{model.num_params() / 1e6:.2f}M params",
-            f"context {model.max_seq_len}",
-            f"{device}, " + (f"{model.quantization} weights" if model.quantization != "none"
-                             else "float32" if dtype is None
-                             else f"{str(dtype).replace('torch.', '')} autocast")]
-    return f"loaded {ckpt['_path']} (" + ", ".join(b for b in bits if b) + ")"
-
-
-def _load(args: argparse.Namespace):
-    """Device, checkpoint, tokenizer, model — each failure is a one-line exit 2."""
-    import torch  # noqa: F401 - imported here so that usage errors stay fast
-
-    from model.checkpoint import (
-        CheckpointError,
-        DeviceError,
-        build_model,
-        find_default_checkpoint,
-        pick_device,
-        read_checkpoint,
-    )
-    from model.tokenizer import TokenizerLoadError, load_tokenizer
+def _load(args: argparse.Namespace) -> Any:
+    """The checkpoint and tokenizer the flags name (`model.loading`); a failure is a one-line
+    exit 2."""
+    from model.loading import LoadError, load_runtime
 
     try:
-        device = pick_device(args.device)
-    except DeviceError as exc:
-        _fail(f"--device: {exc}")
-    fmt, amp_dtype = _weight_format(args, device)
-    path = args.checkpoint
-    if path is None:
-        path = find_default_checkpoint(".")
-        if path is None:
-            _fail(f"no --checkpoint given and no trained run (lm_*/snapshots/) in {os.getcwd()}; "
-                  "train one with: python training/train_lm.py, or pass --checkpoint PATH")
-    t0 = time.perf_counter()
-    try:
-        ckpt = read_checkpoint(path)
-    except CheckpointError as exc:
+        loaded = load_runtime(args.checkpoint, Runtime.from_args(args),
+                              allow_nonfinite=args.allow_nonfinite)
+    except LoadError as exc:
         _fail(str(exc))
-    name = args.tokenizer
-    if name is None:
-        stored = ckpt.get("tokenizer")
-        name = stored if isinstance(stored, str) and stored else "gpt2"
-    try:
-        tokenizer = load_tokenizer(name)
-    except TokenizerLoadError as exc:
-        origin = "--tokenizer" if args.tokenizer else "the checkpoint's tokenizer (--tokenizer)"
-        _fail(f"{origin}: {exc}")
-    try:
-        model = build_model(ckpt, device, tokenizer, allow_nonfinite=args.allow_nonfinite)
-    except (CheckpointError, DeviceError) as exc:
-        _fail(str(exc))
-    model.quantize(fmt)
-    sys.stderr.write(_describe(ckpt, model, device, amp_dtype) + "\n")
+    sys.stderr.write(loaded.describe() + "\n")
     if args.verbose:
-        sys.stderr.write(f"loaded in {time.perf_counter() - t0:.2f} s; tokenizer {name}\n")
-    return model, tokenizer, ckpt, amp_dtype
+        sys.stderr.write(f"loaded in {loaded.seconds:.2f} s; tokenizer {loaded.tokenizer_name}\n")
+    return loaded
 
 
 def _settings(args: argparse.Namespace):
@@ -381,9 +255,12 @@ def _run(argv: list[str] | None) -> int:
         _fail("--json applies to --prompt; the interactive prompt prints text")
     if args.interactive and args.num_samples != 1:
         _fail("--num_samples applies to --prompt; in --interactive use /regen for another sample")
+    if args.seed is not None and args.seed + args.num_samples - 1 > SEED_MAX:
+        _fail(f"--seed {args.seed} with --num_samples {args.num_samples}: sample i uses seed S+i, "
+              f"which must stay at most {SEED_MAX} (2**64 - 1); pick a smaller --seed")
     # Cheap checks before torch is imported (seconds), so typos fail at once.
-    if not _DEVICE_RE.match(args.device.strip().lower()):
-        _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device_error(args.device):
+        _fail(device_error(args.device))
     if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
         _fail(f"--checkpoint: not found: {args.checkpoint}")
     if sys.stdout is None:
@@ -394,7 +271,8 @@ def _run(argv: list[str] | None) -> int:
     args.stop = [_from_argv("--stop", s) for s in args.stop]
     if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
-    model, tokenizer, ckpt, amp_dtype = _load(args)
+    loaded = _load(args)
+    model, tokenizer, amp_dtype = loaded.model, loaded.tokenizer, loaded.amp_dtype
     if not args.interactive:
         with _compute_context(model, amp_dtype):
             return _generate(args, model, tokenizer, prompt)
@@ -404,7 +282,7 @@ def _run(argv: list[str] | None) -> int:
     settings = _settings(args)
     if args.seed is None:
         settings.seed = None  # fresh samples each time; /set seed N makes them repeatable
-    info = _describe(ckpt, model, model.device, amp_dtype)
+    info = loaded.describe()
     if sys.stdin.isatty() and hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # the REPL reports undecodable bytes
     with _compute_context(model, amp_dtype):

@@ -30,31 +30,11 @@ import os  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 
-from common.cli import OneLineParser  # noqa: E402
+from common.cli import OneLineParser, count, fraction  # noqa: E402
 from corpus.shards import DataError, file_crc32, read_header, read_manifest  # noqa: E402
 from corpus.sources import DOC_MODES, UTF8_POLICIES, HubDataset, local_files, resolve_local  # noqa: E402,E501
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(float(text)) if re.fullmatch(r"[\d.]+e\d+", text) else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
 
 
 def build_parser() -> OneLineParser:
@@ -82,9 +62,9 @@ def build_parser() -> OneLineParser:
                    help="invalid UTF-8: refuse (one line, exit 2; the default) or replace it with "
                         "U+FFFD, counting the replacements in the manifest")
     v = p.add_argument_group("validation (documents held out; default --val_fraction 0.0005)")
-    v.add_argument("--val_fraction", type=_fraction, default=None,
+    v.add_argument("--val_fraction", type=fraction, default=None,
                    help="hold out this share of the documents (seeded, spread over the source)")
-    v.add_argument("--val_docs", type=_count, default=None,
+    v.add_argument("--val_docs", type=count, default=None,
                    help="hold out exactly N documents (seeded, spread over the source)")
     v.add_argument("--val_source", default=None, metavar="SOURCE",
                    help="take validation from another source instead")
@@ -96,11 +76,11 @@ def build_parser() -> OneLineParser:
     o = p.add_argument_group("output")
     o.add_argument("--tokenizer", default="gpt2",
                    help="gpt2 (bundled, encoded with tiktoken) or a tokenizer folder / hub name")
-    o.add_argument("--shard_tokens", type=_count, default=100_000_000,
+    o.add_argument("--shard_tokens", type=count, default=100_000_000,
                    help="tokens per shard (default 100M: 200 MB of uint16)")
     o.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
                    help="token type: auto is uint16 when the vocabulary fits, else uint32")
-    o.add_argument("--num_proc", type=_count, default=len(os.sched_getaffinity(0)),
+    o.add_argument("--num_proc", type=count, default=len(os.sched_getaffinity(0)),
                    help="tokenizer processes (default: every core)")
     o.add_argument("--unit_mb", type=float, default=8.0,
                    help="MiB of text per unit of work (memory per worker is ~15x this)")

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import NoReturn
 
-from generate_lm import _DEVICE_RE, DTYPES, QUANTIZE, _load, _number, _Parser
+from common.cli import OneLineParser, Runtime, add_runtime_flags, device_error, number
 
 EXAMPLES = """\
 examples:
@@ -42,10 +42,10 @@ STREAM_INTERVAL_MS = 20.0
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (no heavy imports, so `--help` and usage errors are instant)."""
-    p = _Parser(prog="serve_lm.py",
-                description="Serve a language model over HTTP with an OpenAI-compatible "
-                            "completions API and a web playground.",
-                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="serve_lm.py",
+                      description="Serve a language model over HTTP with an OpenAI-compatible "
+                                  "completions API and a web playground.",
+                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="PATH",
                    help="checkpoint file (.pt or .safetensors), run directory or snapshots "
                         "directory (default: the most recently trained lm_*/ run in the "
@@ -56,37 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
-    n.add_argument("--port", type=_number("--port", 0, 65535, cast=int), default=8000,
+    n.add_argument("--port", type=number("--port", 0, 65535, cast=int), default=8000,
                    metavar="N", help="port to listen on; 0 picks a free one (default: 8000)")
     n.add_argument("--api_key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/ routes (default: "
                         f"${API_KEY_ENV} if set, else none; /health and / stay public)")
     b = p.add_argument_group("batching")
-    b.add_argument("--max_batch", type=_number("--max_batch", 1, 1024, cast=int), default=16,
+    b.add_argument("--max_batch", type=number("--max_batch", 1, 1024, cast=int), default=16,
                    metavar="N", help="rows (completions) that decode together; each holds a KV "
                                      "cache of the model's context (default: 16)")
-    b.add_argument("--max_queue", type=_number("--max_queue", 0, 100000, cast=int), default=64,
+    b.add_argument("--max_queue", type=number("--max_queue", 0, 100000, cast=int), default=64,
                    metavar="N", help="requests that may wait for a free row; more are answered "
                                      "429 with Retry-After (default: 64)")
-    b.add_argument("--stream_interval_ms", type=_number("--stream_interval_ms", 0, 1000),
+    b.add_argument("--stream_interval_ms", type=number("--stream_interval_ms", 0, 1000),
                    default=STREAM_INTERVAL_MS, metavar="MS",
                    help="a stream's chunks are at least this far apart: tokens that come sooner "
                         "go out together in the next chunk (the first token and the last go out "
                         "at once); 0 sends every token as it comes, at a higher CPU cost per "
                         f"token for the client (default: {STREAM_INTERVAL_MS:g})")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", metavar="DEV",
-                   help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda, mps, then cpu)")
-    r.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="compute dtype, as in generate_lm.py: bfloat16/float16 autocast on a GPU; "
-                        "on CPU bfloat16 means --quantize bf16 (default: float32)")
-    r.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="CPU weight format for decoding: none (float32), bf16 or int8 "
-                        "(default: none)")
-    r.add_argument("--tokenizer", metavar="NAME",
-                   help="gpt2 (the bundled copy), a local tokenizer folder or a hub name "
-                        "(default: the checkpoint's tokenizer, else gpt2)")
-    r.add_argument("--threads", type=_number("--threads", 1, 1024, cast=int), metavar="N",
+    add_runtime_flags(r)
+    r.add_argument("--threads", type=number("--threads", 1, 1024, cast=int), metavar="N",
                    help="torch threads for the model (default: torch's, one per core)")
     r.add_argument("--allow_nonfinite", action="store_true",
                    help="load a checkpoint with NaN/inf weights (to debug a diverged run; "
@@ -157,8 +147,8 @@ def _web_server_class():
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; return the exit status."""
     args = build_parser().parse_args(argv)
-    if not _DEVICE_RE.match(args.device.strip().lower()):
-        _fail(f"--device: unknown device {args.device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device_error(args.device):
+        _fail(device_error(args.device))
     if args.checkpoint is not None and not os.path.exists(os.path.expanduser(args.checkpoint)):
         _fail(f"--checkpoint: not found: {args.checkpoint}")
     if args.api_key is not None and not args.api_key.strip():
@@ -189,8 +179,18 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            args.verbose = args.log_level == "debug"
-            model, tokenizer, _, amp_dtype = _load(args)
+            from model.loading import LoadError, load_runtime
+
+            try:
+                loaded = load_runtime(args.checkpoint, Runtime.from_args(args),
+                                      allow_nonfinite=args.allow_nonfinite)
+            except LoadError as exc:
+                _fail(str(exc))
+            sys.stderr.write(loaded.describe() + "\n")
+            if args.log_level == "debug":
+                sys.stderr.write(f"loaded in {loaded.seconds:.2f} s; tokenizer "
+                                 f"{loaded.tokenizer_name}\n")
+            model, tokenizer, amp_dtype = loaded.model, loaded.tokenizer, loaded.amp_dtype
             scheduler = Scheduler(model, args.max_batch, args.max_queue, autocast=amp_dtype)
             scheduler.start()
             weights = {"none": "float32"}.get(model.quantization, model.quantization)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             web.scheduler = scheduler
             log.info("ready: %s (%s, context %d, max_batch %d, max_queue %d)", name,
                      server.info["weights"], model.max_seq_len, args.max_batch, args.max_queue)
-        except SystemExit as exc:  # _load's one-line errors: already written to stderr
+        except SystemExit as exc:  # _fail's one-line errors: already written to stderr
             status["code"] = exc.code if isinstance(exc.code, int) else 2
             web.should_exit = True
         except Exception as exc:  # noqa: BLE001

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from model.generation import filter_logits
 from model.hf_interop import config_from_hf, config_to_hf, state_dict_to_hf
 from model.lm import LanguageModel, LMConfig
+from model.sampling import filter_logits
 
 CONFIGS = [
     dict(vocab_size=101, d_model=24, num_heads=3, num_layers=2, d_ff=40, max_seq_len=64),
@@ -193,7 +193,7 @@ def test_top_k_then_top_p():
 
 
 def test_sampling_matches_the_softmax_distribution():
-    from model.generation import sample
+    from model.sampling import sample
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]).log_softmax(0).repeat(20000, 1)
     gen = torch.Generator().manual_seed(0)
@@ -208,7 +208,7 @@ def test_sampling_matches_the_softmax_distribution():
 
 
 def test_repetition_penalty_is_ctrl():
-    from model.generation import apply_repetition_penalty
+    from model.sampling import apply_repetition_penalty
 
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
     seen = torch.tensor([[True, True, False, False]])
@@ -422,7 +422,7 @@ def test_default_init_is_gpt2_like():
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])
 def test_binned_nucleus_equals_full_sort(scale):
-    from model.generation import _outside_nucleus, keep_mask
+    from model.sampling import _outside_nucleus, keep_mask
 
     torch.manual_seed(int(scale * 100))
     for _ in range(20):
@@ -439,7 +439,7 @@ def test_binned_nucleus_equals_full_sort(scale):
 
 
 def test_binned_nucleus_with_tied_logits_is_minimal():
-    from model.generation import keep_mask
+    from model.sampling import keep_mask
 
     torch.manual_seed(0)
     logits = (torch.randn(4, 50257) * 2).bfloat16().float()  # bf16 logits: many exact ties
@@ -459,7 +459,7 @@ def test_binned_nucleus_with_tied_logits_is_minimal():
 
 
 def test_sampling_never_draws_filtered_tokens():
-    from model.generation import sample
+    from model.sampling import sample
 
     logits = torch.full((4000, 50), -5.0)
     logits[:, 0] = float("-inf")  # token 0 filtered out, as top-k/top-p do
@@ -475,7 +475,7 @@ def test_top_k_sampling_draws_what_the_full_vocabulary_draw_does(top_k, top_p, t
     """`sample` with top-k runs over the k survivors only; by its definition (temperature, then
     top-k, then top-p, then a draw over what is left) it must pick, seed for seed, the token the
     draw over the whole filtered vocabulary picks."""
-    from model.generation import sample
+    from model.sampling import sample
 
     torch.manual_seed(0)
     logits = torch.randn(64, 50257) * 3

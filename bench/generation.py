@@ -37,10 +37,10 @@ sys.path.insert(0, ROOT)
 
 import evaluate_lm  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.generation import sample  # noqa: E402
 from model.hf_interop import config_to_hf, state_dict_to_hf  # noqa: E402
 from model.lm import LanguageModel, LMConfig  # noqa: E402
 from model.quant import FORMATS, check_format  # noqa: E402
+from model.sampling import sample  # noqa: E402
 
 CASES = {
     "default": (LMConfig(dropout=0.0), [1, 8]),

@@ -310,7 +310,44 @@ def cpu_name() -> str:
     return f"{name} ({simd})" if simd else name
 
 
+def print_side_by_side(rows: dict[tuple, Result], pairs: dict[tuple, list[float]],
+                       max_batch: int) -> None:
+    """The comparisons of our continuous batching against the other rows, with the issue's
+    targets: llama-server, one row at a time, generate_lm.py, CPU per token, time to first
+    token."""
+    print("\nside by side (the issue's targets in brackets):")
+    for (cfg, label, wts, s, c), res in rows.items():
+        if label != "ours (continuous)":
+            continue
+        ref_t = {"fp32": "f32", "bf16": "f16"}.get(wts)
+        ref = rows.get((cfg, f"llama-server -np {max_batch}", ref_t, s, c))
+        seq = rows.get((cfg, "ours (one row)", wts, s, c))
+        bits = []
+        if ref:
+            bits.append(f"{res.rate / ref.rate:.2f}x llama-server {ref_t}"
+                        + (" [>= 1.0x]" if c == 16 and cfg == "gpt2-124M" else ""))
+        if seq and c > 1:
+            bits.append(f"{res.rate / seq.rate:.2f}x one row at a time"
+                        + (" [>= 4x]" if c == 16 and cfg == "default" else ""))
+        if c == 1 and (cfg, wts, s) in pairs:
+            each = ", ".join(f"{r:.2f}" for r in pairs[(cfg, wts, s)])
+            # median_high: the pair whose generate_lm.py rate the table shows (`paired`)
+            bits.append(f"{statistics.median_high(pairs[(cfg, wts, s)]):.2f}x generate_lm.py "
+                        f"[>= 0.9x] (median of {len(pairs[(cfg, wts, s)])} adjacent pairs: "
+                        f"{each})")
+        if c == 1 and res.tokens:
+            ms = 1000 / res.tokens
+            bits.append(f"CPU per token: the openai client {res.client_cpu * ms:.2f} ms, the "
+                        f"server's HTTP thread {res.server_cpu[0] * ms:.2f} ms, its model "
+                        f"threads {res.server_cpu[1] * ms:.2f} ms, wall {res.wall * ms:.2f} ms")
+        if c == 16 and cfg == "gpt2-124M":
+            bits.append(f"p95 TTFT {Result.pct(res.ttfts, 0.95):.2f} s [<= 0.5 s]")
+        if bits:
+            print(f"  {cfg} {wts} {s}, {c} clients: ours is " + ", ".join(bits))
+
+
 def run(args: argparse.Namespace) -> None:
+    """Run every server under every load the arguments ask for, printing a row per run."""
     import torch
 
     from serve_lm import STREAM_INTERVAL_MS
@@ -425,35 +462,7 @@ def run(args: argparse.Namespace) -> None:
                 if (cfg, fmt, s) in cli:
                     print(f"{cfg:<10} {'generate_lm.py (no HTTP)':<24} {fmt:<7} {s:<8} "
                           f"{1:>7} {cli[(cfg, fmt, s)]:>7.1f}", flush=True)
-    print("\nside by side (the issue's targets in brackets):")
-    for (cfg, label, wts, s, c), res in rows.items():
-        if label != "ours (continuous)":
-            continue
-        ref_t = {"fp32": "f32", "bf16": "f16"}.get(wts)
-        ref = rows.get((cfg, f"llama-server -np {args.max_batch}", ref_t, s, c))
-        seq = rows.get((cfg, "ours (one row)", wts, s, c))
-        bits = []
-        if ref:
-            bits.append(f"{res.rate / ref.rate:.2f}x llama-server {ref_t}"
-                        + (" [>= 1.0x]" if c == 16 and cfg == "gpt2-124M" else ""))
-        if seq and c > 1:
-            bits.append(f"{res.rate / seq.rate:.2f}x one row at a time"
-                        + (" [>= 4x]" if c == 16 and cfg == "default" else ""))
-        if c == 1 and (cfg, wts, s) in pairs:
-            each = ", ".join(f"{r:.2f}" for r in pairs[(cfg, wts, s)])
-            # median_high: the pair whose generate_lm.py rate the table shows (`paired`)
-            bits.append(f"{statistics.median_high(pairs[(cfg, wts, s)]):.2f}x generate_lm.py "
-                        f"[>= 0.9x] (median of {len(pairs[(cfg, wts, s)])} adjacent pairs: "
-                        f"{each})")
-        if c == 1 and res.tokens:
-            ms = 1000 / res.tokens
-            bits.append(f"CPU per token: the openai client {res.client_cpu * ms:.2f} ms, the "
-                        f"server's HTTP thread {res.server_cpu[0] * ms:.2f} ms, its model "
-                        f"threads {res.server_cpu[1] * ms:.2f} ms, wall {res.wall * ms:.2f} ms")
-        if c == 16 and cfg == "gpt2-124M":
-            bits.append(f"p95 TTFT {Result.pct(res.ttfts, 0.95):.2f} s [<= 0.5 s]")
-        if bits:
-            print(f"  {cfg} {wts} {s}, {c} clients: ours is " + ", ".join(bits))
+    print_side_by_side(rows, pairs, args.max_batch)
     for note in notes:
         print("note:", note)
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-BUNDLED_GPT2_DIR = Path(__file__).resolve().parent.parent / "model" / "assets" / "gpt2"
+from common.paths import BUNDLED_GPT2_DIR  # the one path of the bundled GPT-2 files
+
 # GPT-2's pre-tokenizer (the regex of OpenAI's encoder.py, written with possessive quantifiers
 # and an end-of-text whitespace rule as tiktoken's r50k_base has it: the same splits, faster).
 GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$"""

@@ -16,7 +16,7 @@ as it would alone, whatever else is in the batch (up to floating-point rounding)
    different lengths attend through a mask), or, for a row whose cache is full, recomputes its
    sliding window (the policy in `model/generation.py`);
 2. prefills the rows added since (one batched pass over their right-padded prompts);
-3. samples the next token of every row with the samplers of `model/generation.py`.
+3. samples the next token of every row with the samplers of `model/sampling.py`.
 
 Rows that share one `Sampling` object (settings and random generator) are sampled by one call,
 in slot order: `generate`'s batch draws from one generator, as before. Rows with different
@@ -31,21 +31,10 @@ from typing import Any
 
 import torch
 
+from model.logprobs import TokenLogprobs, step_logprobs
+from model.sampling import Sampling, apply_repetition_penalty, sample
 
-@dataclass(eq=False)
-class Sampling:
-    """How a row picks its tokens (validated by the caller, `model.generation._plan`).
-
-    Rows added with the same `Sampling` object are sampled together; `generator` None draws
-    from torch's global generator.
-    """
-
-    temperature: float = 1.0  # 0: greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    generator: torch.Generator | None = None
-    top_logprobs: int | None = None  # record log-probabilities with this many alternatives
+__all__ = ["DecodeEngine", "Row", "Sampling", "Step"]  # Sampling: re-exported (model/sampling.py)
 
 
 @dataclass(eq=False)
@@ -69,12 +58,12 @@ class Step:
             model's device.
         nonfinite: (n,) bool, True where a row's logits held NaN or inf (its token is junk).
         records: `(rows, TokenLogprobs)` per sampling group that records log-probabilities,
-            the record's tensors indexed like `rows` (see `model.scoring.step_logprobs`).
+            the record's tensors indexed like `rows` (see `model.logprobs.step_logprobs`).
     """
 
     tokens: torch.Tensor
     nonfinite: torch.Tensor
-    records: list[tuple[list[Row], Any]] = field(default_factory=list)
+    records: list[tuple[list[Row], TokenLogprobs]] = field(default_factory=list)
 
 
 def _attention_backends(device: torch.device):
@@ -148,6 +137,7 @@ class DecodeEngine:
 
     @property
     def free_slots(self) -> int:
+        """How many more rows `add` can take now."""
         return sum(r is None for r in self.slots)
 
     def add(self, prompt: torch.Tensor, sampling: Sampling) -> Row:
@@ -167,6 +157,7 @@ class DecodeEngine:
         row = Row(slot, prompt.detach().to("cpu", torch.long).reshape(-1), sampling)
         if not 1 <= row.prompt.numel() <= self.W:
             raise ValueError(f"a row needs 1 to {self.W} prompt tokens, got {row.prompt.numel()}")
+        sampling.generator_on(self.device)  # a seeded row gets its generator now
         self.slots[slot] = row
         if sampling.repetition_penalty != 1.0:
             if self.seen is None:
@@ -300,8 +291,6 @@ class DecodeEngine:
 
     def _sample(self, logits: torch.Tensor, rows: list[Row], n: int):
         """The next token of every row, one sampler call per `Sampling` group."""
-        from model.generation import apply_repetition_penalty, sample
-
         groups: dict[int, list[Row]] = {}
         for r in rows:
             groups.setdefault(id(r.sampling), []).append(r)
@@ -318,8 +307,6 @@ class DecodeEngine:
                 lg = apply_repetition_penalty(raw, seen, s.repetition_penalty)
             tok = sample(lg, s.temperature, s.top_k, s.top_p, s.generator)
             if s.top_logprobs is not None:
-                from model.scoring import step_logprobs
-
                 records.append((members, step_logprobs(raw, lg, tok, s.temperature, s.top_k,
                                                        s.top_p, s.top_logprobs)))
             if s.repetition_penalty != 1.0:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from model.lm import LanguageModel, LMConfig
+from model.config import LMConfig
 
 # Weight files of a Hugging Face folder, in the order we look for them.
 _SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -308,18 +308,3 @@ def read_hf_checkpoint(name_or_dir: str | Path) -> dict[str, Any]:
         raise HFLoadError(f"{exc}; the local Hugging Face cache holds only part of {name!r}: "
                           f"get the weights with huggingface-cli download {name}") from None
     return checkpoint_from_hf(hf_config, hf_sd, folder)
-
-
-def load_hf_gpt2(model_or_dir: Any) -> LanguageModel:
-    """Convert a `GPT2LMHeadModel` instance, a local folder holding one, or a hub name (through
-    the local cache; see `hf_folder`) to a `LanguageModel`."""
-    if isinstance(model_or_dir, (str, Path)):
-        ckpt = read_hf_checkpoint(model_or_dir)
-        model = LanguageModel.from_config(ckpt["model_config"])
-        model.load_state_dict(ckpt["model_state_dict"], strict=True)
-        return model
-    cfg = config_from_hf(model_or_dir.config)
-    model = LanguageModel.from_config(cfg)
-    sd = state_dict_from_hf(model_or_dir.state_dict())
-    model.load_state_dict(sd, strict=True)
-    return model.to(next(model_or_dir.parameters()).device)

@@ -1,7 +1,8 @@
 """A GPT-2-compatible decoder-only Transformer language model.
 
-One readable file: the config, the KV cache, the blocks and the model. Sampling and the
-generation loop live in `model/generation.py`; `LanguageModel.generate` and `.stream` call it.
+One readable file: the config, the KV cache, the blocks and the model. The generation loop
+lives in `model/generation.py` and the samplers in `model/sampling.py`; `LanguageModel.generate`
+and `.stream` call the loop.
 
 Vocabulary (nanoGPT's): B batch, T sequence length, C = d_model, H heads, D = C // H head size,
 V vocab size, S cached key/value length.
@@ -11,64 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
-from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.config import LMConfig  # re-exported: `from model.lm import LMConfig` stays
 from model.quant import Bf16Weight, FloatWeight, Int8Weight, check_format
-
-
-@dataclass
-class LMConfig:
-    """Hyper-parameters of `LanguageModel`; stored in checkpoints as a plain dict (`to_dict`)."""
-
-    vocab_size: int = 50257
-    d_model: int = 256
-    num_heads: int = 4
-    num_layers: int = 4
-    d_ff: int = 512
-    max_seq_len: int = 256
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-            setattr(self, name, int(value))
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-            )
-        p = self.dropout
-        if isinstance(p, bool) or not isinstance(p, Real) or not (0.0 <= p < 1.0):
-            raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
-        self.dropout = float(p)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The constructor's keyword arguments as a plain dict (safe for `weights_only` loads)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LMConfig:
-        """Build a config from a dict with exactly the constructor's keys.
-
-        Raises:
-            ValueError: naming unknown or missing keys, or an invalid value.
-        """
-        if not isinstance(d, dict):
-            raise ValueError(f"model_config must be a dict, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-        if unknown or missing:
-            raise ValueError(
-                f"model_config keys do not match: unknown {unknown}, missing {missing}"
-            )
-        return cls(**d)
 
 
 class KVCache(nn.Module):
@@ -295,10 +247,18 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def from_hf_gpt2(cls, model_or_dir: Any) -> LanguageModel:
-        """Convert a Hugging Face `GPT2LMHeadModel` (or a local folder holding one)."""
-        from model.hf_interop import load_hf_gpt2
+        """Convert a Hugging Face `GPT2LMHeadModel` instance, a local folder holding one, or a
+        hub name (through the local cache; see `model.hf_interop.hf_folder`)."""
+        from model.hf_interop import config_from_hf, read_hf_checkpoint, state_dict_from_hf
 
-        return load_hf_gpt2(model_or_dir)
+        if isinstance(model_or_dir, (str, Path)):
+            ckpt = read_hf_checkpoint(model_or_dir)
+            model = cls.from_config(ckpt["model_config"])
+            model.load_state_dict(ckpt["model_state_dict"], strict=True)
+            return model
+        model = cls.from_config(config_from_hf(model_or_dir.config))
+        model.load_state_dict(state_dict_from_hf(model_or_dir.state_dict()), strict=True)
+        return model.to(next(model_or_dir.parameters()).device)
 
     @property
     def max_seq_len(self) -> int:
@@ -481,7 +441,7 @@ class LanguageModel(nn.Module):
         if not self._with_stack:
             self.clear_cache()
 
-    # -- generation (model/generation.py holds the loop and the samplers) ----------------------
+    # -- generation (model/generation.py holds the loop, model/sampling.py the samplers) -------
 
     def stream(self, prompt: Any, max_length: int = 100, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, **kwargs: Any

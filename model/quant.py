@@ -310,10 +310,6 @@ class Int8Weight:
             return "int8pack"
         return "fallback"
 
-    def use_kernel(self, rows: int) -> bool:
-        """Whether a product with `rows` input rows takes a kernel rather than the fallback."""
-        return self.kernel(rows) != "fallback"
-
     def _w8a8_one(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One float32 row (..., in) as it is: its own [min, max] range, as fbgemm picks it;
         one op, the bias inside (a decode step makes ~50 of these; each op costs ~5 us)."""

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model.sampling import check_setting
+
 # -- detokenizing ------------------------------------------------------------------------------
 
 
@@ -169,46 +171,22 @@ class StopFilter:
 # -- generation settings -----------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: Any, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
 
 def _check(name: str, value: Any) -> Any:
-    """Validate one setting; return it normalized or raise ValueError naming it and its range."""
-    if name in ("max_length", "top_k", "max_new_tokens"):
-        return _positive_int(name, value, allow_none=name != "max_length")
-    if name == "temperature":
-        v = _finite(name, value)
-        if v < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {value!r}")
-        return v
-    if name == "top_p":
-        if value is None:
+    """Validate one setting; return it normalized or raise ValueError naming it and its range.
+
+    The sampling settings are checked by `model.sampling.check_setting` (the checks of
+    `Sampling`); the lengths and stop strings here.
+    """
+    if name in _SAMPLING:
+        return check_setting(name, value)
+    if name in ("max_length", "max_new_tokens"):
+        if value is None and name == "max_new_tokens":
             return None
-        v = _finite(name, value)
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {value!r}")
-        return v
-    if name == "repetition_penalty":
-        v = _finite(name, value)
-        if v <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {value!r}")
-        return v
-    if name == "seed":
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
         return value
     if name == "stop":
         return tuple(str(s) for s in value)
@@ -217,7 +195,8 @@ def _check(name: str, value: Any) -> Any:
 
 @dataclass
 class GenerationSettings:
-    """Sampling settings shared by the CLI flags and the REPL's `/set`; validated on change.
+    """Sampling settings shared by the CLI flags and the REPL's `/set`; validated on change
+    (the sampling ones by `model.sampling.check_setting`, as `Sampling` checks them).
 
     `max_new_tokens`, when set, replaces `max_length` (which counts prompt plus new tokens).
     """
@@ -397,7 +376,7 @@ class TextGeneration:
 
     def probabilities(self, title: str | None = None):
         """A `ProbabilityView` of the printed tokens (needs `top_logprobs`)."""
-        from model.scoring import TokenLogprobs
+        from model.logprobs import TokenLogprobs
 
         if self.top_logprobs is None:
             raise ValueError("this generation did not record probabilities (top_logprobs)")

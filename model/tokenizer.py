@@ -8,9 +8,9 @@ byte-identical to the released `encoder.json` / `vocab.bpe`); any other name is 
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
-BUNDLED_GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
+from common.paths import BUNDLED_GPT2_DIR  # re-exported: `model.tokenizer.BUNDLED_GPT2_DIR`
+
 DEFAULT_TOKENIZER = "gpt2"
 
 

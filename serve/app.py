@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from model.engine import Sampling
+from model.sampling import SEED_LIMIT, Sampling
 from serve.completions import (
     ChoiceText,
     TokenTexts,
@@ -80,6 +79,7 @@ class Server:
 
     @property
     def ready(self) -> bool:
+        """True once the model is loaded and its scheduler runs."""
         return self.scheduler is not None
 
     # -- a request's rows ---------------------------------------------------------------------
@@ -124,10 +124,8 @@ class Server:
             key = (req.temperature, req.top_k, req.top_p, req.repetition_penalty, k)
             settings = dict(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
         settings.update(repetition_penalty=req.repetition_penalty, top_logprobs=k)
-        if req.seed is not None and req.temperature != 0:
-            gen = torch.Generator(device=self.model.device)
-            gen.manual_seed((req.seed + sample) % 2**64)
-            return Sampling(generator=gen, **settings)
+        if req.seed is not None and req.temperature != 0:  # the engine seeds its generator
+            return Sampling(seed=(req.seed + sample) % SEED_LIMIT, **settings)
         shared = self._shared.get(key)
         if shared is None:
             shared = self._shared[key] = Sampling(**settings)

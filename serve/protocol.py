@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from model.sampling import Sampling, SamplingError
+
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt is at most the context; a few MiB is plenty
 MAX_CHOICES = 256  # prompts x n per request
 MAX_LOGPROBS = 20
@@ -35,6 +37,7 @@ class ApiError(Exception):
         self.type, self.code, self.headers = type, code, headers or {}
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI error body of this error."""
         return error_body(self.message, self.type, self.param, self.code)
 
 
@@ -187,6 +190,18 @@ def _prompts(body: dict) -> list[str | list[int] | None]:
     return prompts
 
 
+def _sampling(body: dict, temperature: float, top_k: int | None,
+              logprobs: int | None) -> Sampling:
+    """The request's sampling settings, checked by `Sampling` (a 400 naming the bad field)."""
+    penalty = body.get("repetition_penalty")
+    try:
+        return Sampling(temperature, top_k, body.get("top_p"),
+                        1.0 if penalty is None else penalty, top_logprobs=logprobs,
+                        seed=body.get("seed"))
+    except SamplingError as exc:
+        raise bad(exc.field, str(exc)) from None
+
+
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     """Validate a `/v1/completions` body (already JSON-decoded).
 
@@ -212,15 +227,12 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
         raise bad("n", f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; at "
                        f"most {MAX_CHOICES} per request")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0, what=" (0 is greedy)")
-    top_p = _number(body, "top_p", None, 0.0, 1.0, low_open=True)
     top_k = body.get("top_k")
     if top_k is not None:
         if not _is_int(top_k) or top_k < -1:
             raise bad("top_k", f"top_k must be an integer >= 1 (0 or -1: off), got "
                                f"{_shown(top_k)}")
         top_k = top_k if top_k >= 1 else None
-    penalty = _number(body, "repetition_penalty", 1.0, 0.0, math.inf, low_open=True,
-                      what=" (1 is off)")
     for name in ("frequency_penalty", "presence_penalty"):
         value = _number(body, name, 0.0, -2.0, 2.0)
         if value != 0.0:
@@ -249,11 +261,11 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     else:
         raise bad("stop", f"stop must be a string or an array of up to {MAX_STOPS} strings, "
                           f"got {_shown(stop)}")
-    seed = _int(body, "seed", None, 0, 2**64 - 1)
     logprobs = body.get("logprobs")
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
         raise bad("logprobs", f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (how many "
                               f"alternatives per token), got {_shown(logprobs)}")
+    sampling = _sampling(body, temperature, top_k, logprobs)
     max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, 2**31 - 1)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
@@ -271,6 +283,7 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
         _bool(options, "include_obfuscation")  # accepted; chunks carry no obfuscation field
     return CompletionRequest(
         model=model, prompts=prompts, max_tokens=max_tokens, temperature=temperature,
-        top_p=None if top_p == 1.0 else top_p, top_k=top_k, repetition_penalty=penalty, n=n,
-        stop=stops, seed=seed, logprobs=logprobs, echo=_bool(body, "echo"), stream=stream,
+        top_p=None if sampling.top_p == 1.0 else sampling.top_p, top_k=top_k,
+        repetition_penalty=sampling.repetition_penalty, n=n, stop=stops, seed=sampling.seed,
+        logprobs=logprobs, echo=_bool(body, "echo"), stream=stream,
         include_usage=include_usage)

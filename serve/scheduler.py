@@ -9,7 +9,7 @@ job's asyncio queue (a streamed job's at most every `Job.interval` seconds, seve
 row that used its `max_tokens`, or sampled the end-of-text token, leaves at once. Requests that
 cannot start wait in a queue of at most `max_queue`; beyond it `submit` refuses them (HTTP 429).
 
-Every row is sampled by the engine with the samplers of `model/generation.py`: there is no
+Every row is sampled by the engine with the samplers of `model/sampling.py`: there is no
 second sampler here. Rows with the same settings and no seed share one `Sampling` (one sampler
 call per step for all of them); a seeded row has its own generator, so its text does not depend
 on what else is in the batch.
@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from model.engine import DecodeEngine, Row, Sampling
+from model.engine import DecodeEngine, Row
+from model.sampling import Sampling
 
 log = logging.getLogger("serve")
 

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 from common.cli import OneLineParser
+from common.cli import nonneg_float as _nonneg_float
+from common.cli import positive_int as _positive_int
+from common.cli import seed as _seed
 from corpus.datasets import add_data_args
 from training.errors import UsageError
 from training.loggers import LOG_TO
@@ -63,36 +66,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": dict(lr=6e-5, min_lr=6e-6, warmup_steps=10, weight_decay=0.1, max_steps=200,
                      batch_size=8, eval_interval=50, eval_windows=100),
 }
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:  # what numpy's and torch's generators both accept
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 _TIME_RE = re.compile(r"\s*([0-9.e+-]+)\s*(s|sec|m|min|h)?\s*")

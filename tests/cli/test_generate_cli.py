@@ -53,11 +53,15 @@ def run_many(commands: list[list[str]], cwd: Path, timeout: float = 300
             for i, argv in enumerate(commands)]
 
 
-def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+PARSER_ERROR = "generate_lm.py: error: "  # the parser's (common.cli.OneLineParser) prefix
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str,
+                       prefix: str = "error: ") -> None:
     assert proc.returncode == 2, proc.stderr
     # One `error:` line, last; at most the "loaded <file>" notice before it.
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: "), proc.stderr
+    assert lines[-1].startswith(prefix), proc.stderr
     assert all(line.startswith("loaded ") for line in lines[:-1]), proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     for needle in needles:
@@ -96,28 +100,28 @@ def expected_text(tiny_model, prompt: str, **kwargs) -> str:
 # -- usage errors: instant, before torch is imported --------------------------------------------
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--prompt", "x", "--temperature", "-1"], ["--temperature", ">= 0"]),
-    (["--prompt", "x", "--temperature", "nan"], ["--temperature", "finite"]),
-    (["--prompt", "x", "--top_p", "1.5"], ["--top_p", "(0.0, 1.0]"]),
-    (["--prompt", "x", "--top_p", "0"], ["--top_p"]),
-    (["--prompt", "x", "--max_length", "0"], ["--max_length", ">= 1"]),
-    (["--prompt", "x", "--max_new_tokens", "-5"], ["--max_new_tokens"]),
-    (["--prompt", "x", "--top_k", "0"], ["--top_k"]),
-    (["--prompt", "x", "--top_k", "ten"], ["--top_k", "integer"]),
-    (["--prompt", "x", "--num_samples", "0"], ["--num_samples"]),
-    (["--prompt", "x", "--repetition_penalty", "0"], ["--repetition_penalty"]),
-    (["--prompt", "x", "--seed", "-1"], ["--seed"]),
-    (["--prompt", "x", "--device", "tpu"], ["--device", "'tpu'"]),
-    (["--prompt", "x", "--dtype", "fp8"], ["--dtype"]),
-    (["--prompt", "x", "--checkpoint", "no/such/run"], ["--checkpoint", "not found"]),
-    (["--prompt", "x", "--bogus"], ["--bogus"]),
-    ([], ["--prompt", "--interactive"]),
-    (["--prompt", "x", "--interactive"], ["--interactive", "--prompt"]),
-    (["--interactive", "--num_samples", "2"], ["--num_samples"]),
+@pytest.mark.parametrize("args, needles, prefix", [
+    (["--prompt", "x", "--temperature", "-1"], ["--temperature", ">= 0"], PARSER_ERROR),
+    (["--prompt", "x", "--temperature", "nan"], ["--temperature", "finite"], PARSER_ERROR),
+    (["--prompt", "x", "--top_p", "1.5"], ["--top_p", "(0.0, 1.0]"], PARSER_ERROR),
+    (["--prompt", "x", "--top_p", "0"], ["--top_p"], PARSER_ERROR),
+    (["--prompt", "x", "--max_length", "0"], ["--max_length", ">= 1"], PARSER_ERROR),
+    (["--prompt", "x", "--max_new_tokens", "-5"], ["--max_new_tokens"], PARSER_ERROR),
+    (["--prompt", "x", "--top_k", "0"], ["--top_k"], PARSER_ERROR),
+    (["--prompt", "x", "--top_k", "ten"], ["--top_k", "integer"], PARSER_ERROR),
+    (["--prompt", "x", "--num_samples", "0"], ["--num_samples"], PARSER_ERROR),
+    (["--prompt", "x", "--repetition_penalty", "0"], ["--repetition_penalty"], PARSER_ERROR),
+    (["--prompt", "x", "--seed", "-1"], ["--seed"], PARSER_ERROR),
+    (["--prompt", "x", "--device", "tpu"], ["--device", "'tpu'"], "error: "),
+    (["--prompt", "x", "--dtype", "fp8"], ["--dtype"], PARSER_ERROR),
+    (["--prompt", "x", "--checkpoint", "no/such/run"], ["--checkpoint", "not found"], "error: "),
+    (["--prompt", "x", "--bogus"], ["--bogus"], PARSER_ERROR),
+    ([], ["--prompt", "--interactive"], "error: "),
+    (["--prompt", "x", "--interactive"], ["--interactive", "--prompt"], PARSER_ERROR),
+    (["--interactive", "--num_samples", "2"], ["--num_samples"], "error: "),
 ])
-def test_usage_errors(args, needles):
-    assert_usage_error(run_cli(*args, timeout=30), *needles)
+def test_usage_errors(args, needles, prefix):
+    assert_usage_error(run_cli(*args, timeout=30), *needles, prefix=prefix)
 
 
 def test_help_documents_every_flag_with_its_default():

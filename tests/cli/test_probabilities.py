@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import pexpect
 import pytest
 import torch
-from test_generate_cli import SCRIPT, assert_usage_error, run_cli, run_many
+from test_generate_cli import PARSER_ERROR, SCRIPT, assert_usage_error, run_cli, run_many
 from test_repl import PROMPT, _command, _env, _exit_status
 
 from model.checkpoint import load_model
@@ -65,15 +65,16 @@ def test_show_probs_table_on_stderr_and_json(endless_checkpoint, endless_model, 
     assert all(t["sampled_logprob"] > t["logprob"] for t in tokens)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--show_probs", "-1"], ["--show_probs", ">= 0"]),
-    (["--show_probs", "many"], ["--show_probs", "integer"]),
-    (["--json", "--interactive"], ["--json"]),
+@pytest.mark.parametrize("args, needles, prefix", [
+    (["--show_probs", "-1"], ["--show_probs", ">= 0"], PARSER_ERROR),
+    (["--show_probs", "many"], ["--show_probs", "integer"], PARSER_ERROR),
+    (["--json", "--interactive"], ["--json"], "error: "),
 ])
-def test_bad_probability_flags(args, needles, tiny_checkpoint):
+def test_bad_probability_flags(args, needles, prefix, tiny_checkpoint):
     if "--interactive" not in args:
         args = [*args, "--prompt", "x"]
-    assert_usage_error(run_cli("--checkpoint", str(tiny_checkpoint), *args), *needles)
+    assert_usage_error(run_cli("--checkpoint", str(tiny_checkpoint), *args), *needles,
+                       prefix=prefix)
 
 
 def _spawn(checkpoint, tmp_path, *args: str, no_color: bool = True) -> pexpect.spawn:

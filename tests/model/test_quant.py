@@ -3,7 +3,6 @@ what stays untouched (parameters, state_dict, training), and the --quantize comm
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -15,6 +14,8 @@ from cli_cases import assert_usage_errors, run_many
 
 import evaluate_lm
 import generate_lm
+import serve_lm
+from common import cli
 from model import quant
 from model.checkpoint import load_model
 from model.lm import LanguageModel, Linear
@@ -220,7 +221,10 @@ def test_load_model_quantize(tiny_checkpoint):
 
 
 def test_cli_choices_match_the_formats():
-    assert generate_lm.QUANTIZE == evaluate_lm.QUANTIZE == quant.FORMATS
+    assert cli.QUANTIZE == quant.FORMATS
+    for script in (generate_lm, evaluate_lm, serve_lm):  # all three take the common flag
+        choices = script.build_parser()._option_string_actions["--quantize"].choices
+        assert tuple(choices) == quant.FORMATS, script
 
 
 def test_generate_cli_formats(tiny_checkpoint, tmp_path):
@@ -241,17 +245,24 @@ def test_generate_cli_formats(tiny_checkpoint, tmp_path):
     assert "cpu, float32)" in res["none"][2]
     assert "cpu, int8 weights)" in res["int8"][2]
     assert "cpu, bf16 weights)" in res["bf16 dtype"][2]  # says what --dtype bfloat16 does here
-    for name, needle in (("bad", "invalid choice: 'int4'"), ("combo", "drop --dtype bfloat16")):
+    for name, needle, prefix in (("bad", "invalid choice: 'int4'", "generate_lm.py: error: "),
+                                 ("combo", "drop --dtype bfloat16", "error: ")):
         code, out, err = res[name]
         assert code == 2 and out == "", (name, err)
         lines = err.strip().splitlines()
-        assert lines == [lines[-1]] and lines[-1].startswith("error: ") and needle in err, err
+        assert lines == [lines[-1]] and lines[-1].startswith(prefix) and needle in err, err
 
 
-def test_generate_cli_refuses_quantize_on_a_gpu(capsys):
-    args = argparse.Namespace(quantize="int8", dtype="float32")
+def test_generate_cli_refuses_quantize_on_a_gpu(tiny_checkpoint, monkeypatch, capsys):
+    import model.loading
+
+    with pytest.raises(model.loading.LoadError) as info:
+        model.loading.weight_format(torch.device("cuda"), "float32", "int8")
+    assert "--quantize int8 is for CPU decoding" in str(info.value)
+    monkeypatch.setattr(model.loading, "pick_device", lambda name: torch.device("cuda"))
     with pytest.raises(SystemExit) as exc:
-        generate_lm._weight_format(args, torch.device("cuda"))
+        generate_lm.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--quantize",
+                          "int8"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--quantize int8 is for CPU decoding" in err

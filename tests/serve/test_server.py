@@ -413,15 +413,18 @@ def test_bad_flags_and_a_bad_checkpoint_exit_2_with_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        cases = [(["--max_batch", "0"], "--max_batch"), (["--port", "70000"], "--port"),
-                 (["--checkpoint", str(tmp_path / "missing.pt")], "not found"),
-                 (["--device", "tpu"], "unknown device"), (["--api_key", " "], "--api_key"),
-                 (["--port", port], "cannot listen"),
-                 (["--stream_interval_ms", "-1"], "--stream_interval_ms")]
-        for args, needle in cases:
+        parser = "serve_lm.py: error: "  # the parser's (common.cli.OneLineParser) prefix
+        cases = [(["--max_batch", "0"], "--max_batch", parser),
+                 (["--port", "70000"], "--port", parser),
+                 (["--checkpoint", str(tmp_path / "missing.pt")], "not found", "error: "),
+                 (["--device", "tpu"], "unknown device", "error: "),
+                 (["--api_key", " "], "--api_key", "error: "),
+                 (["--port", port], "cannot listen", "error: "),
+                 (["--stream_interval_ms", "-1"], "--stream_interval_ms", parser)]
+        for args, needle, prefix in cases:
             proc = run(*args)
             assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr)
-            assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+            assert proc.stderr.startswith(prefix) and proc.stderr.count("\n") == 1
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     proc = run("--checkpoint", str(garbage), "--port", "0")
