@@ -142,8 +142,9 @@ def source_weights(start: RunStart, cfg: LMConfig) -> dict[str, torch.Tensor]:
     """The `--init_from` weights for `cfg`: position embeddings cropped to its context (as
     nanoGPT's `crop_block_size` does) when `--max_seq_len` is smaller than the source's."""
     state = dict(start.ckpt["model_state_dict"])
-    wpe = state["transformer.wpe.weight"]
-    state["transformer.wpe.weight"] = wpe[:cfg.max_seq_len].clone()
+    if "transformer.wpe.weight" in state:  # RoPE models have no position table to crop
+        wpe = state["transformer.wpe.weight"]
+        state["transformer.wpe.weight"] = wpe[:cfg.max_seq_len].clone()
     return state
 
 

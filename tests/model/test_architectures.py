@@ -286,3 +286,27 @@ def test_unrepresentable_and_unsupported_are_one_line_errors():
     with pytest.raises(ValueError, match="unsupported RoPE scaling 'llama3'"):
         config_from_hf(hf_cfg)
     assert config_to_hf(LMConfig(**SMALL)).model_type == "gpt2"
+
+
+def _save_checkpoint(path, model: LanguageModel):
+    torch.save({"model_config": model.config.to_dict(), "model_state_dict": model.state_dict(),
+                "tokenizer": "gpt2"}, path)
+    return path
+
+
+def test_convert_to_hf_and_back(tmp_path):
+    """convert.py --to_hf writes a Llama folder for a Llama-like checkpoint (verified against
+    transformers' logits), which loads back as the same model; GGUF refuses it in one line."""
+    import convert
+    from model.gguf_export import GGUFExportError, check_exportable
+
+    model = _model(**OPTIONS["qwen3"])
+    ckpt = _save_checkpoint(tmp_path / "qwen3.pt", model)
+    out = convert.to_hf(ckpt, tmp_path / "hf")
+    back = load_hf_gpt2(out)
+    assert back.config == model.config
+    ids = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+    with pytest.raises(GGUFExportError, match="gpt2 architecture only"):
+        check_exportable(model.config, model.state_dict(), "f32", "gpt2")
