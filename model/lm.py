@@ -3,8 +3,8 @@
 One readable file: the config, the KV cache, the blocks and the model. `LMConfig`'s
 architecture fields choose positions (learned or RoPE), norms, the MLP, grouped-query
 attention, QK-norm, biases, tying and a logit soft-cap; Hugging Face's Llama, Qwen2 and Qwen3
-weights map onto it in `model/hf_families.py`. Sampling and the
-generation loop live in `model/generation.py`; `LanguageModel.generate` and `.stream` call it.
+weights map onto it in `model/hf_families.py`. Sampling and the generation loop live in
+`model/generation.py`; `LanguageModel.generate` and `.stream` call it.
 
 Vocabulary (nanoGPT's): B batch, T sequence length, C = d_model, H heads, KV key/value heads,
 D head size (C // H unless `head_dim` says otherwise), V vocab size, S cached key/value length.
@@ -394,7 +394,8 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """GPT-2-style language model; loads GPT-2 weights (`from_hf_gpt2`) and generates text.
+    """Decoder-only language model, GPT-2 unless `LMConfig`'s architecture fields say otherwise;
+    loads Hugging Face GPT-2, Llama, Qwen2 and Qwen3 weights (`from_hf_gpt2`) and generates text.
 
     Use `with model:` for a block of generation calls: inside, the model is in eval mode with
     gradients off and its KV cache allocated; on exit the previous mode and grad state return and
@@ -460,7 +461,8 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def from_hf_gpt2(cls, model_or_dir: Any) -> LanguageModel:
-        """Convert a Hugging Face `GPT2LMHeadModel` (or a local folder holding one)."""
+        """Convert a Hugging Face `GPT2LMHeadModel` (or a local folder holding one); Llama, Qwen2
+        and Qwen3 models too (`model/hf_families.py`)."""
         from model.hf_interop import load_hf_gpt2
 
         return load_hf_gpt2(model_or_dir)

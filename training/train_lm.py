@@ -74,6 +74,7 @@ from training.start import (  # noqa: E402
     check_vocabulary,
     choose_start,
     keep_global_batch,
+    source_architecture,
     source_weights,
 )
 from training.unseen_tokens import UnseenTokens  # noqa: E402
@@ -138,7 +139,7 @@ def _model_config(args: argparse.Namespace, start: RunStart, info: D.DistInfo, d
     check_vocabulary(start, vocab, len(tok), args.tokenizer)
     try:
         cfg = LMConfig(vocab, args.d_model, args.num_heads, args.num_layers, args.d_ff,
-                       args.max_seq_len, args.dropout)
+                       args.max_seq_len, args.dropout, **source_architecture(start))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if start.resuming:

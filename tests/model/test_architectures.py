@@ -94,7 +94,7 @@ def test_cached_decode_equals_full_forward(name):
             assert torch.allclose(step, full, atol=1e-5), t
 
 
-@pytest.mark.parametrize("name", ["rope", "gqa", "mqa", "llama", "qwen3", "everything"])
+@pytest.mark.parametrize("name", OPTIONS)
 def test_ragged_batch_equals_rows_alone_past_the_window(name):
     """Rows of different lengths (masked per-row positions) decode as alone, past the context."""
     model = _model(**OPTIONS[name])
@@ -121,7 +121,7 @@ def _window_reference(model: LanguageModel, prompt: torch.Tensor, n_new: int) ->
     return ids
 
 
-@pytest.mark.parametrize("name", ["rope", "llama", "qwen3", "everything"])
+@pytest.mark.parametrize("name", OPTIONS)
 def test_generation_past_max_seq_len(name):
     model = _model(**OPTIONS[name])
     prompt = torch.randint(0, V, (5,), generator=torch.Generator().manual_seed(4))
@@ -310,3 +310,42 @@ def test_convert_to_hf_and_back(tmp_path):
         assert torch.equal(back(ids), model(ids))
     with pytest.raises(GGUFExportError, match="gpt2 architecture only"):
         check_exportable(model.config, model.state_dict(), "f32", "gpt2")
+
+
+def test_train_lm_init_from_a_qwen3_folder_keeps_its_architecture(tmp_path, monkeypatch):
+    """train_lm.py --init_from a Qwen3 folder trains a Qwen3-shaped model (the architecture
+    fields come from the source), starting from its exact weights."""
+    import shutil
+
+    from train_helpers import write_text
+
+    from model.hf_interop import state_dict_from_hf
+    from model.tokenizer import BUNDLED_GPT2_DIR
+    from training import train_lm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = transformers.Qwen3Config(
+        vocab_size=50257, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=32,
+        tie_word_embeddings=True)
+    torch.manual_seed(10)
+    hf = transformers.Qwen3ForCausalLM(config)
+    folder = tmp_path / "tiny-qwen3"
+    hf.save_pretrained(str(folder))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(BUNDLED_GPT2_DIR / name, folder / name)
+    write_text(tmp_path / "train.txt", 2000, seed=1)
+    write_text(tmp_path / "val.txt", 400, seed=2)
+    out = tmp_path / "ft"
+    assert train_lm.main([
+        "--train_file", str(tmp_path / "train.txt"), "--val_file", str(tmp_path / "val.txt"),
+        "--out_dir", str(out), "--batch_size", "2", "--eval_windows", "2", "--dropout", "0",
+        "--dtype", "float32", "--no_plot", "--init_from", str(folder), "--lr", "0",
+        "--max_steps", "1", "--eval_interval", "1"]) == 0
+    snap = torch.load(out / "snapshots" / "latest.pt", weights_only=True)
+    cfg = LMConfig.from_dict(snap["model_config"])
+    assert cfg == config_from_hf(config)
+    expected = state_dict_from_hf(hf.state_dict())
+    assert set(snap["model_state_dict"]) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(snap["model_state_dict"][key], value), key
