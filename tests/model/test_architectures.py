@@ -53,6 +53,7 @@ def _model(seed: int = 0, **arch) -> LanguageModel:
         for name, p in model.named_parameters():
             if "ln" in name or "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
+        model.lm_head.weight.mul_(10)  # logits of about +-1: a soft-cap makes a difference
     return model
 
 
@@ -349,3 +350,29 @@ def test_train_lm_init_from_a_qwen3_folder_keeps_its_architecture(tmp_path, monk
     assert set(snap["model_state_dict"]) == set(expected)
     for key, value in expected.items():
         assert torch.equal(snap["model_state_dict"][key], value), key
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unseen_tokens_with_an_untied_soft_capped_head(fused):
+    """--unseen_tokens shared: the training loss and the validation loss of an untied,
+    soft-capped model equal the full softmax's."""
+    import numpy as np
+
+    from training.evaluation import evaluate_tokens
+    from training.unseen_tokens import UnseenTokens
+
+    seen = np.zeros(V, dtype=bool)
+    seen[np.random.RandomState(0).choice(V, 30, replace=False)] = True
+    unseen = UnseenTokens(seen)
+    model = _model(**OPTIONS["everything"])
+    unseen.equalize(model.lm_head.weight)
+    seen_ids = torch.from_numpy(np.flatnonzero(seen))
+    # training text holds seen tokens only (an unseen target's loss would differ by log U)
+    idx = seen_ids[torch.randint(0, 30, (3, 16), generator=torch.Generator().manual_seed(11))]
+    targets = torch.roll(idx, -1, dims=1)
+    shared = TrainingModule(model, fused_head=fused, unseen=unseen)(idx, targets)
+    assert shared.item() == pytest.approx(model(idx, targets)[1].item(), rel=1e-5)
+    val = torch.randint(0, V, (200,), generator=torch.Generator().manual_seed(12))
+    full = evaluate_tokens(model, val, seq_len=16, batch_size=4)
+    fast = evaluate_tokens(model, val, seq_len=16, batch_size=4, unseen=unseen)
+    assert fast.loss == pytest.approx(full.loss, rel=1e-5)
