@@ -130,6 +130,19 @@ def test_generation_past_max_seq_len(name):
     assert got == _window_reference(model, prompt, 40)
 
 
+@pytest.mark.parametrize("name", ["rope", "mqa", "llama", "qwen3", "everything"])
+def test_static_decode_step_equals_eager(name, monkeypatch):
+    """generate(compile=True)'s static-shape step (whole cache, masked, per-row positions), run
+    eagerly here, decodes as the eager path does."""
+    model = _model(**OPTIONS[name])
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    rows = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n))
+            for n in (3, 9, 5)]
+    eager = model.generate(rows, max_new_tokens=30, temperature=0)
+    static = model.generate(rows, max_new_tokens=30, temperature=0, compile=True)
+    assert torch.equal(eager, static)
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_quantized_decode_runs(fmt):
     model = _model(**OPTIONS["everything"])
