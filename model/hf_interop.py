@@ -364,17 +364,37 @@ def read_hf_checkpoint(name_or_dir: str | Path) -> dict[str, Any]:
     return checkpoint_from_hf(hf_config, hf_sd, folder)
 
 
-def load_hf_gpt2(model_or_dir: Any) -> LanguageModel:
+def load_hf_gpt2(model_or_dir: Any, max_seq_len: int | None = None) -> LanguageModel:
     """Convert a `GPT2LMHeadModel` instance, a local folder holding one, or a hub name (through
     the local cache; see `hf_folder`) to a `LanguageModel`; Llama, Qwen2 and Qwen3 models
-    (`...ForCausalLM`) too."""
+    (`...ForCausalLM`) too.
+
+    Args:
+        model_or_dir: the model, folder or hub name.
+        max_seq_len: a shorter context than the model's (the KV cache holds `max_seq_len`
+            positions per row: Qwen's 32,768 or 40,960 would take gigabytes per row); GPT-2's
+            position table is cropped to it.
+
+    Raises:
+        ValueError: `max_seq_len` longer than the model's context.
+    """
+    import dataclasses
+
     if isinstance(model_or_dir, (str, Path)):
         ckpt = read_hf_checkpoint(model_or_dir)
-        model = LanguageModel.from_config(ckpt["model_config"])
-        model.load_state_dict(ckpt["model_state_dict"], strict=True)
-        return model
-    cfg = config_from_hf(model_or_dir.config)
+        cfg, sd = LMConfig.from_dict(ckpt["model_config"]), ckpt["model_state_dict"]
+        device = torch.device("cpu")
+    else:
+        cfg = config_from_hf(model_or_dir.config)
+        sd = state_dict_from_hf(model_or_dir.state_dict())
+        device = next(model_or_dir.parameters()).device
+    if max_seq_len is not None and max_seq_len != cfg.max_seq_len:
+        if max_seq_len > cfg.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of "
+                             f"{cfg.max_seq_len}")
+        cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+        if "transformer.wpe.weight" in sd:
+            sd = {**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:max_seq_len]}
     model = LanguageModel.from_config(cfg)
-    sd = state_dict_from_hf(model_or_dir.state_dict())
     model.load_state_dict(sd, strict=True)
-    return model.to(next(model_or_dir.parameters()).device)
+    return model.to(device)

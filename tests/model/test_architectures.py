@@ -389,3 +389,14 @@ def test_unseen_tokens_with_an_untied_soft_capped_head(fused):
     full = evaluate_tokens(model, val, seq_len=16, batch_size=4)
     fast = evaluate_tokens(model, val, seq_len=16, batch_size=4, unseen=unseen)
     assert fast.loss == pytest.approx(full.loss, rel=1e-5)
+
+
+def test_load_with_a_shorter_context():
+    hf = _hf_model("qwen2_biases")
+    model = load_hf_gpt2(hf, max_seq_len=24)
+    assert model.config.max_seq_len == 24 and model.rope_cos.shape == (24, 8)
+    ids = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        load_hf_gpt2(hf, max_seq_len=65)
