@@ -230,7 +230,8 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
     """Write a checkpoint's weights as safetensors, with its config in the metadata.
 
     The metadata holds "model_config" (the JSON of our config dict) and "tokenizer".
-    `lm_head.weight` is left out: it is the token embedding (tied), as in Hugging Face files.
+    `lm_head.weight` is left out when it is the token embedding (tied), as in Hugging Face
+    files.
 
     Returns:
         The path written.
@@ -241,9 +242,9 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
 
     out = _check_output(out, force)
     model, ckpt = load_model(checkpoint, device="cpu")
-    tensors = {
-        k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
-    }
+    tied = model.config.tie_embeddings
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
     metadata = {
         "format": "pt",
         "model_config": json.dumps(model.config.to_dict()),

@@ -400,3 +400,32 @@ def test_load_with_a_shorter_context():
         assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         load_hf_gpt2(hf, max_seq_len=65)
+
+
+def test_checkpoint_loader_checks_the_architecture(tmp_path):
+    """An untied checkpoint must hold its head; an absurd head_dim is refused before any
+    allocation; a RoPE checkpoint loads back as itself."""
+    from model.checkpoint import CheckpointError, load_model
+
+    model = _model(**OPTIONS["llama"])
+    path = _save_checkpoint(tmp_path / "llama.pt", model)
+    loaded, _ = load_model(path, device="cpu")
+    assert loaded.config == model.config
+    ids = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    import convert
+
+    exported, _ = load_model(convert.to_safetensors(path, tmp_path / "llama.safetensors"),
+                             device="cpu")  # the untied head is kept
+    assert torch.equal(exported.lm_head.weight, model.lm_head.weight)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_state_dict"]["lm_head.weight"]
+    torch.save(ckpt, tmp_path / "headless.pt")
+    with pytest.raises(CheckpointError, match="no lm_head.weight, and model_config says"):
+        load_model(tmp_path / "headless.pt", device="cpu")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_config"]["head_dim"] = 2**40
+    torch.save(ckpt, tmp_path / "absurd.pt")
+    with pytest.raises(CheckpointError, match="asks for head_dim 1,099,511,627,776"):
+        load_model(tmp_path / "absurd.pt", device="cpu")
