@@ -158,12 +158,12 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
         checkpoint: one of our checkpoints (anything `model.checkpoint.load_model` accepts).
         out_dir: the folder to create.
         force: replace an existing, non-empty `out_dir`.
-        verify: check `GPT2LMHeadModel`'s logits against ours on the same weights.
+        verify: check the Hugging Face model's logits against ours on the same weights.
 
     Returns:
         The folder written.
     """
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from model.checkpoint import load_model
     from model.hf_interop import config_to_hf, state_dict_to_hf
@@ -171,8 +171,9 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
     out_dir = _check_output(out_dir, force, folder=True)
     model, ckpt = load_model(checkpoint, device="cpu")
     cfg = model.config
-    hf = GPT2LMHeadModel(config_to_hf(cfg))
-    hf.load_state_dict(state_dict_to_hf(model.state_dict()), strict=True)
+    # GPT2LMHeadModel, or LlamaForCausalLM/Qwen2ForCausalLM/Qwen3ForCausalLM (model/hf_families.py)
+    hf = AutoModelForCausalLM.from_config(config_to_hf(cfg))
+    hf.load_state_dict(state_dict_to_hf(model.state_dict(), cfg), strict=True)
     if verify:
         verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--to_hf {checkpoint}")
     tokenizer = _tokenizer_name(ckpt)
@@ -229,7 +230,8 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
     """Write a checkpoint's weights as safetensors, with its config in the metadata.
 
     The metadata holds "model_config" (the JSON of our config dict) and "tokenizer".
-    `lm_head.weight` is left out: it is the token embedding (tied), as in Hugging Face files.
+    `lm_head.weight` is left out when it is the token embedding (tied), as in Hugging Face
+    files.
 
     Returns:
         The path written.
@@ -240,9 +242,9 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
 
     out = _check_output(out, force)
     model, ckpt = load_model(checkpoint, device="cpu")
-    tensors = {
-        k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
-    }
+    tied = model.config.tie_embeddings
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
     metadata = {
         "format": "pt",
         "model_config": json.dumps(model.config.to_dict()),

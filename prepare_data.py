@@ -39,7 +39,7 @@ _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0],
-                      epilog="Examples and the format: README, 'Training on a large corpus'.")
+                      epilog="Examples and the format: docs/data.md.")
     p.add_argument("source", metavar="SOURCE", nargs="?",
                    help="local files (file, glob, folder) or a Hugging Face dataset name")
     p.add_argument("--out", metavar="DIR", help="the folder to write (new or empty, or the same "

@@ -8,7 +8,7 @@
 Open http://127.0.0.1:8000/ for the playground. Concurrent requests share the model's decode
 steps (continuous batching, up to --max_batch rows). The server listens at once; /health
 answers 503 until the model is loaded. Bad flags exit with status 2 and a one-line `error: ...`.
-See the "Serving" section of GENERATION_GUIDE.md.
+See docs/serving.md.
 """
 
 from __future__ import annotations

@@ -405,7 +405,7 @@ def test_config_dict_round_trip():
     cfg = LMConfig(d_model=64, num_heads=2)
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
     assert list(cfg.to_dict()) == ["vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
-                                   "max_seq_len", "dropout"]
+                                   "max_seq_len", "dropout", *LMConfig.ARCHITECTURE_KEYS]
     with pytest.raises(ValueError, match="unknown"):
         LMConfig.from_dict({**cfg.to_dict(), "n_embd": 3})
 

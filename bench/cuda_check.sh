@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures in README.md: run from the repo root on a CUDA machine.
+# The GPU figures in docs/benchmarks.md: run from the repo root on a CUDA machine.
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -8,8 +8,9 @@
 
 The corpora are JSONL files (`{"text": ...}` per line) made from the real text this repo and
 ../shared hold: Tiny Shakespeare cut into passages of 5-40 speeches, the WikiText-2 validation
-and test articles (../shared/data/wikitext-2), and the sections of README.md and
-GENERATION_GUIDE.md (about 2.4 MB of distinct text, 1,900 documents). The documents are shuffled
+and test articles (../shared/data/wikitext-2), and the sections of README.md,
+GENERATION_GUIDE.md and docs/*.md (about 2.4 MB of distinct text, 1,900 documents; the
+recorded runs were made when that prose lived in the first two files). The documents are shuffled
 (seeded) and written again and again, each pass in a new order, until the file reaches the size.
 Encoding is per document and neither tokenizer caches across calls, so repetition does not speed
 up the encoding; it is still text with the word statistics of real text.
@@ -74,8 +75,9 @@ def source_documents() -> list[str]:
         path = SHARED / "data" / "wikitext-2" / name
         if path.is_file():
             docs += split_documents(path.read_text(encoding="utf-8"), "wikitext")
-    for name in ("README.md", "GENERATION_GUIDE.md"):
-        text = (REPO / name).read_text(encoding="utf-8")
+    for path in [REPO / "README.md", REPO / "GENERATION_GUIDE.md",
+                 *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
         docs += [s for s in re.split(r"\n(?=## )", text) if s.strip()]
     return docs
 

@@ -1,6 +1,6 @@
 """Generation speed: our KV-cached decoder vs Hugging Face GPT2LMHeadModel.generate, same weights.
 
-Run: python bench/generation.py            (CPU: the figures in README.md)
+Run: python bench/generation.py            (CPU: the figures in docs/benchmarks.md)
      python bench/generation.py --quality_run lm_shakespeare   (reuse a trained run for quality)
      python bench/generation.py --device cuda --dtype bfloat16 --compile   (a GPU)
 

@@ -39,7 +39,7 @@ from training.options import DTYPE_NAMES, resolve_dtype  # noqa: E402
 from training.step import autocast_context, train_step  # noqa: E402
 
 CONFIGS = {
-    # nanoGPT's train_shakespeare setup at 4 layers (the figures in issue 4 / the README).
+    # nanoGPT's train_shakespeare setup at 4 layers (the figures in docs/benchmarks.md).
     "nanogpt": dict(model=dict(d_model=256, num_heads=4, num_layers=4, d_ff=1024,
                                max_seq_len=256, dropout=0.0), batch_size=8),
     "gpt2-124m": dict(model=dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072,

@@ -1,6 +1,6 @@
 """Decode speed next to llama.cpp on the same weights, and how a GGUF export agrees with us.
 
-Run: python bench/vs_llama_cpp.py --llama_server PATH     (CPU; the figures in README.md)
+Run: python bench/vs_llama_cpp.py --llama_server PATH     (CPU; the figures in docs/benchmarks.md)
      python bench/vs_llama_cpp.py --llama_server PATH --agreement lm_shakespeare
          (also: a trained run's greedy tokens and logits in llama.cpp, through llama-cpp-python)
 

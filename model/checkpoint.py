@@ -300,7 +300,8 @@ def _check_size(cfg: LMConfig, state: dict[str, Any], file: str) -> None:
     # this check, the exact shape comparison bounds every size.
     held = sum(v.numel() for k, v in state.items()
                if isinstance(v, torch.Tensor) and k != _TIED[0])  # the tied head is wte again
-    absurd = [f"{k} {getattr(cfg, k):,}" for k in ("vocab_size", "d_model", "d_ff", "max_seq_len")
+    absurd = [f"{k} {getattr(cfg, k):,}"
+              for k in ("vocab_size", "d_model", "d_ff", "max_seq_len", "head_dim")
               if getattr(cfg, k) > held]
     if cfg.num_layers > len(state):
         absurd.append(f"num_layers {cfg.num_layers:,} (the file has {len(state)} tensors)")
@@ -311,7 +312,7 @@ def _check_size(cfg: LMConfig, state: dict[str, Any], file: str) -> None:
 
 
 def _check_state_dict(state: dict[str, Any], expected: dict[str, tuple[int, ...]],
-                      file: str) -> None:
+                      file: str, tied: bool = True) -> None:
     bad_type = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad_type:
         raise CheckpointError(f"checkpoint {file}: state dict entries are not tensors: "
@@ -338,7 +339,7 @@ def _check_state_dict(state: dict[str, Any], expected: dict[str, tuple[int, ...]
         raise CheckpointError(f"checkpoint {file}: weights do not fit its model_config; "
                               + "; ".join(problems))
     head, wte = (state.get(k) for k in _TIED)
-    if head is not None and head is not wte and not torch.equal(head, wte):
+    if tied and head is not None and head is not wte and not torch.equal(head, wte):
         raise CheckpointError(f"checkpoint {file}: lm_head.weight differs from "
                               "transformer.wte.weight, but this model ties them")
 
@@ -381,7 +382,10 @@ def validate_weights(ckpt: dict[str, Any], allow_nonfinite: bool = False
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         expected = {k: tuple(v.shape) for k, v in LanguageModel.from_config(cfg)
                     .state_dict().items()}
-    _check_state_dict(state, expected, file)
+    if not cfg.tie_embeddings and _TIED[0] not in state:  # only a tied head may be left out
+        raise CheckpointError(f"checkpoint {file}: no {_TIED[0]}, and model_config says the "
+                              "head is not tied to the embedding (tie_embeddings False)")
+    _check_state_dict(state, expected, file, cfg.tie_embeddings)
     if not allow_nonfinite:
         _check_finite(state, file)
     if _TIED[0] not in state:

@@ -182,11 +182,17 @@ def check_exportable(cfg: LMConfig, tensors: dict[str, torch.Tensor], outtype: s
     """Refuse, with one line, a model that llama.cpp cannot hold exactly in `outtype`.
 
     Raises:
-        GGUFExportError: unknown outtype, another tokenizer than GPT-2's, a vocabulary smaller
+        GGUFExportError: unknown outtype, an architecture other than GPT-2's, another
+            tokenizer than GPT-2's, a vocabulary smaller
             than GPT-2's, f16 weights out of range, or q8_0 rows not a multiple of 32 wide.
     """
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
+    from model.hf_interop import is_gpt2
+
+    if not is_gpt2(cfg):
+        raise GGUFExportError("the GGUF export writes llama.cpp's gpt2 architecture only; this "
+                              "model's architecture fields are not GPT-2's (use --to_hf)")
     if tokenizer != "gpt2":
         raise GGUFExportError(
             f"the model uses tokenizer {tokenizer!r}; the GGUF export writes the GPT-2 tokenizer "

@@ -1,7 +1,10 @@
 """Hugging Face GPT-2 and our `LanguageModel`: the one place that reads HF folders and names.
 
-The networks are the same; the differences are names of config fields and the layout of the
-projection weights: Hugging Face stores them in `Conv1D` modules as (in, out), we use
+Llama, Qwen2 and Qwen3 folders go through the same functions: their configs and weight names
+are mapped in `model/hf_families.py`, chosen here by `model_type` or by the weight names.
+
+For GPT-2 the networks are the same; the differences are names of config fields and the layout
+of the projection weights: Hugging Face stores them in `Conv1D` modules as (in, out), we use
 `nn.Linear` with (out, in).
 
 Reading a Hugging Face model goes through here for everyone (`convert.py --from_hf`,
@@ -42,14 +45,20 @@ _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def config_from_hf(hf_config: Any) -> LMConfig:
-    """Our config for a `transformers.GPT2Config` (or its dict).
+    """Our config for a `transformers.GPT2Config`, `LlamaConfig`, `Qwen2Config` or
+    `Qwen3Config` (or its dict).
 
     Raises:
-        ValueError: if the config is not GPT-2, or uses an option this model does not implement.
+        ValueError: another model type, or an option this model does not implement (one line).
     """
+    from model.hf_families import FAMILIES, config_from_family
+
     c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    if c.get("model_type") in FAMILIES:
+        return config_from_family(c)
     if c.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"not a GPT-2 config (model_type={c.get('model_type')!r})")
+        raise ValueError(f"unsupported model_type {c.get('model_type')!r} (supported: gpt2, "
+                         f"{', '.join(FAMILIES)})")
     unsupported = {
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "add_cross_attention": False, "scale_attn_weights": True, "tie_word_embeddings": True,
@@ -72,12 +81,32 @@ def config_from_hf(hf_config: Any) -> LMConfig:
     )
 
 
-def config_to_hf(cfg: LMConfig):
-    """A `transformers.GPT2Config` describing the same network as `cfg`.
+def is_gpt2(cfg: LMConfig) -> bool:
+    """Whether every architecture field of `cfg` has GPT-2's value (its default)."""
+    default = LMConfig()
+    return all(getattr(cfg, key) == getattr(default, key) for key in LMConfig.ARCHITECTURE_KEYS
+               if key not in ("num_kv_heads", "head_dim")) \
+        and cfg.num_kv_heads == cfg.num_heads and cfg.head_dim * cfg.num_heads == cfg.d_model
 
-    It also holds `n_ctx` (the context again, as GPT-2's released configs have it): transformers
-    no longer writes it, but llama.cpp's `convert_hf_to_gguf.py` reads it for GPT-2.
+
+def config_to_hf(cfg: LMConfig):
+    """A transformers config describing the same network as `cfg`: a `GPT2Config` for GPT-2's
+    architecture, else a `LlamaConfig`, `Qwen2Config` or `Qwen3Config`
+    (`model.hf_families.config_to_family`).
+
+    A `GPT2Config` also holds `n_ctx` (the context again, as GPT-2's released configs have it):
+    transformers no longer writes it, but llama.cpp's `convert_hf_to_gguf.py` reads it.
+
+    Raises:
+        ValueError: `cfg` has no exact Hugging Face equivalent (one line naming the setting).
     """
+    if not is_gpt2(cfg):
+        from model.hf_families import config_to_family
+
+        if cfg.positions == "learned":
+            raise ValueError("learned positions with a non-GPT-2 architecture have no Hugging "
+                             "Face equivalent (GPT-2 needs every architecture field's default)")
+        return config_to_family(cfg)
     from transformers import GPT2Config
 
     eos = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, when it exists
@@ -102,15 +131,32 @@ def hf_state_dict_for_model(sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def state_dict_from_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict from a `GPT2LMHeadModel` (or `GPT2Model`) state dict."""
+    """Our state dict from a `GPT2LMHeadModel` (or `GPT2Model`) state dict, or from a Llama,
+    Qwen2 or Qwen3 `...ForCausalLM` one (told apart by the weight names)."""
+    from model.hf_families import is_family_state_dict, state_dict_from_family
+
+    if is_family_state_dict(sd):
+        return state_dict_from_family(sd)
     out = {name: value.t().contiguous() if name.endswith(_TRANSPOSED) else value
            for name, value in hf_state_dict_for_model(sd).items()}
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
 
 
-def state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `GPT2LMHeadModel` state dict from ours (lm_head kept: it is tied to wte)."""
+def state_dict_to_hf(sd: dict[str, torch.Tensor],
+                     cfg: LMConfig | None = None) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict of ours: `GPT2LMHeadModel`'s (lm_head kept: it is tied to
+    wte), or, for a `cfg` that is not GPT-2, that of `config_to_hf(cfg)`'s model class.
+
+    Raises:
+        ValueError: weights without a position table (not GPT-2) and no `cfg`.
+    """
+    if cfg is not None and not is_gpt2(cfg):
+        from model.hf_families import state_dict_to_family
+
+        return state_dict_to_family(sd, cfg)
+    if "transformer.wpe.weight" not in sd:
+        raise ValueError("these weights are not GPT-2's (no wpe): pass their config")
     return {k: (v.t().contiguous() if k.endswith(_TRANSPOSED) else v) for k, v in sd.items()
             if not k.startswith("_")}
 
@@ -280,16 +326,24 @@ def checkpoint_from_hf(hf_config: dict[str, Any], hf_sd: dict[str, Any],
     from what `read_hf_folder` read. Weight shapes are checked by whoever builds the model.
 
     Raises:
-        HFLoadError: not a GPT-2 config this model implements, or no token embedding.
+        HFLoadError: not a GPT-2, Llama, Qwen2 or Qwen3 config this model implements, or no
+            token embedding.
     """
+    from model.hf_families import FAMILIES
+
+    family = hf_config.get("model_type") in FAMILIES
     try:
         cfg = config_from_hf(hf_config)
     except KeyError as exc:
-        raise HFLoadError(f"config.json of {src} lacks {exc.args[0]!r}; not a GPT-2 "
+        what = hf_config["model_type"] if family else "GPT-2"
+        raise HFLoadError(f"config.json of {src} lacks {exc.args[0]!r}; not a {what} "
                           "config") from None
     except (ValueError, TypeError) as exc:
         raise HFLoadError(f"{src}: {_first_line(exc)}") from None
-    if "transformer.wte.weight" not in hf_state_dict_for_model(hf_sd):
+    if family and "model.embed_tokens.weight" not in hf_sd:
+        raise HFLoadError(f"no token embedding (model.embed_tokens.weight) in the weights of "
+                          f"{src}")
+    if not family and "transformer.wte.weight" not in hf_state_dict_for_model(hf_sd):
         raise HFLoadError(f"no token embedding (wte.weight) in the weights of {src}")
     return {"model_config": cfg.to_dict(), "model_state_dict": state_dict_from_hf(hf_sd),
             "tokenizer": _tokenizer_of(Path(src)), "_path": str(src)}

@@ -1,15 +1,19 @@
-"""A GPT-2-compatible decoder-only Transformer language model.
+"""A decoder-only Transformer language model: GPT-2 by default, Llama/Qwen-style by config.
 
-One readable file: the config, the KV cache, the blocks and the model. The generation loop
-lives in `model/generation.py` and the samplers in `model/sampling.py`; `LanguageModel.generate`
-and `.stream` call the loop.
+One readable file: the KV cache, the blocks and the model. `LMConfig` (`model/config.py`)
+holds the hyper-parameters; its architecture fields choose positions (learned or RoPE), norms,
+the MLP, grouped-query attention, QK-norm, biases, tying and a logit soft-cap; Hugging Face's
+Llama, Qwen2 and Qwen3 weights map onto it in `model/hf_families.py`. The generation loop lives
+in `model/generation.py` and the samplers in `model/sampling.py`; `LanguageModel.generate` and
+`.stream` call the loop.
 
-Vocabulary (nanoGPT's): B batch, T sequence length, C = d_model, H heads, D = C // H head size,
-V vocab size, S cached key/value length.
+Vocabulary (nanoGPT's): B batch, T sequence length, C = d_model, H heads, KV key/value heads,
+D head size (C // H unless `head_dim` says otherwise), V vocab size, S cached key/value length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,27 +135,76 @@ class Linear(nn.Linear):
         return wd.linear(x, self.bias)
 
 
+def make_norm(cfg: LMConfig, dim: int) -> nn.Module:
+    """The config's normalisation over the last `dim` features (LayerNorm or RMSNorm)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_weight)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_weight)
+
+
+def rope_tables(cfg: LMConfig, device: torch.device | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_seq_len, head_dim), in float32.
+
+    Frequency i (of D / 2) turns by `position / rope_base ** (2i / D)`; the table repeats the
+    D / 2 angles twice, the rotate-half layout of Hugging Face's Llama (features i and
+    i + D / 2 form a pair), so their weights load without a permutation. Computed in float32
+    the way Hugging Face does it, so the tables match theirs bit for bit.
+    """
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, device=device).float() / D))
+    pos = torch.arange(cfg.max_seq_len, device=device).float()
+    angles = torch.outer(pos, inv_freq)  # (S, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the feature pairs (i, i + D/2) of x (B, H, T, D) by the angles of cos/sin
+    (B or 1, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # "rotate_half"
+    return x * cos + rotated * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.c_attn = Linear(cfg.d_model, 3 * cfg.d_model)  # q, k, v for all heads at once
-        self.c_proj = Linear(cfg.d_model, cfg.d_model)
+        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_heads, cfg.num_kv_heads,
+                                                            cfg.head_dim)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        # q, k, v for all heads at once
+        self.c_attn = Linear(cfg.d_model, q_size + 2 * kv_size, bias=cfg.attn_bias)
+        self.c_proj = Linear(q_size, cfg.d_model, bias=cfg.attn_out_bias)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:  # RMSNorm over each head's features (Qwen3)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_weight)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_weight)
+        # Grouped-query attention: SDPA repeats each key/value head for its group of q heads.
+        self.sdpa_kwargs = {"enable_gqa": True} if cfg.num_kv_heads != cfg.num_heads else {}
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.dropout = cfg.dropout
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, input_pos: int | torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None,
-                cache_rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: slice | torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
-        q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.c_attn(x).split(self.split, dim=2)
+        # (B, T, H*D) -> (B, T, H, D) -> (B, H, T, D); k and v have KV heads
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, KV, D).transpose(1, 2)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # the cache holds rotated k
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, H, S, D)
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows)  # (B, KV, S, D)
             if attn_mask is not None and k.size(2) > attn_mask.size(-1):
                 # per-row positions: attend to the first S keys only (the mask's width)
                 k, v = k[:, :, :attn_mask.size(-1)], v[:, :, :attn_mask.size(-1)]
@@ -161,42 +214,58 @@ class CausalSelfAttention(nn.Module):
             raise ValueError("a multi-token step after a cached prefix needs an attention mask")
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, **self.sdpa_kwargs,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # (B, H, T, D) -> (B, T, H*D)
         return self.resid_dropout(self.c_proj(y))
+
+
+def _gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    # GPT-2's GELU is the tanh approximation ("gelu_new" in Hugging Face).
+    return F.gelu(h, approximate="tanh")
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)  # (B, T, 2*F) -> two (B, T, F)
+    return F.silu(gate) * up
+
+
+def _relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.c_fc = Linear(cfg.d_model, cfg.d_ff)
-        self.c_proj = Linear(cfg.d_ff, cfg.d_model)
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff  # swiglu: gate and up
+        self.c_fc = Linear(cfg.d_model, width, bias=cfg.mlp_bias)
+        self.c_proj = Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = {"gelu": _gelu_tanh, "swiglu": _swiglu, "relu2": _relu2}[cfg.mlp]
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2's GELU is the tanh approximation ("gelu_new" in Hugging Face).
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_1 = make_norm(cfg, cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, input_pos=None, attn_mask=None,
-                cache_rows=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, attn_mask, cache_rows)
+                cache_rows=None, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, attn_mask, cache_rows, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class LanguageModel(nn.Module):
-    """GPT-2-style language model; loads GPT-2 weights (`from_hf_gpt2`) and generates text.
+    """Decoder-only language model, GPT-2 unless `LMConfig`'s architecture fields say otherwise;
+    loads Hugging Face GPT-2, Llama, Qwen2 and Qwen3 weights (`from_hf_gpt2`) and generates text.
 
     Use `with model:` for a block of generation calls: inside, the model is in eval mode with
     gradients off and its KV cache allocated; on exit the previous mode and grad state return and
@@ -210,19 +279,33 @@ class LanguageModel(nn.Module):
 
     def __init__(self, vocab_size: int = 50257, d_model: int = 256, num_heads: int = 4,
                  num_layers: int = 4, d_ff: int = 512, max_seq_len: int = 256,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, **architecture: Any) -> None:
+        """Build the network; `architecture` takes `LMConfig`'s other fields (default GPT-2)."""
         super().__init__()
-        cfg = LMConfig(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout)
+        cfg = LMConfig(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout,
+                       **architecture)
         self.config = cfg
+        modules = dict(wte=nn.Embedding(cfg.vocab_size, cfg.d_model))
+        if cfg.positions == "learned":
+            modules["wpe"] = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
-            wpe=nn.Embedding(cfg.max_seq_len, cfg.d_model),
+            **modules,
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers)),
-            ln_f=nn.LayerNorm(cfg.d_model, eps=1e-5),
+            ln_f=make_norm(cfg, cfg.d_model),
         ))
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        if cfg.positions == "rope":
+            # Non-persistent: not in state_dict; they follow .to() (dtype too: Hugging Face
+            # also casts its tables to the activations' dtype).
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self._softcap = cfg.logit_softcap
         self.end_token: int | None = None
         self.tokenizer = None
         self._with_stack: list[tuple[bool, bool]] = []
@@ -241,24 +324,48 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: LMConfig | dict[str, Any]) -> LanguageModel:
-        """Build a model from an `LMConfig` or a checkpoint's `model_config` dict."""
+        """Build a model from an `LMConfig` or a checkpoint's `model_config` dict (one without
+        the architecture keys is GPT-2)."""
         cfg = config if isinstance(config, LMConfig) else LMConfig.from_dict(config)
         return cls(**cfg.to_dict())
 
     @classmethod
-    def from_hf_gpt2(cls, model_or_dir: Any) -> LanguageModel:
-        """Convert a Hugging Face `GPT2LMHeadModel` instance, a local folder holding one, or a
-        hub name (through the local cache; see `model.hf_interop.hf_folder`)."""
+    def from_hf_gpt2(cls, model_or_dir: Any, max_seq_len: int | None = None) -> LanguageModel:
+        """Convert a Hugging Face model: a `GPT2LMHeadModel`, `LlamaForCausalLM`,
+        `Qwen2ForCausalLM` or `Qwen3ForCausalLM` instance, a local folder holding one, or a hub
+        name (through the local cache; see `model.hf_interop.hf_folder`).
+
+        Args:
+            model_or_dir: the model, folder or hub name.
+            max_seq_len: a shorter context than the model's (the KV cache holds `max_seq_len`
+                positions per row: Qwen's 32,768 or 40,960 would take gigabytes per row);
+                GPT-2's position table is cropped to it.
+
+        Raises:
+            ValueError: `max_seq_len` longer than the model's context.
+        """
         from model.hf_interop import config_from_hf, read_hf_checkpoint, state_dict_from_hf
 
         if isinstance(model_or_dir, (str, Path)):
             ckpt = read_hf_checkpoint(model_or_dir)
-            model = cls.from_config(ckpt["model_config"])
-            model.load_state_dict(ckpt["model_state_dict"], strict=True)
-            return model
-        model = cls.from_config(config_from_hf(model_or_dir.config))
-        model.load_state_dict(state_dict_from_hf(model_or_dir.state_dict()), strict=True)
-        return model.to(next(model_or_dir.parameters()).device)
+            cfg, sd = LMConfig.from_dict(ckpt["model_config"]), ckpt["model_state_dict"]
+            device = torch.device("cpu")
+        else:
+            cfg = config_from_hf(model_or_dir.config)
+            sd = state_dict_from_hf(model_or_dir.state_dict())
+            device = next(model_or_dir.parameters()).device
+        if max_seq_len is not None and max_seq_len != cfg.max_seq_len:
+            if max_seq_len > cfg.max_seq_len:
+                raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of "
+                                 f"{cfg.max_seq_len}")
+            cfg = dataclasses.replace(cfg, max_seq_len=max_seq_len)
+            if "transformer.wpe.weight" in sd:
+                sd = {**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:max_seq_len]}
+        model = cls.from_config(cfg)
+        model.load_state_dict(sd, strict=True)
+        return model.to(device)
+
+    from_hf = from_hf_gpt2  # the name that says it takes every family
 
     @property
     def max_seq_len(self) -> int:
@@ -271,7 +378,9 @@ class LanguageModel(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (token ones are the head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -311,7 +420,7 @@ class LanguageModel(nn.Module):
             input_pos: where these tokens go in the KV cache: an int for every row, or a (B,)
                 tensor of per-row positions for a one-token step (see `KVCache.update`); None
                 runs without the cache.
-            position_ids: (B, T) positions for the position embedding; default
+            position_ids: (B, T) positions for the position embedding or RoPE; default
                 `input_pos + arange(T)` (or `arange(T)` without a cache or with per-row positions
                 not given here).
             attn_mask: boolean (B, 1, T, S) mask, True where a query may attend a key; with
@@ -331,7 +440,10 @@ class LanguageModel(nn.Module):
             x = x[torch.arange(x.size(0), device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         elif last_only and x.size(1) > 1:
             x = x[:, -1:, :]  # (B, 1, C): the LM head is the costliest matmul when decoding
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        if self._softcap is not None:
+            logits = self._softcap * torch.tanh(logits / self._softcap)
+        return logits
 
     def forward_hidden(self, idx: torch.Tensor, input_pos: int | torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None,
@@ -345,9 +457,20 @@ class LanguageModel(nn.Module):
         if position_ids is None:
             start = input_pos if isinstance(input_pos, int) else 0
             position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        if self.rope_cos is None:
+            x = self.transformer.wte(idx) + self.transformer.wpe(position_ids)
+            rope = None
+        else:
+            # RoPE encodes positions in q and k: only their differences reach the attention
+            # scores, so the sliding window of model/generation.py, which re-feeds its tokens
+            # at positions 0..keep-1, gives the same scores as at their original positions.
+            x = self.transformer.wte(idx)
+            # (B or 1, T, D) -> (B or 1, 1, T, D), broadcast over the heads
+            rope = (self.rope_cos[position_ids].unsqueeze(1),
+                    self.rope_sin[position_ids].unsqueeze(1))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, input_pos, attn_mask, cache_rows)
+            x = block(x, input_pos, attn_mask, cache_rows, rope)
         return self.transformer.ln_f(x)
 
     # -- KV cache and the `with model:` block --------------------------------------------------
@@ -365,7 +488,7 @@ class LanguageModel(nn.Module):
                 dtype = torch.get_autocast_dtype(dev_type)
             else:
                 dtype = self.transformer.wte.weight.dtype
-        C, H = self.config.d_model, self.config.num_heads
+        cfg = self.config
         if device.type == "cpu" and self.lm_head.decode_w is None:
             for m in self.modules():
                 if isinstance(m, Linear):
@@ -375,7 +498,8 @@ class LanguageModel(nn.Module):
             if (old is not None and old.k.size(0) >= batch_size and old.k.dtype == dtype
                     and old.k.device == device):
                 continue
-            block.attn.kv_cache = KVCache(batch_size, H, self.max_seq_len, C // H, device, dtype)
+            block.attn.kv_cache = KVCache(batch_size, cfg.num_kv_heads, self.max_seq_len,
+                                          cfg.head_dim, device, dtype)
 
     def clear_cache(self) -> None:
         """Free the KV cache and the float32 decode-time weight copies (see `Linear`); the

@@ -263,8 +263,8 @@ def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.T
                     if unseen is not None:
                         base = _unwrap(model)
                         hidden = base.forward_hidden(inputs)[mask]
-                        nll_sum += unseen.nll_sum(hidden, base.lm_head.weight,
-                                                  targets[mask]).item()
+                        nll_sum += unseen.nll_sum(hidden, base.lm_head.weight, targets[mask],
+                                                  base.config.logit_softcap).item()
                     else:
                         logits = model(inputs)
                 if unseen is None:

@@ -48,7 +48,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_rows: int, compute_dtype: torch.dtype,
-                logit_bias: torch.Tensor | None) -> torch.Tensor:
+                logit_bias: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)  # one cast of the (V, C) weight for both products below
         bias = None if logit_bias is None else logit_bias.to(compute_dtype)
@@ -69,13 +69,19 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, n_rows, chunk_rows):
             rows = slice(start, min(start + chunk_rows, n_rows))
             g = grad_logits[rows]
-            logits = h[rows] @ w.t() if bias is None else torch.addmm(bias, h[rows], w.t())
+            if softcap is None:
+                logits = h[rows] @ w.t() if bias is None else torch.addmm(bias, h[rows], w.t())
+            else:  # logits = cap * tanh(h @ w.T / cap) (+ bias)
+                t = torch.tanh((h[rows] @ w.t()).div_(softcap))
+                logits = t * softcap if bias is None else torch.add(bias, t, alpha=softcap)
             _softmax_into(logits, g)  # fp32 accumulation whatever the dtype
             p_target = g.gather(1, safe_targets[rows]).squeeze(1).float()
             nll_sum -= (p_target.clamp_min(1e-38).log() * valid[rows]).sum()
             g.scatter_add_(1, safe_targets[rows], minus_one[rows])
             if any_ignored:
                 g.mul_(valid[rows].unsqueeze(1))
+            if softcap is not None:
+                g.mul_(1 - t * t)  # through the cap: d cap*tanh(z/cap) / dz = 1 - tanh^2
             torch.mm(g, w, out=grad_h[rows])
         # (V, C) = ((C, N) @ (N, V)).T: this operand order runs faster than G.T @ h on CPUs.
         grad_w = (h.t() @ grad_logits).t()
@@ -90,7 +96,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         factor = grad_out.to(torch.float32) * scale
         grad_hidden = grad_h.to(h_dtype).mul_(factor.to(h_dtype))
         grad_weight = grad_w.to(w_dtype, memory_format=torch.contiguous_format)
-        return grad_hidden, grad_weight.mul_(factor.to(w_dtype)), None, None, None, None
+        return (grad_hidden, grad_weight.mul_(factor.to(w_dtype)), None, None, None, None,
+                None)
 
 
 def default_chunk_rows(vocab_size: int, device_type: str) -> int:
@@ -101,9 +108,10 @@ def default_chunk_rows(vocab_size: int, device_type: str) -> int:
 
 def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_rows: int | None = None,
-                          logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+                          logit_bias: torch.Tensor | None = None,
+                          softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T (+ logit_bias)` against `targets`, without
-    storing the logits.
+    storing the logits; with `softcap` c, of `c * tanh(hidden @ weight.T / c) (+ logit_bias)`.
 
     Args:
         hidden: final hidden states, (N, C) (any leading shape is flattened).
@@ -112,6 +120,7 @@ def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         chunk_rows: rows of logits computed at a time (default: `default_chunk_rows`).
         logit_bias: (V,) added to every row of logits (the shared unseen-token column's log U,
             `training/unseen_tokens.py`); not trained.
+        softcap: the model's `logit_softcap` (None: no cap).
 
     Returns:
         A scalar fp32 loss; its backward gives the gradients of `hidden` and `weight`.
@@ -127,7 +136,7 @@ def lm_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         chunk_rows = default_chunk_rows(weight.size(0), dev)
     with torch.autocast(dev, enabled=False):
         return _LMHeadCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype,
-                                         logit_bias)
+                                         logit_bias, softcap)
 
 
 class TrainingModule(torch.nn.Module):
@@ -159,7 +168,8 @@ class TrainingModule(torch.nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dev = idx.device.type
         fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
-        weight, bias = self.model.lm_head.weight, None
+        weight, bias = self.model.lm_head.weight, None  # wte's, unless the model is untied
+        softcap = getattr(getattr(self.model, "config", None), "logit_softcap", None)
         if self.unseen is not None:
             weight, bias = self.unseen.head_weight(weight), self.unseen.logit_bias
             targets = self.unseen.target_columns(targets)
@@ -168,9 +178,12 @@ class TrainingModule(torch.nn.Module):
         if not self.fused_head or fp16:
             if self._hidden is self._plain_hidden and self.unseen is None:
                 return self.model(idx, targets)[1]
-            logits = torch.nn.functional.linear(self._hidden(idx), weight)
-            logits = logits.float() if bias is None else logits.float() + bias
+            logits = torch.nn.functional.linear(self._hidden(idx), weight).float()
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            logits = logits if bias is None else logits + bias
             return torch.nn.functional.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.reshape(-1),
                 ignore_index=IGNORE_INDEX)
-        return lm_head_cross_entropy(self._hidden(idx), weight, targets, self.chunk_rows, bias)
+        return lm_head_cross_entropy(self._hidden(idx), weight, targets, self.chunk_rows, bias,
+                                     softcap)

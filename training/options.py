@@ -32,11 +32,11 @@ __all__ = ["PRESETS", "UsageError", "build_parser", "parse_args", "max_steps_cap
 MAX_STEPS_ENV = "LM_MAX_STEPS"
 MAX_EVAL_WINDOWS_ENV = "LM_MAX_EVAL_WINDOWS"
 
-# Presets set defaults; flags given on the command line win. Figures in README come from
-# `bench/training.py` and from running these presets (see the README's training section).
+# Presets set defaults; flags given on the command line win. Their figures come from
+# `bench/training.py` and from running these presets (docs/benchmarks.md, docs/training.md).
 PRESETS: dict[str, dict[str, Any]] = {
     # About 3 minutes on a 2-core CPU: Shakespeare-shaped samples (names, verse lines) after it.
-    # Muon + AdamW with a warmup-stable-decay schedule (see README "Training recipe").
+    # Muon + AdamW with a warmup-stable-decay schedule (see docs/training.md, "Training recipe").
     "demo": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, max_seq_len=128, dropout=0.0,
                  batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3, min_lr=0.0,
                  schedule="wsd", cooldown=0.3, warmup_steps=30, max_steps=300,
@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # wide gets too few); Muon's weight decay 0.1 and a 60% cool-down hold the overfitting
     # back (0.3 decays too much for so few steps); an average of the weights (EMA 0.99, about
     # the last 100 steps) is what gets evaluated and saved, and beat batch 8 (more, noisier
-    # steps). Figures and the runs behind them in README "Training recipe" and
+    # steps). Figures and the runs behind them in docs/training.md ("Training recipe") and
     # bench/results/quality_cpu_2core.txt.
     "cpu-10min": dict(d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=128,
                       dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,

@@ -152,12 +152,32 @@ def _read_source(flags: Flags, explicit: set[str]) -> RunStart:
                     path, source)
 
 
+def source_architecture(start: RunStart) -> dict[str, Any]:
+    """The architecture fields (`LMConfig.ARCHITECTURE_KEYS`) of the model to resume or start
+    from, so a RoPE/Llama-style source is trained as itself; {} for a new run (GPT-2) or an
+    unreadable config (which `check_resume_fits` reports)."""
+    if start.ckpt is None:
+        return {}
+    try:
+        saved = LMConfig.from_dict(dict(start.ckpt["model_config"]))
+    except (KeyError, ValueError, TypeError):
+        return {}
+    arch = {key: getattr(saved, key) for key in LMConfig.ARCHITECTURE_KEYS}
+    # Heads as the defaults resolve them stay defaults (follow --num_heads / --d_model).
+    if saved.num_kv_heads == saved.num_heads:
+        arch["num_kv_heads"] = None
+    if saved.head_dim * saved.num_heads == saved.d_model:
+        arch["head_dim"] = None
+    return arch
+
+
 def source_weights(start: RunStart, cfg: LMConfig) -> dict[str, torch.Tensor]:
     """The `--init_from` weights for `cfg`: position embeddings cropped to its context (as
     nanoGPT's `crop_block_size` does) when `--max_seq_len` is smaller than the source's."""
     state = dict(start.ckpt["model_state_dict"])
-    wpe = state["transformer.wpe.weight"]
-    state["transformer.wpe.weight"] = wpe[:cfg.max_seq_len].clone()
+    if "transformer.wpe.weight" in state:  # RoPE models have no position table to crop
+        wpe = state["transformer.wpe.weight"]
+        state["transformer.wpe.weight"] = wpe[:cfg.max_seq_len].clone()
     return state
 
 

@@ -62,7 +62,13 @@ from training.preflight import check_memory, check_output_paths  # noqa: E402
 from training.run_state import RunState, restore_rng  # noqa: E402
 from training.runlock import lock_run_dir  # noqa: E402
 from training.snapshots import SnapshotError, list_snapshots, remove_stale_temporaries  # noqa: E402
-from training.start import RunStart, check_resume_fits, check_vocabulary, source_weights  # noqa: E402
+from training.start import (  # noqa: E402
+    RunStart,
+    check_resume_fits,
+    check_vocabulary,
+    source_architecture,
+    source_weights,
+)
 from training.unseen_tokens import UnseenTokens  # noqa: E402
 
 
@@ -124,7 +130,7 @@ def _model_config(config: RunConfig, start: RunStart, info: D.DistInfo, device):
     check_vocabulary(start, vocab, len(tok), tokenizer)
     try:
         cfg = LMConfig(vocab, m.d_model, m.num_heads, m.num_layers, m.d_ff, m.max_seq_len,
-                       m.dropout)
+                       m.dropout, **source_architecture(start))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if start.resuming:

@@ -138,11 +138,15 @@ class UnseenTokens:
 
     # -- validation ------------------------------------------------------------------------------
 
-    def nll_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-                ) -> torch.Tensor:
+    def nll_sum(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float | None = None) -> torch.Tensor:
         """Summed full-vocabulary negative log-likelihood of `targets` (1-D, no -100) given
-        `hidden` (N, C): exact when the unseen rows of `weight` are equal."""
-        logits = F.linear(hidden, weight.index_select(0, self.rows)).float() + self.logit_bias
+        `hidden` (N, C): exact when the unseen rows of `weight` are equal. `softcap`: the
+        model's `logit_softcap`, applied before the shared column's log U."""
+        logits = F.linear(hidden, weight.index_select(0, self.rows)).float()
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits + self.logit_bias
         columns = self.column_of[targets]
         nll = F.cross_entropy(logits, columns, reduction="sum")
         # An unseen target's own probability is the shared column's over U.

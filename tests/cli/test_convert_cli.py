@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import convert
 from model.checkpoint import load_model
-from model.lm import LanguageModel
+from model.lm import LanguageModel, LMConfig
 from model.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,8 +78,9 @@ def test_from_hf_safetensors_gives_hf_logits(hf_model, hf_dir, tmp_path):
     assert convert.main(["--from_hf", str(hf_dir), "--out", str(out)]) == 0
     model, ckpt = load_model(out, device="cpu")
     assert max_diff(model, hf_model, ids()) <= 1e-5
-    assert ckpt["model_config"] == dict(vocab_size=50257, d_model=32, num_heads=2, num_layers=2,
-                                        d_ff=128, max_seq_len=32, dropout=0.0)
+    assert ckpt["model_config"] == LMConfig(vocab_size=50257, d_model=32, num_heads=2,
+                                            num_layers=2, d_ff=128, max_seq_len=32,
+                                            dropout=0.0).to_dict()  # GPT-2's architecture
     assert ckpt["tokenizer"] == "gpt2"
     # The guide's own loading code works on the converted file.
     raw = torch.load(out)
@@ -239,8 +240,10 @@ def test_error_cases_are_one_line_exit_2(hf_model, hf_dir, tiny_checkpoint, tmp_
     def case(name, args, expect):
         cases[name] = (args, expect)
 
+    mistral = _write_hf(tmp_path / "mistral", {**cfg, "model_type": "mistral"}, hf_model)
+    case("unsupported family", ["--from_hf", mistral], "unsupported model_type 'mistral'")
     llama = _write_hf(tmp_path / "llama", {**cfg, "model_type": "llama"}, hf_model)
-    case("not gpt2", ["--from_hf", llama], "not a GPT-2 config")
+    case("gpt2 fields as llama", ["--from_hf", llama], "not a llama config")
     inv = _write_hf(tmp_path / "inv", {**cfg, "scale_attn_by_inverse_layer_idx": True}, hf_model)
     case("inverse layer idx", ["--from_hf", inv], "scale_attn_by_inverse_layer_idx")
     upcast = _write_hf(tmp_path / "upcast", {**cfg, "reorder_and_upcast_attn": True}, hf_model)
