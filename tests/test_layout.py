@@ -154,3 +154,16 @@ def test_library_modules_do_not_read_an_argparse_namespace():
             if rel not in allowed and "Namespace" in path.read_text(encoding="utf-8"):
                 offenders.append(rel)
     assert offenders == []
+
+
+def test_readme_is_short_and_starts_with_install_main_job_and_tests():
+    """README.md: at most 250 lines; the install line, the main job (train, then generate) and
+    the test command all within its first 80 lines."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines"
+    first = "\n".join(lines[:80])
+    for needed in ("pip install -r requirements.txt",
+                   "python training/train_lm.py --preset demo",
+                   "python generate_lm.py --checkpoint",
+                   "python -m pytest"):
+        assert needed in first, f"{needed!r} is not in README.md's first 80 lines"
