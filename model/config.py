@@ -141,3 +141,59 @@ def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+# Named block sets for training a new model (`train_lm.py --arch`). Each is a set of
+# architecture fields; the shape (d_model, heads, layers, d_ff, context) stays the flags'.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # GPT-2 (2019): learned positions, LayerNorm with biases, GELU MLP, tied head.
+    "gpt2": {},
+    # Llama-style (SmolLM2, TinyLlama): RoPE, RMSNorm, SwiGLU, no biases. SwiGLU's first
+    # projection holds gate and up (2 * d_ff outputs): at the same d_ff the MLP has 1.5x GELU's
+    # weights.
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", attn_bias=False,
+                  attn_out_bias=False, mlp_bias=False),
+    # nanochat/modded-nanogpt-style: RoPE, RMSNorm without a weight, QK-norm, ReLU² MLP, no
+    # biases, an untied head and a logit soft-cap of 15.
+    "modern": dict(positions="rope", norm="rmsnorm", norm_weight=False, qk_norm=True,
+                   mlp="relu2", attn_bias=False, attn_out_bias=False, mlp_bias=False,
+                   tie_embeddings=False, logit_softcap=15.0),
+}
+
+
+def architecture_fields(name: str, num_kv_heads: int | None = None) -> dict[str, Any]:
+    """The `LMConfig` architecture fields of a named block set (`ARCHITECTURES`), with
+    `num_kv_heads` (grouped-query attention) when given.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r} (choose from "
+                         f"{', '.join(ARCHITECTURES)})")
+    fields_ = dict(ARCHITECTURES[name])
+    if num_kv_heads is not None:
+        fields_["num_kv_heads"] = num_kv_heads
+    return fields_
+
+
+def describe_architecture(cfg: LMConfig) -> str:
+    """The blocks of `cfg` in a few words, e.g. "RoPE, RMSNorm, SwiGLU, 3 key/value heads"."""
+    parts = ["learned positions" if cfg.positions == "learned"
+             else f"RoPE (base {cfg.rope_base:g})",
+             {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}[cfg.norm]
+             + ("" if cfg.norm_weight else " without weights"),
+             {"gelu": "GELU", "swiglu": "SwiGLU", "relu2": "ReLU²"}[cfg.mlp]]
+    if cfg.num_kv_heads != cfg.num_heads:
+        parts.append(f"{cfg.num_kv_heads} key/value heads")
+    if cfg.head_dim * cfg.num_heads != cfg.d_model:
+        parts.append(f"head size {cfg.head_dim}")
+    if cfg.qk_norm:
+        parts.append("QK-norm")
+    biases = [n for n, on in (("q/k/v", cfg.attn_bias), ("attention output", cfg.attn_out_bias),
+                              ("MLP", cfg.mlp_bias)) if on]
+    parts.append(f"biases in {', '.join(biases)}" if biases else "no biases")
+    parts.append("tied head" if cfg.tie_embeddings else "untied head")
+    if cfg.logit_softcap is not None:
+        parts.append(f"logit soft-cap {cfg.logit_softcap:g}")
+    return ", ".join(parts)

@@ -41,7 +41,9 @@ _DERIVED = {"flag": False}  # metadata of a resolved field that is no flag (not 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The model's shape (`LMConfig`'s fields; `vocab_size` None: the tokenizer's size)."""
+    """The model's shape (`LMConfig`'s fields; `vocab_size` None: the tokenizer's size) and its
+    blocks (`arch`, `num_kv_heads`; None: those of the model resumed or started from, else
+    GPT-2's)."""
 
     vocab_size: int | None
     d_model: int
@@ -50,6 +52,8 @@ class ModelArgs:
     d_ff: int
     max_seq_len: int
     dropout: float
+    arch: str | None = None  # a block set of `model.config.ARCHITECTURES`; None: the source's
+    num_kv_heads: int | None = None  # None: the block set's (every head has its own)
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:

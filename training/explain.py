@@ -12,7 +12,8 @@ from typing import TextIO
 import torch
 
 from corpus.batches import EpochBatches
-from model.lm import LMConfig
+from model.config import LMConfig, describe_architecture
+from model.lm import LanguageModel
 from training.budget import TimePlan, minutes_text
 from training.config import RunConfig
 from training.optim import OptimArgs
@@ -45,13 +46,16 @@ def human_time(seconds: float) -> str:
 def memory_estimate(cfg: LMConfig, batch_size: int, seq_len: int, amp: torch.dtype,
                     fused_loss: bool) -> tuple[int, int]:
     """Rough bytes for (weights + gradients + AdamW state, activations of one micro-batch)."""
-    params = (cfg.vocab_size + cfg.max_seq_len) * cfg.d_model + cfg.num_layers * (
-        4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff + 9 * cfg.d_model + cfg.d_ff)
+    with torch.device("meta"):  # the exact parameter count of any architecture, no memory
+        params = LanguageModel.from_config(cfg).num_params(non_embedding=False)
     state = 16 * params  # fp32 weights, gradients, and AdamW's two moments
     act_bytes = 4 if amp == torch.float32 else 2
     tokens = batch_size * seq_len
-    # Saved per layer and token: ~10 d_model-wide and 3 d_ff-wide tensors (attention via SDPA).
-    per_layer = tokens * (10 * cfg.d_model + 3 * cfg.d_ff) * act_bytes
+    # Saved per layer and token: ~10 d_model-wide tensors (attention via SDPA; q/k/v as wide as
+    # their heads) and 3 as wide as the MLP's hidden layer (SwiGLU's gate and up: 2 * d_ff).
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    hidden = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+    per_layer = tokens * (7 * cfg.d_model + qkv + 3 * hidden) * act_bytes
     if fused_loss:
         head = tokens * cfg.vocab_size * act_bytes + 2 * 128 * cfg.vocab_size * 4
     else:
@@ -137,7 +141,9 @@ def print_explanation(config: RunConfig, facts: RunFacts,
     p(f"  Model: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} heads, d_ff "
       f"{cfg.d_ff}, context {cfg.max_seq_len} tokens, vocabulary {cfg.vocab_size:,}, dropout "
       f"{cfg.dropout}: {f.num_params:,} parameters ({human(f.non_embedding)} besides the token and "
-      "position embeddings; the token embedding doubles as the output layer).")
+      "position embeddings" + ("; the token embedding doubles as the output layer)."
+                               if cfg.tie_embeddings else ")."))
+    p(f"  Blocks: {describe_architecture(cfg)}.")
     shards = getattr(batches.tokens, "num_shards", 0)
     size = human_bytes(len(batches.tokens) * batches.tokens.dtype.itemsize)
     in_shards = f" in {shards} shard(s) ({size}, memory-mapped)" if shards else ""

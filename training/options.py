@@ -22,6 +22,7 @@ from common.cli import nonneg_float as _nonneg_float
 from common.cli import positive_int as _positive_int
 from common.cli import seed as _seed
 from corpus.datasets import add_data_args
+from model.config import ARCHITECTURES
 from training.errors import UsageError
 from training.loggers import LOG_TO
 from training.optim import OPTIMIZERS, SCHEDULES
@@ -125,6 +126,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max_seq_len", type=_positive_int, default=128,
                    help="context length of the model")
     m.add_argument("--dropout", type=_nonneg_float, default=0.1)
+    m.add_argument("--arch", choices=list(ARCHITECTURES), default=None,
+                   help="the blocks of a new model: gpt2 (learned positions, LayerNorm, GELU), "
+                        "llama (RoPE, RMSNorm, SwiGLU, no biases) or modern (RoPE, RMSNorm "
+                        "without weights, QK-norm, ReLU², untied head, logit soft-cap 15). "
+                        "Default: gpt2, or the blocks of --init_from / --resume")
+    m.add_argument("--num_kv_heads", type=_positive_int, default=None,
+                   help="key/value heads (grouped-query attention; must divide --num_heads). "
+                        "Default: --num_heads")
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:

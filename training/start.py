@@ -22,6 +22,7 @@ import torch
 
 from corpus.datasets import DataArgs, dataset_label
 from model.checkpoint import build_model, read_weights_source
+from model.config import architecture_fields
 from model.lm import LMConfig
 from training.errors import UsageError
 from training.snapshots import SnapshotError, find_resume_snapshot, load_snapshot
@@ -150,6 +151,37 @@ def _read_source(flags: Flags, explicit: set[str]) -> RunStart:
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return RunStart("init", {"model_config": src.to_dict(), "model_state_dict": weights},
                     path, source)
+
+
+def model_architecture(start: RunStart, arch: str | None,
+                       num_kv_heads: int | None) -> dict[str, Any]:
+    """The architecture fields of the model to train: those of the model resumed or started
+    from (`source_architecture`), else GPT-2's; `--arch` and `--num_kv_heads` replace them when
+    given (`check_architecture` then refuses a source of other blocks)."""
+    fields = source_architecture(start)
+    if arch is not None:
+        fields = architecture_fields(arch)
+    if num_kv_heads is not None:
+        fields["num_kv_heads"] = num_kv_heads
+    return fields
+
+
+def check_architecture(cfg: LMConfig, start: RunStart) -> None:
+    """Raise UsageError when the model resumed or started from has other blocks than `cfg`
+    (its weights would not fit, or would be trained as another network)."""
+    if start.ckpt is None:
+        return
+    try:
+        saved = LMConfig.from_dict(dict(start.ckpt["model_config"]))
+    except (KeyError, ValueError, TypeError):
+        return  # check_resume_fits / the source's loader report it
+    diffs = [f"{k} {getattr(saved, k)!r} there, {getattr(cfg, k)!r} here"
+             for k in LMConfig.ARCHITECTURE_KEYS if getattr(saved, k) != getattr(cfg, k)]
+    if diffs:
+        flag = "--resume" if start.kind == "resume" else "--init_from"
+        raise UsageError(f"{flag}: {start.path} holds a model of other blocks "
+                         f"({'; '.join(diffs)}); drop --arch / --num_kv_heads to train it as "
+                         "it is")
 
 
 def source_architecture(start: RunStart) -> dict[str, Any]:

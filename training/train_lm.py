@@ -64,9 +64,10 @@ from training.runlock import lock_run_dir  # noqa: E402
 from training.snapshots import SnapshotError, list_snapshots, remove_stale_temporaries  # noqa: E402
 from training.start import (  # noqa: E402
     RunStart,
+    check_architecture,
     check_resume_fits,
     check_vocabulary,
-    source_architecture,
+    model_architecture,
     source_weights,
 )
 from training.unseen_tokens import UnseenTokens  # noqa: E402
@@ -130,11 +131,12 @@ def _model_config(config: RunConfig, start: RunStart, info: D.DistInfo, device):
     check_vocabulary(start, vocab, len(tok), tokenizer)
     try:
         cfg = LMConfig(vocab, m.d_model, m.num_heads, m.num_layers, m.d_ff, m.max_seq_len,
-                       m.dropout, **source_architecture(start))
+                       m.dropout, **model_architecture(start, m.arch, m.num_kv_heads))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if start.resuming:
         check_resume_fits(cfg, start)
+    check_architecture(cfg, start)
     return amp, tok, cfg
 
 

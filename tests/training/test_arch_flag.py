@@ -1,0 +1,70 @@
+"""`train_lm.py --arch / --num_kv_heads`: a new model's blocks, kept on resume, refused when
+they contradict the model resumed or started from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import tiny_flags
+
+from model.config import ARCHITECTURES, LMConfig, architecture_fields
+from training import train_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(run) -> LMConfig:
+    snap = torch.load(run / "snapshots" / "latest.pt", weights_only=True)
+    return LMConfig.from_dict(snap["model_config"])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_arch_sets_the_blocks_of_a_new_model(tmp_path, arch):
+    assert train_lm.main(tiny_flags(tmp_path, "--arch", arch, "--num_kv_heads", "1",
+                                    "--max_steps", "2", "--eval_interval", "2")) == 0
+    cfg = _config(tmp_path / "run")
+    expected = LMConfig(cfg.vocab_size, 32, 2, 2, 64, 32, 0.0,
+                        **architecture_fields(arch, num_kv_heads=1))
+    assert cfg == expected
+    assert cfg.num_kv_heads == 1
+
+
+def test_resume_keeps_the_blocks_and_refuses_others(tmp_path, capsys):
+    flags = tiny_flags(tmp_path, "--arch", "llama", "--max_steps", "4", "--eval_interval", "2")
+    assert train_lm.main([*flags, "--max_steps", "2"]) == 0
+    first = _config(tmp_path / "run")
+    assert first.mlp == "swiglu" and first.positions == "rope"
+    # the snapshot's --arch is inherited: a plain --resume trains the same network
+    assert train_lm.main([*tiny_flags(tmp_path), "--max_steps", "4", "--eval_interval", "2",
+                          "--resume", "auto"]) == 0
+    assert _config(tmp_path / "run") == first
+    capsys.readouterr()
+    assert train_lm.main([*tiny_flags(tmp_path), "--arch", "modern", "--max_steps", "6",
+                   "--resume", "auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other blocks" in err[0] and "--arch" in err[0]
+
+
+def test_init_from_refuses_other_blocks(tmp_path, capsys):
+    assert train_lm.main(tiny_flags(tmp_path, "--arch", "modern", "--max_steps", "1",
+                                "--eval_interval", "1")) == 0
+    source = tmp_path / "run" / "snapshots" / "latest.pt"
+    flags = tiny_flags(tmp_path)
+    flags[flags.index("--out_dir") + 1] = str(tmp_path / "ft")
+    capsys.readouterr()
+    assert train_lm.main([*flags, "--init_from", str(source), "--arch", "gpt2",
+                          "--max_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].count("there,") >= 3  # every differing field named
+    # without --arch the source's blocks are kept
+    assert train_lm.main([*flags, "--init_from", str(source), "--max_steps", "1",
+                          "--eval_interval", "1"]) == 0
+    assert _config(tmp_path / "ft") == _config(tmp_path / "run")
+
+
+def test_num_kv_heads_must_divide_the_heads(tmp_path, capsys):
+    assert train_lm.main(tiny_flags(tmp_path, "--num_heads", "4", "--num_kv_heads", "3",
+                                    "--max_steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_kv_heads (3) must divide num_heads (4)" in err[0]
+    assert not (tmp_path / "run" / "snapshots").exists()
