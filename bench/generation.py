@@ -1,10 +1,15 @@
 """Generation speed: our KV-cached decoder vs Hugging Face GPT2LMHeadModel.generate, same weights.
 
 Run: python bench/generation.py            (CPU: the figures in docs/benchmarks.md)
+     python bench/generation.py --cases smollm2-135M --skip_window --skip_quality --dtype bfloat16
      python bench/generation.py --quality_run lm_shakespeare   (reuse a trained run for quality)
      python bench/generation.py --device cuda --dtype bfloat16 --compile   (a GPU)
 
-For each case both models get the same random weights, the same prompt and the same sampling
+Cases: our default config and GPT-2 124M's shape (Hugging Face's GPT2LMHeadModel), and
+SmolLM2-135M's shape (random weights: 30 layers of 576, 9 query heads sharing 3 key/value heads,
+RoPE, RMSNorm, SwiGLU, a 49,152-token vocabulary; Hugging Face's LlamaForCausalLM, context cut
+to 2,048 positions for both), whose KV cache is also measured next to what full multi-head
+attention would hold. For each case both models get the same random weights, the same prompt and the same sampling
 settings (top-p 0.9, temperature 1.0, no end token), and produce the same number of tokens. On
 CPU our model runs once per weight format (`--quantize`: float32, bf16, int8), each next to HF
 in float32 in the same rounds. Also prints a nanoGPT-style uncached sampler (full forward per
@@ -38,6 +43,7 @@ sys.path.insert(0, ROOT)
 import evaluate_lm  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.hf_interop import config_to_hf, state_dict_to_hf  # noqa: E402
+from model.config import architecture_fields  # noqa: E402
 from model.lm import LanguageModel, LMConfig  # noqa: E402
 from model.quant import FORMATS, check_format  # noqa: E402
 from model.sampling import sample  # noqa: E402
@@ -46,6 +52,10 @@ CASES = {
     "default": (LMConfig(dropout=0.0), [1, 8]),
     "gpt2-124M": (LMConfig(d_model=768, num_heads=12, num_layers=12, d_ff=3072,
                            max_seq_len=1024, dropout=0.0), [1]),
+    # SmolLM2-135M's config.json, context cut to 2,048 (its KV cache at 8,192 is 4x as large)
+    "smollm2-135M": (LMConfig(vocab_size=49152, d_model=576, num_heads=9, num_layers=30,
+                              d_ff=1536, max_seq_len=2048, dropout=0.0, rope_base=100000.0,
+                              **architecture_fields("llama", num_kv_heads=3)), [1, 8]),
 }
 
 
@@ -73,13 +83,32 @@ def timed(fns, device: torch.device, repeats: int) -> list[float]:
 
 
 def build(cfg: LMConfig, device: torch.device, dtype: torch.dtype):
+    """Our model with random weights, and Hugging Face's own class for it with the same weights."""
     torch.manual_seed(0)
     ours = LanguageModel.from_config(cfg).eval()
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    hf = GPT2LMHeadModel(config_to_hf(cfg)).eval()
-    hf.load_state_dict(state_dict_to_hf(ours.state_dict()), strict=False)
+    hf = AutoModelForCausalLM.from_config(config_to_hf(cfg)).eval()
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg),
+                                             strict=False)
+    # only GPT-2's attention-mask buffers may be absent from our weights
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing,
+                                                                               unexpected)
     return ours.to(device, dtype), hf.to(device, dtype)
+
+
+def kv_cache_line(model: LanguageModel, B: int) -> str:
+    """Bytes of our KV cache for B rows at the full context, next to full multi-head
+    attention's (every query head with its own keys and values)."""
+    cfg = model.config
+    model.setup_cache(batch_size=B)
+    held = sum(b.numel() * b.element_size() for blk in model.transformer.h
+               for b in (blk.attn.kv_cache.k, blk.attn.kv_cache.v))
+    model.clear_cache()
+    full = held * cfg.num_heads // cfg.num_kv_heads
+    return (f"KV cache, batch {B}, {cfg.max_seq_len} positions: {held / 2**20:.0f} MiB with "
+            f"{cfg.num_kv_heads} key/value heads; full multi-head attention ({cfg.num_heads}): "
+            f"{full / 2**20:.0f} MiB ({held / full:.2f} of it)")
 
 
 @torch.no_grad()
@@ -212,6 +241,8 @@ def main() -> None:
         for B in batches:
             for row in bench_case(models, hf, B, n, args, device):
                 print(f"{case:<12}{B:>6}" + row, flush=True)
+        if ours.config.num_kv_heads != ours.config.num_heads:
+            print(f"{case}: " + kv_cache_line(ours, max(batches)), flush=True)
         del ours, hf, models
 
     if not args.skip_window:
