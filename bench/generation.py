@@ -9,12 +9,12 @@ Cases: our default config and GPT-2 124M's shape (Hugging Face's GPT2LMHeadModel
 SmolLM2-135M's shape (random weights: 30 layers of 576, 9 query heads sharing 3 key/value heads,
 RoPE, RMSNorm, SwiGLU, a 49,152-token vocabulary; Hugging Face's LlamaForCausalLM, context cut
 to 2,048 positions for both), whose KV cache is also measured next to what full multi-head
-attention would hold. For each case both models get the same random weights, the same prompt and the same sampling
-settings (top-p 0.9, temperature 1.0, no end token), and produce the same number of tokens. On
-CPU our model runs once per weight format (`--quantize`: float32, bf16, int8), each next to HF
-in float32 in the same rounds. Also prints a nanoGPT-style uncached sampler (full forward per
-token, same weights, float32) and our speed beyond the context window (sliding window) next to
-the speed inside it.
+attention would hold. For each case both models get the same random weights, the same prompt
+and the same sampling settings (top-p 0.9, temperature 1.0, no end token), and produce the same
+number of tokens. On CPU our model runs once per weight format (`--quantize`: float32, bf16,
+int8), each next to HF in float32 in the same rounds. Also prints a nanoGPT-style uncached
+sampler (full forward per token, same weights, float32) and our speed beyond the context window
+(sliding window) next to the speed inside it.
 
 Quality of the formats, on a trained model (the demo preset, trained here in ~3 minutes on 2
 cores unless `--quality_run` names a run or checkpoint): validation perplexity with
@@ -42,8 +42,8 @@ sys.path.insert(0, ROOT)
 
 import evaluate_lm  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
-from model.hf_interop import config_to_hf, state_dict_to_hf  # noqa: E402
 from model.config import architecture_fields  # noqa: E402
+from model.hf_interop import config_to_hf, state_dict_to_hf  # noqa: E402
 from model.lm import LanguageModel, LMConfig  # noqa: E402
 from model.quant import FORMATS, check_format  # noqa: E402
 from model.sampling import sample  # noqa: E402

@@ -26,7 +26,7 @@ from model.checkpoint import (
     build_model,
     find_default_checkpoint,
     pick_device,
-    read_checkpoint,
+    read_weights_source,
 )
 from model.lm import LanguageModel
 from model.tokenizer import TokenizerLoadError, load_tokenizer
@@ -78,7 +78,8 @@ def load_for_inference(checkpoint: str | Path, *, device: str | torch.device = "
     """Read a checkpoint and build its model and tokenizer.
 
     Args:
-        checkpoint: a checkpoint file (.pt or .safetensors), a run folder or its snapshots/.
+        checkpoint: a checkpoint file (.pt or .safetensors), a run folder or its snapshots/, or
+            a Hugging Face folder or cached hub name of GPT-2, Llama, Qwen2 or Qwen3.
         device: where the model goes (a name for `model.checkpoint.pick_device`, or a device).
         weights: the weight format (`LanguageModel.quantize`): none, bf16 or int8.
         tokenizer: the tokenizer's name or folder; None: the checkpoint's, else gpt2.
@@ -95,7 +96,7 @@ def load_for_inference(checkpoint: str | Path, *, device: str | torch.device = "
     start = time.perf_counter()
     if not isinstance(device, torch.device):
         device = pick_device(device)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_weights_source(checkpoint)  # ours, or a Hugging Face folder or hub name
     name = tokenizer
     if name is None:
         stored = ckpt.get("tokenizer")

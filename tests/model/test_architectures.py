@@ -3,6 +3,8 @@ that use them (Llama, Qwen2, Qwen3; `model/hf_families.py`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -428,3 +430,43 @@ def test_checkpoint_loader_checks_the_architecture(tmp_path):
     torch.save(ckpt, tmp_path / "absurd.pt")
     with pytest.raises(CheckpointError, match="asks for head_dim 1,099,511,627,776"):
         load_model(tmp_path / "absurd.pt", device="cpu")
+
+
+def test_scripts_load_a_hugging_face_folder_directly(tmp_path):
+    """`--checkpoint` of generate_lm.py / serve_lm.py / evaluate_lm.py takes a Llama, Qwen2 or
+    Qwen3 folder as it is (the one loader, `model.loading.load_for_inference`)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from model.loading import load_for_inference
+    from model.tokenizer import BUNDLED_GPT2_DIR
+
+    config = transformers.Qwen2Config(
+        vocab_size=50257, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True)
+    torch.manual_seed(11)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    folder = tmp_path / "tiny-qwen2"
+    hf.save_pretrained(str(folder))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(BUNDLED_GPT2_DIR / name, folder / name)
+    loaded = load_for_inference(folder, device="cpu")
+    assert loaded.model.config.num_kv_heads == 2 and loaded.model.config.attn_bias
+    ids = torch.randint(0, 50257, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (loaded.model(ids) - hf(ids).logits).abs().max() < 1e-4
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    repo = Path(__file__).resolve().parents[2]
+    gen = subprocess.run([sys.executable, str(repo / "generate_lm.py"), "--checkpoint",
+                          str(folder), "--prompt", "Hello", "--max_length", "6", "--seed", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("Hello") and f"loaded {folder}" in gen.stderr
+    ev = subprocess.run([sys.executable, str(repo / "evaluate_lm.py"), "--checkpoint",
+                         str(folder), "--file", str(text)],
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    assert "perplexity" in ev.stdout
