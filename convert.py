@@ -64,6 +64,27 @@ def load_weights_strict(model, state_dict: dict[str, Any]) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
+def _hf_model(hf_config: dict[str, Any], hf_sd: dict[str, Any]):
+    """transformers' own model for a folder's config and weights (the reference to check a
+    conversion against): GPT2LMHeadModel, or LlamaForCausalLM / Qwen2ForCausalLM /
+    Qwen3ForCausalLM."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from model.hf_interop import hf_state_dict_for_model
+
+    if hf_config.get("model_type", "gpt2") == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
+        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
+        return hf
+    config = CONFIG_MAPPING[hf_config["model_type"]].from_dict(hf_config)
+    hf = AutoModelForCausalLM.from_config(config)
+    missing = set(hf.load_state_dict(hf_sd, strict=False).missing_keys)
+    if missing - {"lm_head.weight"} or (missing and not config.tie_word_embeddings):
+        raise ConvertError(f"missing weight {sorted(missing)[0]!r} in the folder's weights")
+    hf.tie_weights()
+    return hf
+
+
 def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
     """Compare our model's logits with a Hugging Face model's on one random batch (fp32, CPU).
 
@@ -117,7 +138,7 @@ def from_hf(
     Returns:
         The path written.
     """
-    from model.hf_interop import checkpoint_from_hf, hf_state_dict_for_model, read_hf_folder
+    from model.hf_interop import checkpoint_from_hf, read_hf_folder
     from model.lm import LanguageModel, LMConfig
 
     out = _check_output(out, force)
@@ -129,11 +150,8 @@ def from_hf(
     model = LanguageModel.from_config(cfg)
     load_weights_strict(model, ckpt["model_state_dict"])
     if verify:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
-        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
-        verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--from_hf {src}")
+        verify_logits(model, _hf_model(hf_config, hf_sd), cfg.vocab_size, cfg.max_seq_len,
+                      f"--from_hf {src}")
     checkpoint = {
         "model_config": cfg.to_dict(),
         "model_state_dict": model.state_dict(),
@@ -330,6 +348,8 @@ def _atomic_folder(path: Path, write) -> None:
 def _note_llama_cpp_ffn(folder: Path) -> None:
     """Warn where llama.cpp's own converter would write a wrong file from this folder."""
     config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "gpt2":
+        return  # only GPT-2's converter guesses the width
     if config.get("n_inner") not in (None, 4 * config["n_embd"]):
         print(f"convert.py: note: llama.cpp's convert_hf_to_gguf.py takes GPT-2's feed-forward "
               f"width as 4 x n_embd ({4 * config['n_embd']}), not this model's "

@@ -94,6 +94,35 @@ def test_from_hf_safetensors_gives_hf_logits(hf_model, hf_dir, tmp_path):
     assert max_diff(guide, hf_model, ids(seed=2)) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama_untied", "qwen2", "qwen3"])
+def test_from_hf_llama_qwen_folders_verify_against_their_own_class(family, tmp_path):
+    """--from_hf of a Llama/Qwen2/Qwen3 folder checks its logits against that family's
+    transformers class (not GPT-2's), tied or untied."""
+    import transformers
+
+    kind, extra = {"llama_untied": ("Llama", dict(tie_word_embeddings=False)),
+                   "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
+                   "qwen3": ("Qwen3", dict(head_dim=12, tie_word_embeddings=True))}[family]
+    config = getattr(transformers, f"{kind}Config")(
+        vocab_size=50257, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, **extra)
+    torch.manual_seed(4)
+    hf = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    out = tmp_path / "converted.pt"
+    assert convert.main(["--from_hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    model, _ = load_model(out, device="cpu")
+    assert model.config.positions == "rope" and model.config.num_kv_heads == 2
+    assert max_diff(model, hf, ids()) <= 1e-4
+    # and back out as the same family (the GPT-2-only llama.cpp note is not consulted)
+    proc = subprocess.run([sys.executable, str(Path(convert.__file__)), "--to_hf",
+                           str(tmp_path / "back"), "--checkpoint", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    back = type(hf).from_pretrained(str(tmp_path / "back")).eval()
+    assert max_diff(model, back, ids()) <= 1e-4
+
+
 def test_from_hf_pytorch_bin_in_gpt2model_layout(hf_model, tmp_path):
     """Hub GPT-2 files: pytorch_model.bin, keys without 'transformer.', causal-mask buffers."""
     src = tmp_path / "gpt2-bin"
