@@ -19,10 +19,16 @@ GPU_PEAKS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 31
 
 
 def flops_per_token(model: LanguageModel) -> float:
-    """Training FLOPs per token of `model` (forward and backward)."""
+    """Training FLOPs per token of `model` (forward and backward): 6 x the weights of its matrix
+    products (the LM head included; an untied token embedding is a lookup and does not count)
+    plus the attention scores and their weighted sum over the context (12 x layers x the query
+    heads' width x context)."""
     cfg = model.config
-    return 6 * model.num_params(non_embedding=True) + 12 * cfg.num_layers * cfg.d_model * (
-        cfg.max_seq_len)
+    params = model.num_params(non_embedding=True)
+    if not cfg.tie_embeddings:
+        params -= model.transformer.wte.weight.numel()
+    attn_width = cfg.num_heads * cfg.head_dim  # d_model unless head_dim says otherwise
+    return 6 * params + 12 * cfg.num_layers * attn_width * cfg.max_seq_len
 
 
 def datasheet_peak(device: torch.device) -> float | None:

@@ -68,3 +68,19 @@ def test_num_kv_heads_must_divide_the_heads(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "num_kv_heads (3) must divide num_heads (4)" in err[0]
     assert not (tmp_path / "run" / "snapshots").exists()
+
+
+def test_flops_per_token_follows_the_blocks():
+    """6 x matrix weights + 12 x layers x query width x context: GPT-2's count as before; an
+    untied embedding (a lookup) does not count, its head does; head_dim sets the attention
+    width."""
+    from model.lm import LanguageModel
+    from training.mfu import flops_per_token
+
+    shape = dict(vocab_size=100, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_seq_len=16)
+    gpt2 = LanguageModel(**shape)
+    assert flops_per_token(gpt2) == 6 * gpt2.num_params() + 12 * 2 * 32 * 16
+    untied = LanguageModel(**shape, tie_embeddings=False)
+    assert flops_per_token(untied) == flops_per_token(gpt2)  # same matmuls, same count
+    wide = LanguageModel(**shape, head_dim=16)
+    assert flops_per_token(wide) == 6 * wide.num_params() + 12 * 2 * 64 * 16
