@@ -84,3 +84,25 @@ def test_flops_per_token_follows_the_blocks():
     assert flops_per_token(untied) == flops_per_token(gpt2)  # same matmuls, same count
     wide = LanguageModel(**shape, head_dim=16)
     assert flops_per_token(wide) == 6 * wide.num_params() + 12 * 2 * 64 * 16
+
+
+def test_resume_is_exact_for_modern_blocks_with_muon(tmp_path, monkeypatch):
+    """A run of the `modern` blocks (untied, soft-capped, QK-norm, one key/value head) with Muon
+    and the shared unseen-token column, stopped at step 2 and resumed, ends with the weights of
+    the run that never stopped."""
+    common = ["--arch", "modern", "--num_kv_heads", "1", "--optimizer", "muon",
+              "--unseen_tokens", "shared", "--eval_interval", "2", "--max_steps", "4"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train_lm.main(tiny_flags(whole, *common)) == 0
+    flags = tiny_flags(parts, *common)
+    monkeypatch.setenv("LM_MAX_STEPS", "2")  # stops after step 2, as an interrupted run
+    assert train_lm.main(flags) == 0
+    monkeypatch.delenv("LM_MAX_STEPS")
+    stopped = torch.load(parts / "run" / "snapshots" / "latest.pt", weights_only=True)
+    assert stopped["step"] == 2
+    assert train_lm.main([*flags, "--resume", "auto"]) == 0
+    a = torch.load(whole / "run" / "snapshots" / "latest.pt", weights_only=True)
+    b = torch.load(parts / "run" / "snapshots" / "latest.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
