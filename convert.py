@@ -102,38 +102,47 @@ def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
 
 
 def from_hf(
-    src: str | Path, out: str | Path, *, tokenizer: str = "gpt2", force: bool = False,
+    src: str | Path, out: str | Path, *, tokenizer: str | None = None, force: bool = False,
     verify: bool = True,
 ) -> Path:
-    """Convert a local Hugging Face GPT-2 folder into one of our checkpoints.
+    """Convert a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model into one of our checkpoints.
 
     Args:
-        src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded).
+        src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded), or
+            a hub name (`model.hf_interop.hf_folder`: the local cache, downloaded when online).
         out: the checkpoint to write (.pt).
-        tokenizer: tokenizer name recorded in the checkpoint.
+        tokenizer: tokenizer name recorded in the checkpoint; None: the folder's own when it
+            holds one other than GPT-2's, else "gpt2".
         force: replace an existing `out`.
-        verify: check our logits against `GPT2LMHeadModel` on the same weights.
+        verify: check our logits against transformers' model of the same class and weights.
 
     Returns:
         The path written.
     """
-    from model.hf_interop import checkpoint_from_hf, hf_state_dict_for_model, read_hf_folder
+    from model.hf_interop import (
+        checkpoint_from_hf,
+        hf_folder,
+        looks_like_hub_name,
+        read_hf_folder,
+    )
     from model.lm import LanguageModel, LMConfig
 
     out = _check_output(out, force)
     if not Path(src).is_dir():
-        raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model folder")
+        if Path(src).exists() or not looks_like_hub_name(str(src)):
+            raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model "
+                               "folder")
+        src = hf_folder(src)  # a hub name: the local cache (downloaded when online)
     hf_config, hf_sd = read_hf_folder(src)  # the one HF reader (train_lm.py --init_from too)
     ckpt = checkpoint_from_hf(hf_config, hf_sd, src)
     cfg = LMConfig.from_dict(ckpt["model_config"])
     model = LanguageModel.from_config(cfg)
     load_weights_strict(model, ckpt["model_state_dict"])
     if verify:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
-        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
-        verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--from_hf {src}")
+        verify_logits(model, _hf_model_of(hf_config, hf_sd), cfg.vocab_size, cfg.max_seq_len,
+                      f"--from_hf {src}")
+    if tokenizer is None:
+        tokenizer = ckpt["tokenizer"]
     checkpoint = {
         "model_config": cfg.to_dict(),
         "model_state_dict": model.state_dict(),
@@ -148,6 +157,26 @@ def from_hf(
     with atomic_write(out) as fh:
         torch.save(checkpoint, fh)
     return out
+
+
+def _hf_model_of(hf_config: dict[str, Any], hf_sd: dict[str, Any]):
+    """transformers' own model of a Hugging Face config dict, holding `hf_sd` (for checks)."""
+    from model.hf_families import FAMILIES
+    from model.hf_interop import hf_state_dict_for_model
+
+    if hf_config.get("model_type") in FAMILIES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        rest = {k: v for k, v in hf_config.items() if k != "model_type"}
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_config["model_type"],
+                                                                   **rest))
+        hf.load_state_dict(hf_sd, strict=False)  # lm_head: absent when tied
+        return hf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
+    hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
+    return hf
 
 
 def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
@@ -188,7 +217,9 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
 
 def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
             force: bool = False, verify: bool = True) -> Path:
-    """Write a checkpoint as one GGUF file that llama.cpp's `gpt2` architecture loads.
+    """Write a checkpoint as one GGUF file for llama.cpp's matching architecture: `gpt2` for
+    GPT-2's blocks, `llama`, `qwen2` or `qwen3` for Llama/Qwen-shaped models, with the
+    checkpoint's own tokenizer (`tokenizer_for_export`).
 
     Args:
         checkpoint: our checkpoint, run directory, snapshots directory or `.safetensors` export
@@ -221,9 +252,33 @@ def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
                            " export from the checkpoint it was made from")
     ckpt = read_weights_source(checkpoint)
     cfg, state = validate_weights(ckpt)
-    return gguf_export.write_gguf(out, cfg, state, outtype, tokenizer=_tokenizer_name(ckpt),
+    gguf_export.gguf_arch(cfg)  # an unrepresentable model is refused before the tokenizer loads
+    return gguf_export.write_gguf(out, cfg, state, outtype, tokenizer=tokenizer_for_export(ckpt),
                                   name=_model_name(ckpt.get("_path", checkpoint)),
                                   verify=verify)
+
+
+def tokenizer_for_export(ckpt: dict[str, Any]) -> Any:
+    """The tokenizer a GGUF export writes into the file: "gpt2" (the bundled GPT-2 tokenizer,
+    which `model.gguf_export` writes from its files) or the checkpoint's tokenizer, loaded.
+
+    The one place the export gets a checkpoint's tokenizer: today a checkpoint names it
+    (`ckpt["tokenizer"]`: "gpt2", a folder or a hub name).
+
+    Raises:
+        ConvertError: the named tokenizer cannot be loaded (one line).
+    """
+    from model.tokenizer import TokenizerLoadError, load_tokenizer
+
+    name = _tokenizer_name(ckpt)
+    if name == "gpt2":
+        return name
+    try:
+        return load_tokenizer(name)
+    except TokenizerLoadError as exc:
+        cause = _first_line(exc).split("; use --tokenizer")[0]
+        raise ConvertError(f"{cause}: the checkpoint's tokenizer, which the GGUF file must "
+                           "hold") from None
 
 
 def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
@@ -355,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--from_hf", metavar="DIR",
-                      help="local Hugging Face GPT-2 folder to convert into a checkpoint")
+                      help="Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (or hub name) to "
+                           "convert into a checkpoint")
     mode.add_argument("--to_hf", metavar="OUT_DIR",
                       help="write --checkpoint as a Hugging Face folder")
     mode.add_argument("--to_safetensors", metavar="OUT",
@@ -370,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--to_safetensors and --to_gguf)")
     p.add_argument("--out", metavar="PATH",
                    help="checkpoint to write with --from_hf (default: ./<DIR name>.pt)")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer recorded in the --from_hf checkpoint (default: gpt2)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer recorded in the --from_hf checkpoint (default: the folder's "
+                        "own, or gpt2 when it holds none or GPT-2's)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no_verify", action="store_true",
                    help="skip the logits check against transformers (saves memory on big models)")
