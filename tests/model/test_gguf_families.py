@@ -49,6 +49,11 @@ FAMILIES = {
               "smollm"),
 }
 VOCAB = 384  # the model's rows; the qwen2 tokenizer has fewer (a padded embedding)
+# Noise added to the random init (std of the weight matrices', the embeddings'): logits of a few
+# tens with clear greedy choices that do not repeat one token (a tied head repeats the input
+# token when the embeddings dominate), and small enough weights that q8_0's rounding moves the
+# logits by well under one (larger ones make these 2-layer models chaotic: a logit moves by 5).
+INIT = {"llama": (0.1, 1.0), "qwen2": (0.15, 0.3), "qwen3": (0.1, 1.0)}
 
 
 def _pre_tokenizer(kind: str):
@@ -100,9 +105,12 @@ def _hf_model(family: str):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
     torch.manual_seed(len(family))
     hf = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # weights large enough that greedy choices are clear
+    matrices, embeddings = INIT[family]
+    with torch.no_grad():  # clear greedy choices, not a repeated token, not chaotic
         for name, p in hf.named_parameters():
-            p.add_((0.5 if p.dim() == 2 else 0.1) * torch.randn_like(p))
+            scale = embeddings if name.endswith(("embed_tokens.weight", "lm_head.weight")) \
+                else matrices if p.dim() == 2 else 0.1
+            p.add_(scale * torch.randn_like(p))
             if "norm" in name:
                 p.abs_()
     return hf
@@ -316,14 +324,30 @@ def llama_cpp():
         "llama_cpp", reason="llama-cpp-python is not installed (CI installs it: .ci/run)")
 
 
-# Largest logit difference allowed on the prompt (logits up to about 30 on these models; measured:
-# see docs/export.md). q8_0 also rounds activations to 8 bits in llama.cpp.
-LOGIT_TOL = {"f32": 1e-3, "q8_0": 1.0}
+# Largest logit difference allowed along the prompt and our 50 greedy tokens (logits up to about
+# 35 here; measured on this machine's runs: 3.4e-5 f32, 0.62 q8_0), with llama.cpp's KV cache in
+# f32. f32 differs from ours only in summation order; q8_0 rounds the weights and, in llama.cpp's
+# matrix products, the activations to 8 bits too.
+LOGIT_TOL = {"f32": 1e-3, "q8_0": 0.75}
+
+
+def _greedy(llm, prompt: list[int], n: int) -> list[int]:
+    got = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        got.append(token)
+        if len(got) == n:
+            break
+    return got
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_tokenizes_and_continues_as_we_do(models, llama_cpp, family, outtype):
+    """f32: llama.cpp's greedy continuation is ours, all 50 tokens. q8_0 rounds weights and
+    activations, so its greedy path may legitimately leave ours where our top two logits are
+    close; compared instead: its logits along our path (prompt + our 50 tokens) within the
+    tolerance, its top token equal to ours at every step whose margin exceeds twice that, and
+    its own greedy continuation equal to ours up to the first step that does not."""
     m = models[family]
     model, _ = load_model(m["ckpt"], device="cpu")
     model.end_token = None  # llama.cpp's generate runs past end-of-text too
@@ -333,32 +357,29 @@ def test_llama_cpp_tokenizes_and_continues_as_we_do(models, llama_cpp, family, o
                           verbose=False, seed=0, type_k=f32_kv, type_v=f32_kv)
     try:
         prompt = tok.encode(PROBE)  # as our tools encode a prompt (BOS for the llama tokenizer)
-        assert llm.tokenize(PROBE.encode(), add_bos=llm.add_bos_token(), special=False) == prompt
-        assert llm.add_bos_token() == (family == "llama")
+        # add_bos=True: the special tokens the file says prompts get (BOS for llama only)
+        assert llm.tokenize(PROBE.encode(), add_bos=True, special=False) == prompt
+        assert llm.metadata["tokenizer.ggml.add_bos_token"] == str(family == "llama").lower()
         assert llm.token_eos() == tok.eos_token_id
+        path = model.generate(prompt, max_new_tokens=GREEDY, temperature=0)[0].tolist()
+        mine = path[len(prompt):]
+        assert len(set(mine)) > 5  # a real continuation, not one token repeated
         llm.reset()
-        llm.eval(prompt)
-        theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
-        with torch.no_grad():
-            ours = model(torch.tensor([prompt]))[0]
-        assert (theirs - ours).abs().max() <= LOGIT_TOL[outtype]
-        mine = model.generate(prompt, max_new_tokens=GREEDY, temperature=0)[0, len(prompt):]
-        got = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            got.append(token)
-            if len(got) == GREEDY:
-                break
+        llm.eval(path)
+        theirs = torch.from_numpy(np.array(llm.scores[:len(path)], dtype=np.float32))
+        got = _greedy(llm, prompt, GREEDY)
     finally:
         llm.close()
-    mine = mine.tolist()
+    with torch.no_grad():
+        ours = model(torch.tensor([path]))[0]
+    assert (theirs - ours).abs().max() <= LOGIT_TOL[outtype]
     if outtype == "f32":
         assert got == mine
         return
-    # q8_0 rounds weights and activations: its greedy path equals ours up to the first step
-    # where our top two logits are closer than its error could separate.
-    with torch.no_grad():
-        forced = model(torch.tensor([prompt + mine]))[0, len(prompt) - 1:-1]
-    top2 = forced.topk(2).values
-    unclear = ((top2[:, 0] - top2[:, 1]) <= 2 * LOGIT_TOL[outtype]).nonzero()
-    agree_to = int(unclear[0]) if unclear.numel() else GREEDY
+    steps = slice(len(prompt) - 1, len(path) - 1)  # the logits that chose our 50 tokens
+    top2 = ours[steps].topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * LOGIT_TOL[outtype]
+    assert clear.sum() >= GREEDY // 3  # the comparison below is not vacuous
+    assert torch.equal(theirs[steps].argmax(1)[clear], torch.tensor(mine)[clear])
+    agree_to = int((~clear).nonzero()[0]) if (~clear).any() else GREEDY
     assert got[:agree_to] == mine[:agree_to]
