@@ -316,8 +316,11 @@ def test_unrepresentable_models_are_refused(models, tmp_path):
              for name, (_, expect) in cases.items()}
     usage["unknown pre-tokenizer"] = (["--to_gguf", out, "--checkpoint", other],
                                       "is not one llama.cpp knows")
+    # --from_hf takes a hub name: offline and not in the (empty) cache, one line saying how.
+    usage["hub name offline"] = (["--from_hf", "HuggingFaceTB/SmolLM2-135M", "--out",
+                                  tmp_path / "smol.pt"], "huggingface-cli download")
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert_usage_errors(REPO / "convert.py", usage, tmp_path)
+    assert_usage_errors(REPO / "convert.py", usage, tmp_path, HF_HOME=str(tmp_path / "hf-home"))
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary file
 
 
