@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Move weights between this repo and Hugging Face, and out to llama.cpp (GGUF).
 
-    # A local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
-    # -> one of our checkpoints, loadable by generate_lm.py and the guide's code:
+    # A Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (config.json + model.safetensors or
+    # pytorch_model.bin) or hub name -> one of our checkpoints, loadable by generate_lm.py and
+    # the guide's code (it records the folder's tokenizer):
     python convert.py --from_hf path/to/gpt2 --out gpt2.pt
 
     # Our checkpoint -> a Hugging Face folder (config.json, model.safetensors, tokenizer files)
@@ -13,8 +14,8 @@
     python convert.py --to_safetensors model.safetensors --checkpoint latest.pt
 
     # Our checkpoint (or run directory, or safetensors export) -> one GGUF file for llama.cpp,
-    # Ollama, LM Studio: f32 (exact), f16 or q8_0 (llama.cpp's 8-bit format); see
-    # model/gguf_export.py
+    # Ollama, LM Studio (llama.cpp's gpt2, llama, qwen2 or qwen3 architecture, with the model's
+    # tokenizer): f32 (exact), f16 or q8_0 (llama.cpp's 8-bit format); see model/gguf_export.py
     python convert.py --to_gguf model.gguf --checkpoint lm_shakespeare --outtype f16
 
 Every conversion checks its result: the converted model's logits must match the source's on a
@@ -402,8 +403,8 @@ def _first_line(exc: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="convert.py",
-        description="Convert weights between this repo's checkpoints and Hugging Face GPT-2, "
-        "and export them as GGUF for llama.cpp and Ollama.",
+        description="Convert weights between this repo's checkpoints and Hugging Face (GPT-2, "
+        "Llama, Qwen2, Qwen3), and export them as GGUF for llama.cpp and Ollama.",
         epilog="Examples: --from_hf hf_gpt2/ --out gpt2.pt | --to_hf hf_out/ --checkpoint "
         "ckpt.pt | --to_safetensors model.safetensors --checkpoint ckpt.pt | --to_gguf "
         "model.gguf --checkpoint lm_shakespeare --outtype q8_0",

@@ -393,3 +393,43 @@ def test_llama_cpp_tokenizes_and_continues_as_we_do(models, llama_cpp, family, o
     assert torch.equal(theirs[steps].argmax(1)[clear], torch.tensor(mine)[clear])
     agree_to = int((~clear).nonzero()[0]) if (~clear).any() else GREEDY
     assert got[:agree_to] == mine[:agree_to]
+
+
+def test_gpt2_blocks_with_their_own_tokenizer(models, tmp_path):
+    """A GPT-2-block model trained with another tokenizer (here the qwen3 test's SmolLM-style
+    one) exports as llama.cpp's gpt2 with that tokenizer, not GPT-2's."""
+    torch.manual_seed(3)
+    model = LanguageModel(vocab_size=VOCAB, d_model=64, num_heads=4, num_layers=1, d_ff=128,
+                          max_seq_len=128, dropout=0.0).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(0.3 * torch.randn_like(p))
+    ckpt = tmp_path / "gpt2-blocks.pt"
+    torch.save({"model_config": model.config.to_dict(), "model_state_dict": model.state_dict(),
+                "tokenizer": str(models["qwen3"]["ckpt"].parent / "qwen3")}, ckpt)
+    out = convert.to_gguf(ckpt, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(out))
+    tok = models["qwen3"]["tokenizer"]
+    assert _field(reader, "general.architecture") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.pre") == "smollm"
+    assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert _field(reader, "tokenizer.ggml.tokens")[:len(tok)] == \
+        tok.convert_ids_to_tokens(list(range(len(tok))))
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, n_threads=1, logits_all=True,
+                          verbose=False, type_k=0, type_v=0)
+    try:
+        prompt = tok.encode(PROBE)
+        assert llm.tokenize(PROBE.encode(), add_bos=True, special=False) == prompt
+        llm.eval(prompt)
+        theirs = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0]
+    # llama.cpp's gpt2 reads GELU from an f16 table (see test_gguf_export.py's tolerance)
+    assert (theirs - ours).abs().max() <= 1e-2
