@@ -181,27 +181,43 @@ def _merges(model: dict[str, Any]) -> list[str]:
 
 
 def _added_specials(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether `tokenizer.encode` (what our tools call) adds BOS before and EOS after a text."""
+    """Whether `tokenizer.encode` (what our tools call) adds BOS before and EOS after a text.
+
+    Raises:
+        GGUFExportError: it adds other tokens, which GGUF cannot describe.
+    """
     plain = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and len(full) > len(plain) and full[0] == bos
-    add_eos = eos is not None and len(full) > len(plain) and full[-1] == eos and \
-        full[:len(full) - 1][-len(plain):] == plain
-    if len(full) != len(plain) + add_bos + add_eos:
+    add_bos = bos is not None and full[:1] == [bos] and full[1:1 + len(plain)] == plain
+    rest = full[int(add_bos) + len(plain):]
+    add_eos = eos is not None and rest == [eos]
+    if full[int(add_bos):int(add_bos) + len(plain)] != plain or (rest and not add_eos):
         raise GGUFExportError("the tokenizer adds special tokens other than BOS/EOS to every "
                               "text, which GGUF cannot describe")
     return add_bos, add_eos
 
 
+def _is_bundled_gpt2(tokenizer: Any) -> bool:
+    """Whether a tokenizer without tokenizer.json is the bundled GPT-2 one (same vocabulary)."""
+    if getattr(tokenizer, "backend_tokenizer", None) is not None or \
+            getattr(tokenizer, "vocab_size", None) != GPT2_VOCAB:
+        return False
+    bundled = json.loads((BUNDLED_GPT2_DIR / "vocab.json").read_text("utf-8"))
+    return tokenizer.get_vocab() == bundled
+
+
 def tokenizer_vocab(tokenizer: Any, vocab_size: int) -> Vocab:
     """A Hugging Face fast tokenizer (byte-level BPE) as GGUF holds it, for a model of
-    `vocab_size` tokens (ids the tokenizer lacks become unused `[PAD<id>]` tokens).
+    `vocab_size` tokens (ids the tokenizer lacks become unused `[PAD<id>]` tokens). The bundled
+    GPT-2 tokenizer (`load_tokenizer("gpt2")`, a slow one) gives `gpt2_vocab`.
 
     Raises:
         GGUFExportError: not a byte-level BPE that llama.cpp reproduces (`pre_tokenizer_name`),
             or more tokens than the model has (one line).
     """
+    if _is_bundled_gpt2(tokenizer):
+        return gpt2_vocab(vocab_size)
     token_type = _token_type()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:

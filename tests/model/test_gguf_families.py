@@ -433,3 +433,13 @@ def test_gpt2_blocks_with_their_own_tokenizer(models, tmp_path):
         ours = model(torch.tensor([prompt]))[0]
     # llama.cpp's gpt2 reads GELU from an f16 table (see test_gguf_export.py's tolerance)
     assert (theirs - ours).abs().max() <= 1e-2
+
+
+def test_the_bundled_gpt2_tokenizer_object_is_gpt2s_vocabulary():
+    """The loaded bundled GPT-2 tokenizer (a slow one, no tokenizer.json) exports as GPT-2's
+    files do, so a caller may pass the checkpoint's tokenizer object whatever it is."""
+    from model.tokenizer import load_tokenizer
+
+    vocab = gguf_vocab.tokenizer_vocab(load_tokenizer("gpt2"), 50304)
+    assert vocab == gguf_vocab.gpt2_vocab(50304)
+    assert vocab.pre == "gpt-2" and vocab.bos_id == vocab.eos_id == 50256 and not vocab.add_bos
