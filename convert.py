@@ -169,8 +169,9 @@ def _hf_model_of(hf_config: dict[str, Any], hf_sd: dict[str, Any]):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         rest = {k: v for k, v in hf_config.items() if k != "model_type"}
-        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_config["model_type"],
-                                                                   **rest))
+        config = AutoConfig.for_model(hf_config["model_type"], **rest)
+        # float32 whatever dtype the config names (released models say bfloat16)
+        hf = AutoModelForCausalLM.from_config(config).float()
         hf.load_state_dict(hf_sd, strict=False)  # lm_head: absent when tied
         return hf
     from transformers import GPT2Config, GPT2LMHeadModel
