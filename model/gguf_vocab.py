@@ -34,12 +34,12 @@ from model.tokenizer import BUNDLED_GPT2_DIR
 EOT_ID = 50256  # <|endoftext|>: GPT-2's BOS and EOS
 GPT2_VOCAB = 50257
 
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_REGEX = _QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+LLAMA3_REGEX = QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 # regex of a `Split` step -> llama.cpp's pre-tokenizer name
-_SPLIT_NAMES = {_GPT2_REGEX: "gpt-2", _QWEN2_REGEX: "qwen2", _LLAMA3_REGEX: "llama-bpe"}
+_SPLIT_NAMES = {GPT2_REGEX: "gpt-2", QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
 # llama.cpp looks a whole word up before merging for these names only (its `ignore_merges`)
 _IGNORE_MERGES = ("llama-bpe",)
 

@@ -2,8 +2,9 @@
 with their own byte-level BPE tokenizers; refusals of what no llama.cpp architecture holds.
 
 Offline: tiny random models built with transformers' own classes, each with a tokenizer trained
-here (a different pre-tokenizer per family: Llama 3's, Qwen2's, SmolLM's), converted with
-`convert.py --from_hf`, then exported as f32 and q8_0. The files are read back with the gguf
+here (a different pre-tokenizer per family: Llama 3's, Qwen2's, SmolLM's; the builders are
+bench/gguf_families.py's, which records the same comparison), converted with
+`convert.py --from_hf`, then exported as f32, f16 and q8_0. The files are read back with the gguf
 package; when llama-cpp-python is installed, llama.cpp loads them, tokenizes as our tokenizer
 does, and its greedy continuation is compared with ours.
 """
@@ -20,6 +21,7 @@ import transformers
 from cli_cases import assert_usage_errors
 
 import convert
+from bench.gguf_families import FAMILIES, GREEDY, PROBE, VOCAB, hf_model, train_tokenizer
 from model import gguf_export, gguf_vocab
 from model.checkpoint import load_model
 from model.lm import LanguageModel
@@ -29,91 +31,6 @@ tokenizers = pytest.importorskip("tokenizers")
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# Text llama.cpp must split as the tokenizer does: digits, contractions, runs of spaces and
-# newlines, punctuation, accents and an emoji.
-PROBE = ("ROMEO: I'll pay 1234 ducats, 56.7 more!  We've\n\n  said it: 'TIS   done?\t"
-         "caf\u00e9 \U0001F680 -- 2026")
-GREEDY = 50
-
-# family -> (transformers config class and model class, config options, pre-tokenizer, its
-# llama.cpp name, tokenizer options)
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False),
-              "llama3", "llama-bpe"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
-              dict(num_key_value_heads=2, tie_word_embeddings=True), "qwen2", "qwen2"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
-              dict(num_key_value_heads=1, head_dim=24, tie_word_embeddings=False), "smollm",
-              "smollm"),
-}
-VOCAB = 384  # the model's rows; the qwen2 tokenizer has fewer (a padded embedding)
-# Noise added to the random init (std of the weight matrices', the embeddings'): logits of a few
-# tens with clear greedy choices that do not repeat one token (a tied head repeats the input
-# token when the embeddings dominate), and small enough weights that q8_0's rounding moves the
-# logits by well under one (larger ones make these 2-layer models chaotic: a logit moves by 5).
-INIT = {"llama": (0.1, 1.0), "qwen2": (0.15, 0.3), "qwen3": (0.1, 1.0)}
-
-
-def _pre_tokenizer(kind: str):
-    from tokenizers import Regex, pre_tokenizers
-
-    if kind == "smollm":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    regex = gguf_vocab._LLAMA3_REGEX if kind == "llama3" else gguf_vocab._QWEN2_REGEX
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-def _train_tokenizer(family: str, folder: Path):
-    """A byte-level BPE tokenizer trained on Tiny Shakespeare, saved in `folder`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-
-    kind = FAMILIES[family][3]
-    tok = Tokenizer(models.BPE(ignore_merges=kind == "llama3"))
-    tok.pre_tokenizer = _pre_tokenizer(kind)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>"] if family == "llama" else \
-        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    size = VOCAB - 16 if family == "qwen2" else VOCAB
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials,
-                                  initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    text = (REPO / "data" / "tinyshakespeare.txt").read_text("utf-8")[:60_000]
-    tok.train_from_iterator([text, PROBE], trainer)
-    if family == "llama":  # Llama 3 puts BOS before every text
-        tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
-        bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
-    else:
-        bos, eos = (None, "<|endoftext|>") if family == "qwen2" else ("<|endoftext|>",) * 2
-    if family == "qwen2":
-        tok.normalizer = normalizers.NFC()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos,
-                                                eos_token=eos)
-    fast.save_pretrained(str(folder))
-    return fast
-
-
-def _hf_model(family: str):
-    config_cls, model_cls, extra, _, _ = FAMILIES[family]
-    config = getattr(transformers, config_cls)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **extra)
-    torch.manual_seed(len(family))
-    hf = getattr(transformers, model_cls)(config).eval()
-    matrices, embeddings = INIT[family]
-    with torch.no_grad():  # clear greedy choices, not a repeated token, not chaotic
-        for name, p in hf.named_parameters():
-            scale = embeddings if name.endswith(("embed_tokens.weight", "lm_head.weight")) \
-                else matrices if p.dim() == 2 else 0.1
-            p.add_(scale * torch.randn_like(p))
-            if "norm" in name:
-                p.abs_()
-    return hf
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +42,8 @@ def models(tmp_path_factory) -> dict[str, dict]:
     for family in FAMILIES:
         folder = root / family
         folder.mkdir()
-        tok = _train_tokenizer(family, folder)
-        hf = _hf_model(family)
+        tok = train_tokenizer(family, folder)
+        hf = hf_model(family)
         hf.save_pretrained(str(folder), safe_serialization=True)
         if family == "qwen2":  # as released models' configs say (their weights are bf16)
             config = json.loads((folder / "config.json").read_text())
@@ -254,16 +171,16 @@ def test_pre_tokenizer_names_and_refusals():
 
     name = gguf_vocab.pre_tokenizer_name
     assert name(spec(byte_level())) == "gpt-2"
-    assert name(spec(split(gguf_vocab._GPT2_REGEX))) == "gpt-2"
+    assert name(spec(split(gguf_vocab.GPT2_REGEX))) == "gpt-2"
     assert name(spec({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, byte_level()]})) == "smollm"
-    assert name(spec(split(gguf_vocab._QWEN2_REGEX), normalizer={"type": "NFC"})) == "qwen2"
-    assert name(spec(split(gguf_vocab._LLAMA3_REGEX), ignore_merges=True)) == "llama-bpe"
+    assert name(spec(split(gguf_vocab.QWEN2_REGEX), normalizer={"type": "NFC"})) == "qwen2"
+    assert name(spec(split(gguf_vocab.LLAMA3_REGEX), ignore_merges=True)) == "llama-bpe"
     refused = {
         "not one llama.cpp knows": spec(split(r"\w+|\s+")),
         "Whitespace": spec({"type": "Whitespace"}),
         "prefix": spec(byte_level(prefix=True)),
-        "ignore_merges=False": spec(split(gguf_vocab._LLAMA3_REGEX)),
+        "ignore_merges=False": spec(split(gguf_vocab.LLAMA3_REGEX)),
         "ignore_merges=True": spec(byte_level(), ignore_merges=True),
         "normalizes text (Lowercase)": spec(byte_level(), normalizer={"type": "Lowercase"}),
         "byte fallback": spec(byte_level(), byte_fallback=True),
@@ -338,7 +255,7 @@ def llama_cpp():
 
 
 # Largest logit difference allowed along the prompt and our 50 greedy tokens (logits up to about
-# 35 here; measured on a 2-core AMD EPYC: 1.6e-5 f32, 0.02 f16, 0.62 q8_0), with llama.cpp's KV
+# 35 here; bench/results/gguf_families_cpu_2core.txt has the measured ones), with llama.cpp's KV
 # cache in f32. f32 differs from ours only in summation order; f16 rounds the weights; q8_0 rounds
 # the weights and, in llama.cpp's matrix products, the activations to 8 bits too.
 LOGIT_TOL = {"f32": 1e-3, "f16": 0.1, "q8_0": 0.75}
