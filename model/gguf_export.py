@@ -65,7 +65,6 @@ from model.gguf_vocab import (  # noqa: F401 - re-exported: the export's error a
 from model.lm import LMConfig
 
 OUTTYPES = ("f32", "f16", "q8_0")
-ARCH = "gpt2"
 ARCHES = ("gpt2", "llama", "qwen2", "qwen3")
 LAYER_NORM_EPS = 1e-5
 Q8_0_BLOCK = 32  # weights per q8_0 block (one f16 scale each)
