@@ -44,7 +44,8 @@ GREEDY = 50
 # llama.cpp name)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM",
-              dict(num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False),
+              dict(num_key_value_heads=2, head_dim=32, attention_bias=True,
+                   tie_word_embeddings=True),
               "llama3", "llama-bpe"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               dict(num_key_value_heads=2, tie_word_embeddings=True), "qwen2", "qwen2"),
@@ -57,7 +58,7 @@ VOCAB = 384  # the model's rows; the qwen2 tokenizer has fewer (a padded embeddi
 # tens with clear greedy choices that do not repeat one token (a tied head repeats the input
 # token when the embeddings dominate), and small enough weights that q8_0's rounding moves the
 # logits by well under one (larger ones make these 2-layer models chaotic: a logit moves by 5).
-INIT = {"llama": (0.1, 1.0), "qwen2": (0.15, 0.3), "qwen3": (0.1, 1.0)}
+INIT = {"llama": (0.15, 0.3), "qwen2": (0.15, 0.3), "qwen3": (0.1, 1.0)}
 OUTTYPES = ("f32", "f16", "q8_0")
 
 
