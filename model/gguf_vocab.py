@@ -146,8 +146,11 @@ def pre_tokenizer_name(spec: dict[str, Any]) -> str:
                               "byte-level BPE tokenizers only")
     steps = _steps(spec.get("pre_tokenizer"))
     kinds = [s.get("type") for s in steps]
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        raise GGUFExportError("the tokenizer puts a space before every text (add_prefix_space), "
+                              "which llama.cpp's byte-level BPE does not")
     name = None
-    if kinds and kinds[-1] == "ByteLevel" and not steps[-1].get("add_prefix_space", False):
+    if kinds and kinds[-1] == "ByteLevel":
         regex = steps[-1].get("use_regex", True)
         if kinds == ["ByteLevel"] and regex:
             name = "gpt-2"
