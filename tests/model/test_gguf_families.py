@@ -358,9 +358,18 @@ def test_gpt2_blocks_with_their_own_tokenizer(models, tmp_path):
 
 def test_the_bundled_gpt2_tokenizer_object_is_gpt2s_vocabulary():
     """The loaded bundled GPT-2 tokenizer (a slow one, no tokenizer.json) exports as GPT-2's
-    files do, so a caller may pass the checkpoint's tokenizer object whatever it is."""
+    files do, so a caller may pass the checkpoint's tokenizer object whatever it is; and GPT-2's
+    fast tokenizer, read through its tokenizer.json, gives the same vocabulary."""
     from model.tokenizer import load_tokenizer
 
     vocab = gguf_vocab.tokenizer_vocab(load_tokenizer("gpt2"), 50304)
     assert vocab == gguf_vocab.gpt2_vocab(50304)
     assert vocab.pre == "gpt-2" and vocab.bos_id == vocab.eos_id == 50256 and not vocab.add_bos
+    # The generic path (tokenizer.json) reads GPT-2's fast tokenizer as the same vocabulary.
+    from transformers import GPT2TokenizerFast
+
+    from model.tokenizer import BUNDLED_GPT2_DIR
+
+    fast = GPT2TokenizerFast.from_pretrained(str(BUNDLED_GPT2_DIR))
+    assert fast.backend_tokenizer is not None
+    assert gguf_vocab.tokenizer_vocab(fast, 50304) == vocab
