@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Move weights between this repo and Hugging Face, and out to llama.cpp (GGUF).
 
-    # A local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
-    # -> one of our checkpoints, loadable by generate_lm.py and the guide's code:
+    # A Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (config.json + model.safetensors or
+    # pytorch_model.bin) or hub name -> one of our checkpoints, loadable by generate_lm.py and
+    # the guide's code (it records the folder's tokenizer):
     python convert.py --from_hf path/to/gpt2 --out gpt2.pt
 
     # Our checkpoint -> a Hugging Face folder (config.json, model.safetensors, tokenizer files)
@@ -13,8 +14,8 @@
     python convert.py --to_safetensors model.safetensors --checkpoint latest.pt
 
     # Our checkpoint (or run directory, or safetensors export) -> one GGUF file for llama.cpp,
-    # Ollama, LM Studio: f32 (exact), f16 or q8_0 (llama.cpp's 8-bit format); see
-    # model/gguf_export.py
+    # Ollama, LM Studio (llama.cpp's gpt2, llama, qwen2 or qwen3 architecture, with the model's
+    # tokenizer): f32 (exact), f16 or q8_0 (llama.cpp's 8-bit format); see model/gguf_export.py
     python convert.py --to_gguf model.gguf --checkpoint lm_shakespeare --outtype f16
 
 Every conversion checks its result: the converted model's logits must match the source's on a
@@ -64,27 +65,6 @@ def load_weights_strict(model, state_dict: dict[str, Any]) -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
-def _hf_model(hf_config: dict[str, Any], hf_sd: dict[str, Any]):
-    """transformers' own model for a folder's config and weights (the reference to check a
-    conversion against): GPT2LMHeadModel, or LlamaForCausalLM / Qwen2ForCausalLM /
-    Qwen3ForCausalLM."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    from model.hf_interop import hf_state_dict_for_model
-
-    if hf_config.get("model_type", "gpt2") == "gpt2":
-        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
-        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
-        return hf
-    config = CONFIG_MAPPING[hf_config["model_type"]].from_dict(hf_config)
-    hf = AutoModelForCausalLM.from_config(config)
-    missing = set(hf.load_state_dict(hf_sd, strict=False).missing_keys)
-    if missing - {"lm_head.weight"} or (missing and not config.tie_word_embeddings):
-        raise ConvertError(f"missing weight {sorted(missing)[0]!r} in the folder's weights")
-    hf.tie_weights()
-    return hf
-
-
 def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
     """Compare our model's logits with a Hugging Face model's on one random batch (fp32, CPU).
 
@@ -123,35 +103,47 @@ def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
 
 
 def from_hf(
-    src: str | Path, out: str | Path, *, tokenizer: str = "gpt2", force: bool = False,
+    src: str | Path, out: str | Path, *, tokenizer: str | None = None, force: bool = False,
     verify: bool = True,
 ) -> Path:
-    """Convert a local Hugging Face GPT-2 folder into one of our checkpoints.
+    """Convert a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model into one of our checkpoints.
 
     Args:
-        src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded).
+        src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded), or
+            a hub name (`model.hf_interop.hf_folder`: the local cache, downloaded when online).
         out: the checkpoint to write (.pt).
-        tokenizer: tokenizer name recorded in the checkpoint.
+        tokenizer: tokenizer name recorded in the checkpoint; None: the folder's own when it
+            holds one other than GPT-2's, else "gpt2".
         force: replace an existing `out`.
-        verify: check our logits against `GPT2LMHeadModel` on the same weights.
+        verify: check our logits against transformers' model of the same class and weights.
 
     Returns:
         The path written.
     """
-    from model.hf_interop import checkpoint_from_hf, read_hf_folder
+    from model.hf_interop import (
+        checkpoint_from_hf,
+        hf_folder,
+        looks_like_hub_name,
+        read_hf_folder,
+    )
     from model.lm import LanguageModel, LMConfig
 
     out = _check_output(out, force)
     if not Path(src).is_dir():
-        raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model folder")
+        if Path(src).exists() or not looks_like_hub_name(str(src)):
+            raise ConvertError(f"{src} is not a folder; --from_hf needs a Hugging Face model "
+                               "folder")
+        src = hf_folder(src)  # a hub name: the local cache (downloaded when online)
     hf_config, hf_sd = read_hf_folder(src)  # the one HF reader (train_lm.py --init_from too)
     ckpt = checkpoint_from_hf(hf_config, hf_sd, src)
     cfg = LMConfig.from_dict(ckpt["model_config"])
     model = LanguageModel.from_config(cfg)
     load_weights_strict(model, ckpt["model_state_dict"])
     if verify:
-        verify_logits(model, _hf_model(hf_config, hf_sd), cfg.vocab_size, cfg.max_seq_len,
+        verify_logits(model, _hf_model_of(hf_config, hf_sd), cfg.vocab_size, cfg.max_seq_len,
                       f"--from_hf {src}")
+    if tokenizer is None:
+        tokenizer = ckpt["tokenizer"]
     checkpoint = {
         "model_config": cfg.to_dict(),
         "model_state_dict": model.state_dict(),
@@ -166,6 +158,30 @@ def from_hf(
     with atomic_write(out) as fh:
         torch.save(checkpoint, fh)
     return out
+
+
+def _hf_model_of(hf_config: dict[str, Any], hf_sd: dict[str, Any]):
+    """transformers' own model of a Hugging Face config dict, holding `hf_sd` (for checks)."""
+    from model.hf_families import FAMILIES
+    from model.hf_interop import hf_state_dict_for_model
+
+    if hf_config.get("model_type") in FAMILIES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        rest = {k: v for k, v in hf_config.items() if k != "model_type"}
+        config = AutoConfig.for_model(hf_config["model_type"], **rest)
+        # float32 whatever dtype the config names (released models say bfloat16)
+        hf = AutoModelForCausalLM.from_config(config).float()
+        missing = set(hf.load_state_dict(hf_sd, strict=False).missing_keys)
+        if missing - {"lm_head.weight"} or (missing and not config.tie_word_embeddings):
+            raise ConvertError(f"missing weight {sorted(missing)[0]!r} in the folder's weights")
+        hf.tie_weights()  # lm_head: absent when tied
+        return hf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
+    hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
+    return hf
 
 
 def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
@@ -206,7 +222,9 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
 
 def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
             force: bool = False, verify: bool = True) -> Path:
-    """Write a checkpoint as one GGUF file that llama.cpp's `gpt2` architecture loads.
+    """Write a checkpoint as one GGUF file for llama.cpp's matching architecture: `gpt2` for
+    GPT-2's blocks, `llama`, `qwen2` or `qwen3` for Llama/Qwen-shaped models, with the
+    checkpoint's own tokenizer (`tokenizer_for_export`).
 
     Args:
         checkpoint: our checkpoint, run directory, snapshots directory or `.safetensors` export
@@ -239,9 +257,33 @@ def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
                            " export from the checkpoint it was made from")
     ckpt = read_weights_source(checkpoint)
     cfg, state = validate_weights(ckpt)
-    return gguf_export.write_gguf(out, cfg, state, outtype, tokenizer=_tokenizer_name(ckpt),
+    gguf_export.gguf_arch(cfg)  # an unrepresentable model is refused before the tokenizer loads
+    return gguf_export.write_gguf(out, cfg, state, outtype, tokenizer=tokenizer_for_export(ckpt),
                                   name=_model_name(ckpt.get("_path", checkpoint)),
                                   verify=verify)
+
+
+def tokenizer_for_export(ckpt: dict[str, Any]) -> Any:
+    """The tokenizer a GGUF export writes into the file: "gpt2" (the bundled GPT-2 tokenizer,
+    which `model.gguf_export` writes from its files) or the checkpoint's tokenizer, loaded.
+
+    The one place the export gets a checkpoint's tokenizer: today a checkpoint names it
+    (`ckpt["tokenizer"]`: "gpt2", a folder or a hub name).
+
+    Raises:
+        ConvertError: the named tokenizer cannot be loaded (one line).
+    """
+    from model.tokenizer import TokenizerLoadError, load_tokenizer
+
+    name = _tokenizer_name(ckpt)
+    if name == "gpt2":
+        return name
+    try:
+        return load_tokenizer(name)
+    except TokenizerLoadError as exc:
+        cause = _first_line(exc).split("; use --tokenizer")[0]
+        raise ConvertError(f"{cause}: the checkpoint's tokenizer, which the GGUF file must "
+                           "hold") from None
 
 
 def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
@@ -367,15 +409,16 @@ def _first_line(exc: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="convert.py",
-        description="Convert weights between this repo's checkpoints and Hugging Face GPT-2, "
-        "and export them as GGUF for llama.cpp and Ollama.",
+        description="Convert weights between this repo's checkpoints and Hugging Face (GPT-2, "
+        "Llama, Qwen2, Qwen3), and export them as GGUF for llama.cpp and Ollama.",
         epilog="Examples: --from_hf hf_gpt2/ --out gpt2.pt | --to_hf hf_out/ --checkpoint "
         "ckpt.pt | --to_safetensors model.safetensors --checkpoint ckpt.pt | --to_gguf "
         "model.gguf --checkpoint lm_shakespeare --outtype q8_0",
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--from_hf", metavar="DIR",
-                      help="local Hugging Face GPT-2 folder to convert into a checkpoint")
+                      help="Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (or hub name) to "
+                           "convert into a checkpoint")
     mode.add_argument("--to_hf", metavar="OUT_DIR",
                       help="write --checkpoint as a Hugging Face folder")
     mode.add_argument("--to_safetensors", metavar="OUT",
@@ -390,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--to_safetensors and --to_gguf)")
     p.add_argument("--out", metavar="PATH",
                    help="checkpoint to write with --from_hf (default: ./<DIR name>.pt)")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer recorded in the --from_hf checkpoint (default: gpt2)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer recorded in the --from_hf checkpoint (default: the folder's "
+                        "own, or gpt2 when it holds none or GPT-2's)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no_verify", action="store_true",
                    help="skip the logits check against transformers (saves memory on big models)")

@@ -9,5 +9,6 @@ text, stop strings), probview.py (showing token probabilities), repl.py (the int
 mode), checkpoint.py (reading and checking checkpoints), loading.py (the one
 checkpoint-and-tokenizer loader of the scripts), tokenizer.py (the bundled GPT-2 tokenizer),
 quant.py (CPU weight formats), hf_interop.py / hf_families.py (Hugging Face GPT-2, Llama,
-Qwen2, Qwen3), gguf_export.py (llama.cpp's format).
+Qwen2, Qwen3), gguf_export.py / gguf_vocab.py (llama.cpp's format, and the tokenizer
+written into it).
 """

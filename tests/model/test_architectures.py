@@ -311,7 +311,8 @@ def _save_checkpoint(path, model: LanguageModel):
 
 def test_convert_to_hf_and_back(tmp_path):
     """convert.py --to_hf writes a Llama folder for a Llama-like checkpoint (verified against
-    transformers' logits), which loads back as the same model; GGUF refuses it in one line."""
+    transformers' logits), which loads back as the same model; GGUF takes it as llama.cpp's qwen3
+    and refuses, in one line, a model no llama.cpp architecture holds."""
     import convert
     from model.gguf_export import GGUFExportError, check_exportable
 
@@ -323,8 +324,10 @@ def test_convert_to_hf_and_back(tmp_path):
     ids = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.equal(back(ids), model(ids))
-    with pytest.raises(GGUFExportError, match="gpt2 architecture only"):
-        check_exportable(model.config, model.state_dict(), "f32", "gpt2")
+    assert check_exportable(model.config, model.state_dict(), "f32") == "qwen3"
+    everything = _model(**OPTIONS["everything"])
+    with pytest.raises(GGUFExportError, match="no llama.cpp architecture holds this model"):
+        check_exportable(everything.config, everything.state_dict(), "f32")
 
 
 def test_train_lm_init_from_a_qwen3_folder_keeps_its_architecture(tmp_path, monkeypatch):
