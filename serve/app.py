@@ -53,6 +53,9 @@ from serve.scheduler import ChoiceSpec, Job, QueueFullError, Scheduler, Shutting
 log = logging.getLogger("serve")
 STATIC = Path(__file__).resolve().parent / "static"
 RETRY_AFTER_S = 1
+# Unseeded settings seen recently, each with the one `Sampling` its rows share; a client can send
+# any number of distinct temperatures, so the oldest are forgotten past this many.
+MAX_SHARED_SAMPLINGS = 256
 
 
 @dataclass
@@ -133,6 +136,8 @@ class Server:
             return Sampling(seed=(req.seed + sample) % SEED_LIMIT, **settings)
         shared = self._shared.get(key)
         if shared is None:
+            if len(self._shared) >= MAX_SHARED_SAMPLINGS:  # clients choose the keys: bounded
+                del self._shared[next(iter(self._shared))]  # the oldest
             shared = self._shared[key] = Sampling(**settings)
         return shared
 
