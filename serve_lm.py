@@ -169,9 +169,11 @@ def _web_server_class():
             self._captured_signals.clear()
             if self.scheduler is not None and not self._draining:
                 self._draining = True
-                log = logging.getLogger("serve")
-                log.info("shutting down: no new requests; running ones may finish within "
-                         "%g s (a second signal ends them now)", self.grace)
+                stats = self.scheduler.stats()
+                logging.getLogger("serve").info(
+                    "shutting down: no new requests; %d rows running may finish within %g s, "
+                    "%d queued requests get 503 (a second signal ends them now)",
+                    stats["running"], self.grace, stats["waiting"])
                 self.scheduler.drain(self.grace, on_done=self._drained)
                 return
             if self.scheduler is not None:

@@ -262,35 +262,37 @@ async def _read_body(request: Request) -> bytes:
 
     A body over the limit is read on and dropped, a chunk at a time, up to MAX_DISCARD_BYTES in
     all, before the 413 goes out: a client that sends its whole body before reading (urllib)
-    then reads the 413 rather than a reset connection. A Content-Length over that bound, or
-    `Expect: 100-continue` (the client waits for a go-ahead before sending), gets the 413 at
-    once, unread; the connection is then closed.
+    then reads the 413 rather than a reset connection, and the connection serves on. A
+    Content-Length over that bound, or `Expect: 100-continue` (the client waits for a go-ahead
+    before sending), gets the 413 at once, unread, as does a body without a length that passes
+    the bound; then the connection is closed (`Connection: close`).
     """
-    too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB",
-                       code="request_too_large")
+    message = f"the request body is over {MAX_BODY_BYTES // 2**20} MiB"
     length = request.headers.get("content-length")
+    body = request.stream()  # one generator, read on after a `break`
+    read = 0
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         expects = request.headers.get("expect", "").lower() == "100-continue"
-        if not expects and int(length) <= MAX_DISCARD_BYTES:
-            await _discard(request)
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            chunks.clear()
-            await _discard(request, size)
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _discard(request: Request, size: int = 0) -> None:
-    """Read the rest of the body and drop it, until its end or MAX_DISCARD_BYTES in all."""
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_DISCARD_BYTES:
-            return
+        if expects or int(length) > MAX_DISCARD_BYTES:
+            read = MAX_DISCARD_BYTES + 1  # not read
+    else:
+        chunks = []
+        async for chunk in body:
+            read += len(chunk)
+            if read > MAX_BODY_BYTES:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+        chunks.clear()
+    if read <= MAX_DISCARD_BYTES:
+        async for chunk in body:
+            read += len(chunk)
+            if read > MAX_DISCARD_BYTES:
+                break
+    await body.aclose()
+    headers = {"Connection": "close"} if read > MAX_DISCARD_BYTES else None
+    raise ApiError(413, message, code="request_too_large", headers=headers)
 
 
 class CompletionError(Exception):
