@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -376,8 +377,9 @@ def test_a_late_short_request_finishes_first_and_a_closed_stream_frees_its_row(s
 def test_queue_full_answers_429_and_shutdown_ends_open_streams(endless_checkpoint):
     srv = ServerProcess("--checkpoint", str(endless_checkpoint), "--max_batch", "1",
                         "--max_queue", "1", "--no_access_log", "--max_tokens_limit", "1000000",
-                        "--max_request_tokens", "2000000", "--shutdown_grace_s", "0")
+                        "--max_request_tokens", "2000000", "--shutdown_grace_s", "1")
     events: list[str] = []
+    ended: list[float] = []  # when the second stream's last line came
     second_status: list[int] = []
     second_started = threading.Event()
     body = {"model": "endless", "prompt": "Hi", "max_tokens": 10**6, "stream": True}
@@ -390,6 +392,7 @@ def test_queue_full_answers_429_and_shutdown_ends_open_streams(endless_checkpoin
             events.append(next(lines))
             second_started.set()
             events.extend(lines)
+        ended.append(time.monotonic())
 
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -411,7 +414,9 @@ def test_queue_full_answers_429_and_shutdown_ends_open_streams(endless_checkpoin
             assert second_started.wait(60)  # the queued one got the row
             health = c.get("/health").json()
             assert health["max_batch"] == 1 and health["peak_running"] == 1
-        # SIGTERM with the stream open (no grace): it ends with an error chunk and [DONE]
+        # SIGTERM with the stream open: after the 1 s grace period it ends with an error chunk
+        # and [DONE]
+        term = time.monotonic()
         status = srv.stop()
         reader.join(60)
     finally:
@@ -420,6 +425,7 @@ def test_queue_full_answers_429_and_shutdown_ends_open_streams(endless_checkpoin
     assert second_status == [200]
     assert data[0].startswith("data: {") and data[-1] == "data: [DONE]"
     assert "shutting down" in json.loads(data[-2].removeprefix("data: "))["error"]["message"]
+    assert ended[0] - term >= 1.0  # not before the grace period was over
     assert status == 0 and "Traceback" not in srv.log_text(), srv.log_text()
 
 
