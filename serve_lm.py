@@ -7,8 +7,11 @@
 
 Open http://127.0.0.1:8000/ for the playground. Concurrent requests share the model's decode
 steps (continuous batching, up to --max_batch rows). The server listens at once; /health
-answers 503 until the model is loaded. Bad flags exit with status 2 and a one-line `error: ...`.
-See docs/serving.md.
+answers 503 until the model is loaded. Each request's work is bounded (--max_tokens_limit,
+--max_request_tokens, --request_timeout_s). SIGTERM or Ctrl-C: new and queued requests get 503,
+running ones may finish within --shutdown_grace_s, then the process exits 0 (a second signal
+ends them at once). Bad flags exit with status 2 and a one-line `error: ...`. See
+docs/serving.md.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from common.cli import OneLineParser, Runtime, add_runtime_flags, device_error, number
+from serve.limits import MAX_REQUEST_TOKENS, MAX_TOKENS_LIMIT, SHUTDOWN_GRACE_S, Limits
 
 EXAMPLES = """\
 examples:
@@ -74,6 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "go out together in the next chunk (the first token and the last go out "
                         "at once); 0 sends every token as it comes, at a higher CPU cost per "
                         f"token for the client (default: {STREAM_INTERVAL_MS:g})")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max_tokens_limit", type=number("--max_tokens_limit", 1, 2**31 - 1,
+                                                       cast=int),
+                     default=MAX_TOKENS_LIMIT, metavar="N",
+                     help="the most new tokens (max_tokens) one choice may ask for; more is "
+                          f"a 400 (default: {MAX_TOKENS_LIMIT})")
+    lim.add_argument("--max_request_tokens", type=number("--max_request_tokens", 1, 2**40,
+                                                         cast=int),
+                     default=MAX_REQUEST_TOKENS, metavar="N",
+                     help="the most tokens one request may use: its prompts' tokens plus "
+                          "choices x max_tokens; more is a 400 (default: "
+                          f"{MAX_REQUEST_TOKENS})")
+    lim.add_argument("--request_timeout_s", type=number("--request_timeout_s", 0, 10**6),
+                     default=0.0, metavar="S",
+                     help="a request that has decoded this long ends: its rows are freed and "
+                          "its choices finish with finish_reason \"length\"; 0: no limit "
+                          "(default: 0)")
+    lim.add_argument("--shutdown_grace_s", type=number("--shutdown_grace_s", 0, 10**6),
+                     default=SHUTDOWN_GRACE_S, metavar="S",
+                     help="on SIGTERM or Ctrl-C, new and queued requests get 503 and running "
+                          "ones may finish for this long; the rest end with an error (a second "
+                          f"signal ends them at once) (default: {SHUTDOWN_GRACE_S:g})")
     r = p.add_argument_group("runtime")
     add_runtime_flags(r)
     r.add_argument("--threads", type=number("--threads", 1, 1024, cast=int), metavar="N",
@@ -110,8 +136,11 @@ def _listen(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         _fail(f"--host {host}: cannot resolve it ({exc.strerror})")
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+    # without it a kept-alive connection's response (headers, then body: two writes) waits
+    # for the client's delayed ACK, 40 ms on Linux.
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -130,16 +159,33 @@ def _web_server_class():
     class Web(uvicorn.Server):
         """uvicorn's server, but SIGINT/SIGTERM end `main` with its status (uvicorn re-raises
         the signal after its graceful shutdown, which would skip stopping the scheduler), and
-        first end the running requests (streams get an error chunk and `[DONE]`), so the
-        graceful shutdown has no open stream to cancel."""
+        drain the scheduler first: it keeps listening, answering 503 to new requests, while
+        the running ones finish (up to `grace` seconds; then streams get an error chunk and
+        `[DONE]`), so uvicorn's own shutdown has no open stream to cancel. A second signal
+        ends the running requests at once."""
 
         scheduler = None  # set once the model is loaded
+        grace = SHUTDOWN_GRACE_S
+        _draining = False
 
         def handle_exit(self, sig, frame) -> None:
+            self._captured_signals.clear()
+            if self.scheduler is not None and not self._draining:
+                self._draining = True
+                stats = self.scheduler.stats()
+                logging.getLogger("serve").info(
+                    "shutting down: no new requests; %d rows running may finish within %g s, "
+                    "%d queued requests get 503 (a second signal ends them now)",
+                    stats["running"], self.grace, stats["waiting"])
+                self.scheduler.drain(self.grace, on_done=self._drained)
+                return
             if self.scheduler is not None:
                 self.scheduler.shutdown()
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
+
+        def _drained(self) -> None:  # the scheduler's thread: uvicorn polls the flag
+            self.should_exit = True
 
     return Web
 
@@ -165,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
 
     _Web = _web_server_class()
     name = args.model_name or _default_name(args.checkpoint)
+    limits = Limits(max_tokens=args.max_tokens_limit, request_tokens=args.max_request_tokens,
+                    timeout=args.request_timeout_s or None)
     server = Server(name=name, api_key=args.api_key,
-                    stream_interval=args.stream_interval_ms / 1000)
+                    stream_interval=args.stream_interval_ms / 1000, limits=limits)
     config = uvicorn.Config(create_app(server), log_config=None, log_level=args.log_level,
                             access_log=not args.no_access_log, timeout_graceful_shutdown=3,
                             lifespan="off")
     web = _Web(config)
+    web.grace = args.shutdown_grace_s
     status = {"code": 0}
 
     def load() -> None:

@@ -7,5 +7,6 @@
 - `serve/completions.py`: tokens to the OpenAI response: text, stop strings, logprobs, usage.
 - `serve/app.py`: the FastAPI routes (`/v1/completions`, `/v1/models`, `/health`, the
   playground at `/`), API keys, errors.
+- `serve/limits.py`: the work one request may ask for (tokens, time) and the shutdown's grace.
 - `serve/static/`: the playground page (no CDN, no build step).
 """

@@ -3,9 +3,11 @@
 `create_app(server)` builds the FastAPI app around a `Server` (the loaded model, its scheduler
 and the limits). Every error is the OpenAI error body (`serve/protocol.py`): 400 for a bad
 field (never the framework's 422), 401 for a missing or wrong API key, 404 for an unknown
-model or path, 413 for a body over the limit, 429 with `Retry-After` when the queue is full,
-503 while the model loads. After a stream has started, an error is sent as an error chunk, then
-`data: [DONE]`.
+model or path, 413 for a body over the limit (read and dropped first, up to a bound, so a
+client that sends all before reading gets it), 429 with `Retry-After` when the queue is full,
+503 while the model loads and once the server shuts down. A stream's response starts when its
+request leaves the queue, so a queued request refused at shutdown is a 503 too; after a stream
+has started, an error is sent as an error chunk, then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from serve.completions import (
     prompt_entries,
     usage_object,
 )
+from serve.limits import Limits
 from serve.protocol import (
     MAX_BODY_BYTES,
+    MAX_DISCARD_BYTES,
     ApiError,
     CompletionRequest,
     bad,
@@ -49,6 +53,9 @@ from serve.scheduler import ChoiceSpec, Job, QueueFullError, Scheduler, Shutting
 log = logging.getLogger("serve")
 STATIC = Path(__file__).resolve().parent / "static"
 RETRY_AFTER_S = 1
+# Unseeded settings seen recently, each with the one `Sampling` its rows share; a client can send
+# any number of distinct temperatures, so the oldest are forgotten past this many.
+MAX_SHARED_SAMPLINGS = 256
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Server:
     name: str
     api_key: str | None = None
     stream_interval: float = 0.0  # seconds: streamed tokens closer together go out in one chunk
+    limits: Limits = field(default_factory=Limits)
     model: Any = None
     tokenizer: Any = None
     scheduler: Scheduler | None = None
@@ -128,6 +136,8 @@ class Server:
             return Sampling(seed=(req.seed + sample) % SEED_LIMIT, **settings)
         shared = self._shared.get(key)
         if shared is None:
+            if len(self._shared) >= MAX_SHARED_SAMPLINGS:  # clients choose the keys: bounded
+                del self._shared[next(iter(self._shared))]  # the oldest
             shared = self._shared[key] = Sampling(**settings)
         return shared
 
@@ -182,6 +192,9 @@ def create_app(server: Server) -> FastAPI:
     async def health() -> JSONResponse:
         if not server.ready:
             return JSONResponse({"status": "loading", "model": server.name}, status_code=503)
+        if server.scheduler.draining:
+            return JSONResponse({"status": "shutting down", "model": server.name,
+                                 **server.scheduler.stats()}, status_code=503)
         return JSONResponse({"status": "ok", "model": server.name, **server.info,
                              **server.scheduler.stats()})
 
@@ -218,9 +231,13 @@ def create_app(server: Server) -> FastAPI:
             raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
                                 f"`{server.name}` (GET /v1/models)", param="model",
                            code="model_not_found")
+        too_many = server.limits.max_tokens_error(req.max_tokens)
+        if too_many:
+            raise bad("max_tokens", too_many)
         run = _Completion(server, req, request)
         run.submit()
         if req.stream:
+            await run.started()  # a 503 if the server shuts down before it leaves the queue
             return StreamingResponse(run.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -241,19 +258,41 @@ def create_app(server: Server) -> FastAPI:
 
 
 async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 past MAX_BODY_BYTES (before reading it all)."""
-    too_big = ApiError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB",
-                       code="request_too_large")
+    """The body, refused with 413 past MAX_BODY_BYTES.
+
+    A body over the limit is read on and dropped, a chunk at a time, up to MAX_DISCARD_BYTES in
+    all, before the 413 goes out: a client that sends its whole body before reading (urllib)
+    then reads the 413 rather than a reset connection, and the connection serves on. A
+    Content-Length over that bound, or `Expect: 100-continue` (the client waits for a go-ahead
+    before sending), gets the 413 at once, unread, as does a body without a length that passes
+    the bound; then the connection is closed (`Connection: close`).
+    """
+    message = f"the request body is over {MAX_BODY_BYTES // 2**20} MiB"
     length = request.headers.get("content-length")
+    body = request.stream()  # one generator, read on after a `break`
+    read = 0
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
+        expects = request.headers.get("expect", "").lower() == "100-continue"
+        if expects or int(length) > MAX_DISCARD_BYTES:
+            read = MAX_DISCARD_BYTES + 1  # not read
+    else:
+        chunks = []
+        async for chunk in body:
+            read += len(chunk)
+            if read > MAX_BODY_BYTES:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+        chunks.clear()
+    if read <= MAX_DISCARD_BYTES:
+        async for chunk in body:
+            read += len(chunk)
+            if read > MAX_DISCARD_BYTES:
+                break
+    await body.aclose()
+    headers = {"Connection": "close"} if read > MAX_DISCARD_BYTES else None
+    raise ApiError(413, message, code="request_too_large", headers=headers)
 
 
 class CompletionError(Exception):
@@ -273,6 +312,10 @@ class _Completion:
         self.created = int(time.time())
         many = len(req.prompts) > 1
         self.prompts = [server.encode(p, i, many) for i, p in enumerate(req.prompts)]
+        too_many = server.limits.request_error(sum(len(p) for p in self.prompts),
+                                               len(self.prompts) * req.n, req.max_tokens)
+        if too_many:
+            raise bad("max_tokens", too_many)
         self.choices: list[ChoiceText] = []
         self.echo: list[str] = []  # each choice's echoed prompt text
         specs = []
@@ -288,7 +331,8 @@ class _Completion:
         self.job = Job(self.id, specs, asyncio.get_running_loop(),
                        score_prompts=self.prompts if score else None,
                        score_k=req.logprobs or 0,
-                       interval=server.stream_interval if req.stream else 0.0)
+                       interval=server.stream_interval if req.stream else 0.0,
+                       timeout=server.limits.timeout)
         self.needs_job = bool(specs) or score
         self.done = False
 
@@ -303,6 +347,25 @@ class _Completion:
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDownError as exc:
             raise ApiError(503, str(exc), type="server_error") from None
+
+    async def started(self) -> None:
+        """Wait until the job leaves the queue (a client that goes away meanwhile frees its
+        place). Raises `ApiError` (503 at shutdown) if it ends before it starts."""
+        if not self.needs_job:
+            return
+        watcher = asyncio.ensure_future(self._watch_disconnect())
+        try:
+            item = await self.job.queue.get()
+        finally:
+            watcher.cancel()
+        if item[0] == "error":
+            self.done = True
+            raise ApiError(item[2], item[1], type="server_error")
+
+    async def _get(self) -> tuple:
+        """The job's next item, past the `("started",)` mark."""
+        item = await self.job.queue.get()
+        return await self.job.queue.get() if item[0] == "started" else item
 
     def close(self, reason: str) -> None:
         if self.needs_job and not self.done:
@@ -333,7 +396,7 @@ class _Completion:
         if req.echo:
             scores = None
             if want:
-                item = await job.queue.get()
+                item = await self._get()
                 if item[0] == "error":
                     raise CompletionError(item[1], item[2])
                 scores = item[1]
@@ -352,7 +415,7 @@ class _Completion:
             return
         open_choices = len(self.choices)
         while open_choices:
-            items = [await job.queue.get()]
+            items = [await self._get()]
             while not job.queue.empty():
                 items.append(job.queue.get_nowait())
             touched: dict[int, None] = {}  # choices fed by these items, in order
@@ -365,7 +428,10 @@ class _Completion:
                     ct = self.choices[index]
                     if ct.finished:
                         continue
-                    ct.feed(tok, lp, top, finish)
+                    if tok is None:  # the time limit ended it
+                        ct.finish(finish)
+                    else:
+                        ct.feed(tok, lp, top, finish)
                     touched[index] = None
                     if ct.finished:
                         open_choices -= 1

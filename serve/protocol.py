@@ -19,6 +19,13 @@ from typing import Any
 from model.sampling import Sampling, SamplingError
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a prompt is at most the context; a few MiB is plenty
+# A body over MAX_BODY_BYTES is read and thrown away (a chunk at a time, never held) up to this
+# many bytes in all, then answered 413: a client that sends its whole body before reading the
+# answer (urllib, most simple clients) then reads the 413 instead of a broken pipe. It covers a
+# file pasted as a prompt by mistake (50 MB is read and dropped in well under a second here);
+# past it, or when the Content-Length says more, the 413 goes out at once and the connection
+# is closed, so a client cannot make the server read without end.
+MAX_DISCARD_BYTES = 64 * 1024 * 1024
 MAX_CHOICES = 256  # prompts x n per request
 MAX_LOGPROBS = 20
 MAX_STOPS = 4
@@ -50,6 +57,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 def bad(param: str, message: str, code: str | None = None) -> ApiError:
     """A 400 for one field."""
     return ApiError(400, message, param=param, code=code)
+
 
 
 @dataclass

@@ -8,6 +8,12 @@ joins at the next step), then runs one step for every row and posts each row's n
 job's asyncio queue (a streamed job's at most every `Job.interval` seconds, several at once). A
 row that used its `max_tokens`, or sampled the end-of-text token, leaves at once. Requests that
 cannot start wait in a queue of at most `max_queue`; beyond it `submit` refuses them (HTTP 429).
+A job with a `timeout` ends when that many seconds have passed since its first row started:
+its rows are freed at the next step and its choices end with finish_reason "length".
+
+`drain(grace)` (SIGTERM) stops taking jobs: those not started yet get a 503 error at once, the
+running ones decode on for up to `grace` seconds, then get the 503 error; the thread ends when
+none is left.
 
 Every row is sampled by the engine with the samplers of `model/sampling.py`: there is no
 second sampler here. Rows with the same settings and no seed share one `Sampling` (one sampler
@@ -23,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,19 +55,25 @@ class ChoiceSpec:
 class Job:
     """One request's rows and the queue their tokens arrive on (in the request's event loop).
 
-    Items put on `queue`: `("scores", [TokenScores | None per prompt])` once, when the job
-    starts and `score_prompts` is set (echo with logprobs); `("tokens", [event, ...])` after
-    a step (see `interval`), an event being `(index, token, logprob, top, finish)` with `top` a
-    list of `(id, logprob)` (None without `top_logprobs`) and `finish` "length", "stop"
-    (end-of-text) or None; `("error", message, status)` if generation failed (status: the HTTP
-    status a response not yet started gets: 500, or 503 when the server shuts down);
-    `("done",)` for a job without rows.
+    Items put on `queue`: `("started",)` first, when the job leaves the queue for the engine
+    (nothing comes before it but an error); `("scores", [TokenScores | None per prompt])`
+    once, when the job starts and `score_prompts` is set (echo with logprobs);
+    `("tokens", [event, ...])` after a step (see `interval`), an event being
+    `(index, token, logprob, top, finish)` with `top` a list of `(id, logprob)` (None without
+    `top_logprobs`) and `finish` "length", "stop" (end-of-text) or None, or
+    `(index, None, None, None, "length")` for a choice the time limit (`timeout`) ended;
+    `("error", message, status)` if generation failed (status: the HTTP status a response not
+    yet started gets: 500, or 503 when the server shuts down); `("done",)` for a job without
+    rows.
 
     `interval` (seconds) is the least time between two `"tokens"` items: a step's events that
     come sooner after the last item are held, and go with those of the first step that ends
     after the interval is up (so a stream's chunks are that far apart, and its event loop
     wakes that rarely). The first events, and a step's events where a choice ends, go at once.
     0: an item after every step.
+
+    `timeout` (seconds, None: none) bounds the job's decoding, counted from when its first row
+    starts (time waiting in the queue is not counted).
     """
 
     id: str
@@ -69,6 +82,7 @@ class Job:
     score_prompts: list[list[int]] | None = None
     score_k: int = 0
     interval: float = 0.0
+    timeout: float | None = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     pending: deque = field(init=False)
     rows: dict[int, Row] = field(default_factory=dict)
@@ -77,6 +91,7 @@ class Job:
     closed: bool = False
     held: list = field(default_factory=list, init=False)  # events not yet posted (`interval`)
     posted_at: float = field(default=float("-inf"), init=False)  # of the last post (monotonic)
+    deadline: float = field(default=float("inf"), init=False)  # monotonic; set when it starts
 
     def __post_init__(self) -> None:
         self.pending = deque(self.choices)
@@ -131,6 +146,9 @@ class Scheduler:
         self._releases: list[tuple[Job, int | None, str]] = []
         self._owner: dict[int, tuple[Job, ChoiceSpec]] = {}  # slot -> its job and choice
         self._stopping = False
+        self._draining = False
+        self._drain_deadline = float("inf")
+        self._on_drained: Callable[[], None] | None = None
         self._running_rows = 0
         self.steps = 0
         self.peak_rows = 0
@@ -149,6 +167,26 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+
+    def drain(self, grace: float, on_done: Callable[[], None] | None = None) -> None:
+        """Stop taking requests, gracefully; returns at once (safe in a signal handler).
+
+        Jobs not started yet get a 503 error at the next step; running ones decode on for up
+        to `grace` seconds, then get the 503 error. Then the engine's thread ends and calls
+        `on_done` (from that thread). A second call changes nothing; `shutdown` ends it now.
+        """
+        with self._cond:
+            if self._draining or self._stopping:
+                return
+            self._draining = True
+            self._drain_deadline = time.monotonic() + grace
+            self._on_drained = on_done
+            self._cond.notify()
+
+    @property
+    def draining(self) -> bool:
+        """True once `drain` or `shutdown` was called: no new request is taken."""
+        return self._draining or self._stopping
 
     def stop(self, timeout: float = 10.0) -> None:
         """`shutdown`, then wait for the engine's thread to end."""
@@ -176,7 +214,7 @@ class Scheduler:
             ShuttingDownError: the server is shutting down.
         """
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise ShuttingDownError("the server is shutting down")
             free = self.max_batch - self._running_rows - sum(len(j.pending)
                                                              for j in self._waiting)
@@ -214,18 +252,64 @@ class Scheduler:
                 while True:
                     with self._cond:
                         while not (self._waiting or self._owner or self._releases
-                                   or self._stopping):
+                                   or self._stopping or self._draining):
                             self._cond.wait()
                         if self._stopping:
                             break
                         releases, self._releases = self._releases, []
                     self._apply(releases)
+                    if self._draining and self._drained():
+                        break
+                    self._expire()
                     self._admit()
                     if self._owner:
                         self._step()
             finally:
                 self._fail_all("the server is shutting down", 503)
                 self.engine.close()
+                if self._on_drained is not None:
+                    self._on_drained()
+
+    def _drained(self) -> bool:
+        """While draining: refuse the jobs not started (503); True when the running ones are
+        done or the grace period is over (the caller then ends the rest)."""
+        with self._cond:
+            refused = [j for j in self._waiting if not j.started]
+            for job in refused:
+                self._waiting.remove(job)
+        for job in refused:
+            job.closed = True
+            job.pending.clear()
+            job.post(("error", "the server is shutting down", 503))
+        if refused:
+            log.info("shutting down: %d queued requests refused (503)", len(refused))
+        if not self._owner and not self._waiting:
+            return True
+        if time.monotonic() >= self._drain_deadline:
+            log.info("shutting down: the grace period is over; %d rows end with an error",
+                     len(self._owner))
+            return True
+        return False
+
+    def _expire(self) -> None:
+        """End the jobs whose time limit is up: free their rows, end their choices ("length")."""
+        now = time.monotonic()
+        jobs = {id(j): j for j, _ in self._owner.values() if j.deadline <= now}
+        with self._cond:
+            if self._waiting and self._waiting[0].deadline <= now:
+                job = self._waiting.popleft()  # started, some choices not yet admitted
+                jobs[id(job)] = job
+        for job in jobs.values():
+            indices = list(job.rows) + [spec.index for spec in job.pending]
+            done = sum(job.generated.values())
+            for row in job.rows.values():
+                self._drop(row)
+            job.rows.clear()
+            job.pending.clear()
+            job.closed = True
+            job.post_tokens([(i, None, None, None, "length") for i in indices], now)
+            log.info("%s: the time limit of %g s ended it after %d tokens; %d choices ended",
+                     job.id, job.timeout, done, len(indices))
 
     def _apply(self, releases: list[tuple[Job, int | None, str]]) -> None:
         for job, index, reason in releases:
@@ -270,6 +354,9 @@ class Scheduler:
                     break
             if not job.started:
                 job.started = True
+                if job.timeout is not None:
+                    job.deadline = time.monotonic() + job.timeout
+                job.post(("started",))
                 if job.score_prompts is not None:
                     job.post(("scores", self._score(job)))
             if job.pending:

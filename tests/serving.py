@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -72,6 +73,26 @@ class ServerProcess:
                 if not self._cond.wait(timeout):
                     raise AssertionError(f"no log line matching {pattern!r} within {timeout} s:"
                                          "\n" + "\n".join(self.lines[-30:]))
+
+    def wait_health(self, predicate, timeout: float = 60) -> dict:
+        """GET /health until `predicate(its JSON)` holds (each answer is the next event: no
+        sleeps); returns that JSON."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=timeout) as c:
+            while True:
+                health = c.get("/health").json()
+                if predicate(health):
+                    return health
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"/health never matched within {timeout} s: {health}")
+
+    def rss_kib(self) -> int:
+        """The server's resident memory (KiB, from /proc: Linux)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS line")
 
     def mark(self) -> int:
         """The number of log lines so far (a `since` for `wait_for`)."""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -258,6 +259,13 @@ BAD_FIELDS = [
     ({"max_token": 5}, "max_token", "Unrecognized request argument"),
     ({"model": 5}, "model", "model"),
     ({"prompt": [7] * 33}, "prompt", "33 tokens, but the model's context is 32"),
+    # the default limits: 4096 new tokens per choice, 65536 tokens per request
+    ({"max_tokens": 10**9}, "max_tokens", "limit of 4096 new tokens per choice "
+                                          "(serve_lm.py --max_tokens_limit)"),
+    ({"n": 17, "max_tokens": 4096}, "max_tokens", "could use 69633 tokens (1 prompt tokens + 17 "
+                                                  "choices x max_tokens 4096), over this "
+                                                  "server's limit of 65536 tokens per request "
+                                                  "(serve_lm.py --max_request_tokens)"),
 ]
 
 
@@ -352,8 +360,8 @@ def test_concurrent_requests_equal_their_solo_results(client, http):
 
 def test_a_late_short_request_finishes_first_and_a_closed_stream_frees_its_row(server, client,
                                                                                http):
-    long = client.completions.create(model=NAME, prompt="A long story", max_tokens=10**6,
-                                     temperature=0, stream=True)
+    long = client.completions.create(model=NAME, prompt="A long story", max_tokens=4096,
+                                     temperature=0, stream=True)  # the default limit
     it = iter(long)
     next(it)  # decoding
     short = client.completions.create(model=NAME, prompt="Short", max_tokens=4, temperature=0)
@@ -368,38 +376,56 @@ def test_a_late_short_request_finishes_first_and_a_closed_stream_frees_its_row(s
 
 def test_queue_full_answers_429_and_shutdown_ends_open_streams(endless_checkpoint):
     srv = ServerProcess("--checkpoint", str(endless_checkpoint), "--max_batch", "1",
-                        "--max_queue", "1", "--no_access_log")
+                        "--max_queue", "1", "--no_access_log", "--max_tokens_limit", "1000000",
+                        "--max_request_tokens", "2000000", "--shutdown_grace_s", "1")
     events: list[str] = []
+    ended: list[float] = []  # when the second stream's last line came
+    second_status: list[int] = []
+    second_started = threading.Event()
+    body = {"model": "endless", "prompt": "Hi", "max_tokens": 10**6, "stream": True}
+
+    def second() -> None:  # its response starts when it leaves the queue
+        with httpx.Client(base_url=srv.url, timeout=60) as c2, \
+                c2.stream("POST", "/v1/completions", json=body) as resp:
+            second_status.append(resp.status_code)
+            lines = resp.iter_lines()
+            events.append(next(lines))
+            second_started.set()
+            events.extend(lines)
+        ended.append(time.monotonic())
+
     try:
-        body = {"model": "endless", "prompt": "Hi", "max_tokens": 10**6, "stream": True}
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             with c.stream("POST", "/v1/completions", json=body) as first:
+                assert first.status_code == 200
                 first_chunks = first.iter_raw()  # (kept: a dropped iterator closes the stream)
                 next(first_chunks)  # it holds the only row
-                with c.stream("POST", "/v1/completions", json=body) as second:
-                    assert second.status_code == 200  # accepted: it waits in the queue
-                    third = c.post("/v1/completions", json={**body, "stream": False})
-                    assert third.status_code == 429 and third.headers["Retry-After"] == "1"
-                    assert third.json()["error"]["type"] == "rate_limit_error"
-                    with pytest.raises(openai.RateLimitError):
-                        openai.OpenAI(base_url=srv.url + "/v1", api_key="x",
-                                      max_retries=0).completions.create(model="endless",
-                                                                        prompt="Hi")
-                    first.close()
-                    lines = second.iter_lines()
-                    events.append(next(lines))  # the queued one got the row
-                    health = c.get("/health").json()
-                    assert health["max_batch"] == 1 and health["peak_running"] == 1
-                    # SIGTERM with the stream open: it ends with an error chunk and [DONE]
-                    reader = threading.Thread(target=lambda: events.extend(lines))
-                    reader.start()
-                    status = srv.stop()
-                    reader.join(60)
+                reader = threading.Thread(target=second)
+                reader.start()
+                srv.wait_health(lambda h: h["waiting"] == 1)  # the second one is queued
+                third = c.post("/v1/completions", json={**body, "stream": False})
+                assert third.status_code == 429 and third.headers["Retry-After"] == "1"
+                assert third.json()["error"]["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    openai.OpenAI(base_url=srv.url + "/v1", api_key="x",
+                                  max_retries=0).completions.create(model="endless",
+                                                                    prompt="Hi")
+                first.close()
+            assert second_started.wait(60)  # the queued one got the row
+            health = c.get("/health").json()
+            assert health["max_batch"] == 1 and health["peak_running"] == 1
+        # SIGTERM with the stream open: after the 1 s grace period it ends with an error chunk
+        # and [DONE]
+        term = time.monotonic()
+        status = srv.stop()
+        reader.join(60)
     finally:
         status = srv.stop()
     data = [e for e in events if e]
+    assert second_status == [200]
     assert data[0].startswith("data: {") and data[-1] == "data: [DONE]"
     assert "shutting down" in json.loads(data[-2].removeprefix("data: "))["error"]["message"]
+    assert ended[0] - term >= 1.0  # not before the grace period was over
     assert status == 0 and "Traceback" not in srv.log_text(), srv.log_text()
 
 
