@@ -66,7 +66,8 @@ class SmallLM(TemplateLM):
         tokenizer: the model's tokenizer (with `model`), or a tokenizer name for `checkpoint`.
         batch_size: packed rows per forward pass (loglikelihood) and rows decoded together
             (generation); "auto" means 8.
-        device: "auto", "cpu", "cuda", ... (with `checkpoint`).
+        device: "auto", "cpu", "cuda", ... (with `checkpoint`); the harness's own default,
+            "cuda:0", means "auto" on a machine without CUDA.
         quantize: CPU weight format for a checkpoint: none, bf16 or int8.
         dtype: autocast dtype for the forward pass: float32 (none), bfloat16 or float16.
         stride: tokens predicted per rolling window after the first (default: the context).
@@ -85,6 +86,8 @@ class SmallLM(TemplateLM):
         if (checkpoint is None) == (model is None):
             raise ValueError(f"{MODEL_NAME} needs checkpoint=PATH (or a model object)")
         if model is None:
+            if device == "cuda:0" and not torch.cuda.is_available():  # the harness's default
+                device = "auto"
             model, tokenizer = self._load(str(checkpoint), device, quantize, tokenizer)
         elif tokenizer is None:
             raise ValueError(f"{MODEL_NAME}: a model object needs its tokenizer")
