@@ -69,7 +69,8 @@ class SmallLM(TemplateLM):
         device: "auto", "cpu", "cuda", ... (with `checkpoint`); the harness's own default,
             "cuda:0", means "auto" on a machine without CUDA.
         quantize: CPU weight format for a checkpoint: none, bf16 or int8.
-        dtype: autocast dtype for the forward pass: float32 (none), bfloat16 or float16.
+        dtype: autocast dtype for the forward pass: float32 (none), bfloat16 or float16 (a
+            name or a torch dtype).
         stride: tokens predicted per rolling window after the first (default: the context).
         max_gen_toks: the generation budget when a task sets none (the harness's 256).
         seed: seed of sampled generation (a task with temperature > 0); request i uses seed+i.
@@ -78,7 +79,7 @@ class SmallLM(TemplateLM):
 
     def __init__(self, checkpoint: str | None = None, model: Any = None, tokenizer: Any = None,
                  batch_size: int | str = 8, device: str = "auto", quantize: str = "none",
-                 dtype: str = "float32", stride: int | None = None, max_gen_toks: int = 256,
+                 dtype: Any = "float32", stride: int | None = None, max_gen_toks: int = 256,
                  seed: int = 0, **kwargs: Any) -> None:
         super().__init__()
         import torch
@@ -94,7 +95,11 @@ class SmallLM(TemplateLM):
         self.model, self.tokenizer = model, tokenizer
         self._batch_size = 8 if str(batch_size).startswith("auto") else _as_int("batch_size",
                                                                                batch_size)
-        self._dtype = None if dtype in (None, "float32", "none") else getattr(torch, str(dtype))
+        if isinstance(dtype, str):
+            dtype = None if dtype in ("float32", "none") else getattr(torch, dtype, dtype)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self._dtype = None if dtype == torch.float32 else dtype
         self._stride = None if stride is None else _as_int("stride", stride)
         if self._stride is not None and self._stride > model.max_seq_len:
             raise ValueError(f"stride {self._stride} is larger than the model's context "

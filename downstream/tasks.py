@@ -208,3 +208,115 @@ def clean_json(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
+
+
+def _quiet_harness():
+    """A context in which the harness logs errors only and draws no progress bars (its task
+    module's bar is the only one our backend leaves; training's own bar stays)."""
+    import contextlib
+    from functools import partial
+
+    import lm_eval.api.task as task_module
+
+    @contextlib.contextmanager
+    def quiet():
+        logger = logging.getLogger("lm_eval")
+        level, bar = logger.level, task_module.tqdm
+        logger.setLevel(logging.ERROR)
+        task_module.tqdm = partial(bar, disable=True)
+        try:
+            yield
+        finally:
+            task_module.tqdm = bar
+            logger.setLevel(level)
+
+    return quiet()
+
+
+class TaskRunner:
+    """Tasks run again and again on a model that changes (training's `--eval_tasks`): loaded
+    once, each run on the same examples, with the harness quiet and the global random state
+    (Python, NumPy, torch) left as it was, so that a run with evaluations trains exactly as
+    one without.
+
+    Args:
+        names: task names.
+        limit: examples per task (None: all).
+        include_path: a task folder.
+
+    Raises:
+        TaskError: as `load_tasks`.
+    """
+
+    FEWSHOT_SEED = 1234  # the harness's default few-shot seed
+
+    def __init__(self, names: Sequence[str], limit: int | None = None,
+                 include_path: str | Path | None = None) -> None:
+        with _quiet_harness():
+            self.tasks = load_tasks(names, include_path)
+            self.task_dict = self.tasks.manager.load(list(self.tasks.items))
+        self.limit = limit
+        for task in self.task_dict["tasks"].values():
+            task.set_fewshot_seed(seed=self.FEWSHOT_SEED)
+
+    def check_fit(self, tokenizer: Any, max_len: int) -> None:
+        """Raise TaskError (one line, with counts) if some examples' prompts do not fit a
+        context of `max_len` tokens: they would be cut on the left, silently changing the
+        score as the model's context changes."""
+        counts = []
+        with _quiet_harness():
+            for name, task in self.task_dict["tasks"].items():
+                task.build_all_requests(limit=self.limit, rank=0, world_size=1)
+                cut, docs = set(), set()
+                for inst in task.instances:
+                    docs.add(inst.doc_id)
+                    if _does_not_fit(inst, tokenizer, max_len):
+                        cut.add(inst.doc_id)
+                if cut:
+                    counts.append(f"{len(cut)} of {len(docs)} examples of {name}")
+        if counts:
+            raise TaskError(f"{'; '.join(counts)} do not fit the model's context of {max_len} "
+                            "tokens (their prompts would be cut on the left); train with a "
+                            "longer --max_seq_len, or choose tasks with shorter prompts")
+
+    def run(self, model: Any, tokenizer: Any, batch_size: int = 8, dtype: Any = None
+            ) -> tuple[dict[str, float], Any]:
+        """Evaluate `model` (a `LanguageModel`, left in the mode it was in), in autocast
+        `dtype` if given.
+
+        Returns:
+            (`flat_metrics` of the results, the backend's `ScoringStats`).
+        """
+        import random
+
+        import numpy as np
+        import torch
+        from lm_eval.evaluator import evaluate
+
+        from downstream.harness import SmallLM
+
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        lm = SmallLM(model=model, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype)
+        try:
+            with _quiet_harness():
+                results = evaluate(lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
+                                   log_samples=False)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+        return flat_metrics(results or {}), lm.stats
+
+
+def _does_not_fit(inst: Any, tokenizer: Any, max_len: int) -> bool:
+    """Whether a harness request would be cut to fit `max_len` tokens (rolling log-likelihoods
+    never are: their windows cover any length)."""
+    if inst.request_type == "loglikelihood":
+        context, ending = inst.args
+        return len(tokenizer.encode(context + ending)) + (context == "") > max_len + 1
+    if inst.request_type == "generate_until":
+        context, gen_kwargs = inst.args
+        budget = next((gen_kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
+                       if k in gen_kwargs), 256)
+        return len(tokenizer.encode(context)) > max_len - int(budget)
+    return False

@@ -91,6 +91,9 @@ class EvalArgs:
     """Evaluations and their samples.
 
     Attributes:
+        eval_tasks: lm-evaluation-harness tasks run at each evaluation ("a,b"; None: none).
+        eval_tasks_limit: examples per task and evaluation.
+        eval_tasks_path: a task folder in the harness's format (offline tasks).
         windows: validation windows per evaluation, `eval_windows` capped by
             `LM_MAX_EVAL_WINDOWS` (0: all; resolved, not a flag).
     """
@@ -100,6 +103,9 @@ class EvalArgs:
     eval_batch_size: int
     sample_tokens: int
     sample_prompt: str
+    eval_tasks: str | None = None
+    eval_tasks_limit: int = 200
+    eval_tasks_path: str | None = None
     windows: int = field(default=0, metadata=_DERIVED)
 
     def __post_init__(self) -> None:
@@ -107,6 +113,13 @@ class EvalArgs:
             raise UsageError("--eval_windows must be >= 0 (0 evaluates every window)")
         if self.sample_tokens < 0:
             raise UsageError("--sample_tokens must be >= 0")
+        if self.eval_tasks_limit < 1:
+            raise UsageError(f"--eval_tasks_limit must be >= 1, got {self.eval_tasks_limit}")
+        if self.eval_tasks_path is not None and not self.eval_tasks:
+            raise UsageError("--eval_tasks_path is a folder of tasks for --eval_tasks; add "
+                             "--eval_tasks NAMES")
+        if self.eval_tasks is not None and not self.eval_tasks.strip(" ,"):
+            raise UsageError("--eval_tasks needs task names, e.g. --eval_tasks hellaswag")
 
 
 @dataclass(frozen=True)
