@@ -107,6 +107,7 @@ class SmallLM(TemplateLM):
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
         self._seed = _as_int("seed", seed, minimum=0)
         self.stats = ScoringStats()
+        self.quiet = False  # True: no "Tokenizing inputs" progress bar (training's evaluations)
 
     @staticmethod
     def _load(checkpoint: str, device: str, quantize: str, tokenizer: str | None):
@@ -152,6 +153,11 @@ class SmallLM(TemplateLM):
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False
+                      ) -> list[tuple[float, bool]]:
+        """The harness's tokenization (`TemplateLM`), then `_loglikelihood_tokens`."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:

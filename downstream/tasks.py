@@ -297,6 +297,7 @@ class TaskRunner:
 
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         lm = SmallLM(model=model, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype)
+        lm.quiet = True
         try:
             with _quiet_harness():
                 results = evaluate(lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
