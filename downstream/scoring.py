@@ -45,6 +45,7 @@ class ScoringStats:
         rows: packed rows run (a context and all its endings, or part of them).
         forward_passes: batched forward passes.
         tokens_run: tokens fed to the model, padding excluded.
+        head_positions: positions the LM head computed (one per scored ending token).
         generated: generation requests, and `gen_truncated` of them with prompts cut on the left.
     """
 
@@ -54,6 +55,7 @@ class ScoringStats:
     rows: int = 0
     forward_passes: int = 0
     tokens_run: int = 0
+    head_positions: int = 0
     generated: int = 0
     gen_truncated: int = 0
 
@@ -219,6 +221,7 @@ def loglikelihoods(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int
                 _run_rows(model, batch, sums, greedy)
                 stats.forward_passes += 1
                 stats.tokens_run += sum(len(r.tokens) for r in batch)
+                stats.head_positions += sum(len(r.targets) for r in batch)
     finally:
         model.train(was_training)
     stats.rows += len(rows)
