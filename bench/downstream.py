@@ -52,8 +52,8 @@ def make_task(folder: Path, examples: int = 400, seed: int = 0) -> Path:
     rows = []
     for _ in range(examples):
         start = rnd.randrange(0, len(words) - 80)
-        context = " ".join(words[start:start + 45])
-        endings = [" ".join(words[start + 45:start + 60])]
+        context = " ".join(words[start:start + 40])
+        endings = [" ".join(words[start + 40:start + 55])]
         while len(endings) < 4:
             other = rnd.randrange(0, len(words) - 20)
             if abs(other - start) > 100:

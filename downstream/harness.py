@@ -74,13 +74,16 @@ class SmallLM(TemplateLM):
         stride: tokens predicted per rolling window after the first (default: the context).
         max_gen_toks: the generation budget when a task sets none (the harness's 256).
         seed: seed of sampled generation (a task with temperature > 0); request i uses seed+i.
+        max_length: score as if the model's context were this (default and maximum: its own),
+            e.g. to compare with a backend that keeps tokens in reserve: the harness's
+            `local-completions` with `max_length=N + 2` cuts prompts as this does with N.
         **kwargs: the harness's own extras (max_batch_size, ...), ignored.
     """
 
     def __init__(self, checkpoint: str | None = None, model: Any = None, tokenizer: Any = None,
                  batch_size: int | str = 8, device: str = "auto", quantize: str = "none",
                  dtype: Any = "float32", stride: int | None = None, max_gen_toks: int = 256,
-                 seed: int = 0, **kwargs: Any) -> None:
+                 seed: int = 0, max_length: int | None = None, **kwargs: Any) -> None:
         super().__init__()
         import torch
 
@@ -100,10 +103,16 @@ class SmallLM(TemplateLM):
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self._dtype = None if dtype == torch.float32 else dtype
+        self._max_length = model.max_seq_len
+        if max_length is not None:
+            self._max_length = _as_int("max_length", max_length, minimum=2)
+            if self._max_length > model.max_seq_len:
+                raise ValueError(f"max_length {self._max_length} is larger than the model's "
+                                 f"context {model.max_seq_len}")
         self._stride = None if stride is None else _as_int("stride", stride)
-        if self._stride is not None and self._stride > model.max_seq_len:
-            raise ValueError(f"stride {self._stride} is larger than the model's context "
-                             f"{model.max_seq_len}")
+        if self._stride is not None and self._stride > self._max_length:
+            raise ValueError(f"stride {self._stride} is larger than the context "
+                             f"{self._max_length}")
         self._max_gen_toks = _as_int("max_gen_toks", max_gen_toks)
         self._seed = _as_int("seed", seed, minimum=0)
         self.stats = ScoringStats()
@@ -131,8 +140,8 @@ class SmallLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        """The model's context in tokens."""
-        return self.model.max_seq_len
+        """The context in tokens (the model's, or `max_length`)."""
+        return self._max_length
 
     @property
     def batch_size(self) -> int:
@@ -163,7 +172,7 @@ class SmallLM(TemplateLM):
                               **kwargs: Any) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         results = loglikelihoods(self.model, pairs, batch_size=self._batch_size,
-                                 dtype=self._dtype, stats=self.stats)
+                                 dtype=self._dtype, stats=self.stats, max_len=self.max_length)
         for (key, _, _), result in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", key, result)
         return results
@@ -178,7 +187,7 @@ class SmallLM(TemplateLM):
             pairs += windows
             owner += [i] * len(windows)
         results = loglikelihoods(self.model, pairs, batch_size=self._batch_size,
-                                 dtype=self._dtype, stats=self.stats)
+                                 dtype=self._dtype, stats=self.stats, max_len=self.max_length)
         totals = [0.0] * len(requests)
         for i, (logprob, _) in zip(owner, results, strict=True):
             totals[i] += logprob

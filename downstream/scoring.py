@@ -176,7 +176,8 @@ def _run_rows(model: Any, rows: list[_Row], sums: torch.Tensor, greedy: torch.Te
 @torch.no_grad()
 def loglikelihoods(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                    batch_size: int = 8, dtype: torch.dtype | None = None,
-                   stats: ScoringStats | None = None) -> list[tuple[float, bool]]:
+                   stats: ScoringStats | None = None, max_len: int | None = None
+                   ) -> list[tuple[float, bool]]:
     """log P(ending | context) of every (context, ending) token pair, and whether the ending is
     the greedy continuation; each distinct context is computed once across its endings.
 
@@ -186,6 +187,7 @@ def loglikelihoods(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int
         batch_size: packed rows per forward pass.
         dtype: an autocast dtype for the forward pass (None: the weights' own).
         stats: counts are added here (truncations, rows, passes).
+        max_len: the context to fit the pairs to (default and maximum: the model's).
 
     Returns:
         (log-likelihood, is_greedy) per pair, in order; an empty ending gives (0.0, True).
@@ -193,7 +195,8 @@ def loglikelihoods(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int
     Raises:
         ValueError: an empty context, or token ids outside the vocabulary.
     """
-    max_len, vocab = model.max_seq_len, model.config.vocab_size
+    max_len = model.max_seq_len if max_len is None else min(int(max_len), model.max_seq_len)
+    vocab = model.config.vocab_size
     stats = stats if stats is not None else ScoringStats()
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, (context, ending) in enumerate(pairs):

@@ -105,6 +105,16 @@ def setup(tmp_path_factory):
             "results": results, "reference": reference, "answers": answers}
 
 
+def _local_tasks_only(monkeypatch) -> None:
+    """Index the task folder alone: the harness's hundreds of built-in tasks take 15 s to index
+    on a busy 2-core CPU, and no test here uses them."""
+    from lm_eval.tasks import TaskManager
+
+    init = TaskManager.__init__
+    monkeypatch.setattr(TaskManager, "__init__",
+                        lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False}))
+
+
 def _responses(results: dict, task: str) -> list:
     return [[r[0] for r in s["resps"]] for s in results["samples"][task]]
 
@@ -188,15 +198,10 @@ def test_rolling_windows_are_the_harness_windows(stride):
 
 def test_the_model_is_registered_with_the_harness(setup, capsys, monkeypatch):
     from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
 
     from downstream import cli
 
-    # The harness's command line indexes its hundreds of built-in tasks (15 s on a busy 2-core
-    # CPU); the task folder is all this test needs.
-    init = TaskManager.__init__
-    monkeypatch.setattr(TaskManager, "__init__",
-                        lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False}))
+    _local_tasks_only(monkeypatch)
     assert get_model("small-lm") is SmallLM
     assert cli.main(["--model", "small-lm", "--model_args", f"checkpoint={setup['ckpt']}",
                      "--tasks", "t_mc", "--include_path", str(setup["tasks"]),
@@ -230,7 +235,8 @@ def test_evaluate_cli_writes_the_table_and_the_json(setup, tmp_path, capsys):
     ("limit", "--limit must be"),
     ("no_tasks", "--limit go with --tasks"),
 ])
-def test_bad_inputs_are_one_line_exit_2(setup, tmp_path, capsys, case, message):
+def test_bad_inputs_are_one_line_exit_2(setup, tmp_path, capsys, monkeypatch, case, message):
+    _local_tasks_only(monkeypatch)
     argv = ["--checkpoint", str(setup["ckpt"])]
     if case == "unknown":
         argv += ["--tasks", "no_such_task", "--include_path", str(setup["tasks"])]
@@ -259,3 +265,41 @@ def test_missing_harness_names_the_pip_command(monkeypatch):
                         lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(harness.HarnessMissingError, match=r'pip install "lm-eval==0\.4\.13"'):
         harness.require_lm_eval()
+
+
+@pytest.mark.parametrize("token_ids", [True, False])
+def test_the_server_route_equals_in_process(setup, server, token_ids):
+    """The harness's own `local-completions` backend against a real serve_lm.py gives what
+    `small-lm` gives in-process, with token-id prompts and with text prompts. The harness keeps
+    one token of `max_length` for the token it asks the server to generate and cuts prompts to
+    `max_length - 1`, so `max_length=SEQ` there is `max_length=SEQ - 2` here."""
+    from lm_eval import simple_evaluate
+
+    from downstream.tasks import load_tasks
+
+    tasks = load_tasks(["t_mc", "t_roll", "t_gen"], include_path=setup["tasks"])
+    ours = run_tasks(SmallLM(checkpoint=str(setup["ckpt"]), max_length=SEQ - 2), tasks,
+                     limit=6, log_samples=True)
+    served = simple_evaluate(
+        model="local-completions", tasks=list(tasks.items), task_manager=tasks.manager, limit=6,
+        log_samples=True, model_args=(
+            f"base_url={server.url}/v1/completions,model=tiny,tokenizer={setup['root'] / 'hf'},"
+            f"tokenizer_backend=huggingface,tokenized_requests={token_ids},max_length={SEQ}"))
+    for task in ("t_mc", "t_roll"):
+        a, b = _responses(ours, task), _responses(served, task)
+        flat_a = [x if isinstance(x, float) else x[0] for r in a for x in r]
+        flat_b = [x if isinstance(x, float) else x[0] for r in b for x in r]
+        assert flat_a == pytest.approx(flat_b, abs=1e-4)
+    assert flat_metrics(ours) == pytest.approx(flat_metrics(served), rel=1e-6)
+    assert _responses(ours, "t_gen") == _responses(served, "t_gen")
+    assert _metrics(ours, "t_mc") == _metrics(served, "t_mc")
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    pytest.importorskip("tenacity")  # the harness's API backends need it (lm-eval[api])
+    from serving import ServerProcess
+
+    proc = ServerProcess("--checkpoint", str(setup["ckpt"]), "--model_name", "tiny")
+    yield proc
+    proc.stop()
