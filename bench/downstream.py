@@ -20,6 +20,10 @@ of ~60 tokens, endings of ~20).
     python bench/downstream.py --shape default --limit 200     # the repo's default model
     python bench/downstream.py --shape gpt2 --limit 200 --batch_sizes 8,16,32 \
         --out bench/results/downstream_cpu_2core.txt
+
+`--time_tasks CHECKPOINT` times instead what `train_lm.py --eval_tasks shakespeare_mc` adds to
+each evaluation of that run (`--limit` examples, its evaluation batch size and bf16 autocast
+when `--dtype bfloat16`), wall-clock and CPU seconds, three times.
 """
 
 from __future__ import annotations
@@ -114,6 +118,32 @@ def _work(tasks, tokenizer, limit: int) -> tuple[int, int]:
     return total, total
 
 
+def time_tasks(checkpoint: str, limit: int, batch_size: int, dtype: str,
+               out: str | None) -> int:
+    """Time what --eval_tasks adds to one evaluation of a run (see the module docstring)."""
+    import torch
+
+    from downstream.tasks import TaskRunner
+    from model.checkpoint import load_model
+
+    model, _ = load_model(checkpoint, device="cpu")
+    runner = TaskRunner([TASK], limit=limit,
+                        include_path=make_task(Path(tempfile.mkdtemp()) / "tasks"))
+    lines = [f"--eval_tasks {TASK} --eval_tasks_limit {limit}: one evaluation of {checkpoint} "
+             f"({model.num_params(non_embedding=False) / 1e6:.1f}M parameters), batch "
+             f"{batch_size}, {dtype}", f"machine: {cpu_name()}, torch {torch.__version__}"]
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), time.process_time()
+        metrics, _ = runner.run(model, model.tokenizer, batch_size=batch_size,
+                                dtype=None if dtype == "float32" else torch.bfloat16)
+        lines.append(f"wall {time.perf_counter() - wall:.2f} s, cpu "
+                     f"{time.process_time() - cpu:.2f} s: {metrics}")
+        print(lines[-1], flush=True)
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--make_task", metavar="DIR", help="write the task folder and stop")
@@ -123,10 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per setting (best kept)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p.add_argument("--time_tasks", metavar="CHECKPOINT",
+                   help="time one --eval_tasks evaluation of this checkpoint (three times)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="with --time_tasks: the run's autocast dtype")
     args = p.parse_args(argv)
     if args.make_task:
         print(f"wrote {make_task(Path(args.make_task)) / (TASK + '.yaml')}")
         return 0
+    if args.time_tasks:
+        return time_tasks(args.time_tasks, args.limit, int(args.batch_sizes.split(",")[0]),
+                          args.dtype, args.out)
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
