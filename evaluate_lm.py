@@ -6,6 +6,12 @@
         --split test --stride 128
     python evaluate_lm.py --checkpoint latest.pt --file my_text.txt --json
     python evaluate_lm.py --checkpoint lm_tinystories --data data/tinystories   # its val shards
+    python evaluate_lm.py --checkpoint lm_x --tasks hellaswag,arc_easy --limit 200   # downstream
+    python evaluate_lm.py --checkpoint lm_x --tasks my_task --include_path my_tasks/
+
+Downstream tasks (`--tasks`) run through lm-evaluation-harness (`downstream/`, an optional
+dependency: pip install "lm-eval==0.4.13") and print the harness's table; `--output_path` writes
+its results JSON.
 
 Windows follow Hugging Face's perplexity guide (see training/evaluation.py): `--stride` equal to
 the context length (the default) gives non-overlapping windows; a smaller stride scores every
@@ -54,7 +60,80 @@ def build_parser() -> argparse.ArgumentParser:
                       dtype_help="autocast dtype for the forward pass (the loss is summed in "
                                  "float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g = p.add_argument_group("downstream tasks (lm-evaluation-harness)")
+    g.add_argument("--tasks", default=None, metavar="A,B",
+                   help="score these harness tasks (hellaswag,arc_easy,...) instead of perplexity")
+    g.add_argument("--limit", type=float, default=None, metavar="N",
+                   help="examples per task (an integer), or a fraction of each task below 1")
+    g.add_argument("--include_path", default=None, metavar="DIR",
+                   help="a task folder in the harness's format (YAML + local JSONL/Parquet)")
+    g.add_argument("--num_fewshot", type=int, default=None, metavar="K",
+                   help="few-shot examples per prompt (default: each task's own)")
+    g.add_argument("--output_path", default=None, metavar="FILE",
+                   help="write the harness's results JSON here")
+    g.add_argument("--log_samples", action="store_true",
+                   help="keep every example's prompts and answers in the --output_path JSON")
     return p
+
+
+DATA_FLAGS = ("file", "split", "train_file", "val_file", "test_file", "data_dir", "data", "seq_len",
+              "stride")
+TASK_FLAGS = ("limit", "include_path", "num_fewshot", "output_path")
+
+
+def check_task_args(args: argparse.Namespace) -> None:
+    """Usage errors of --tasks and its flags (ValueError, one line)."""
+    if args.tasks is None:
+        extra = [f"--{n}" for n in TASK_FLAGS if getattr(args, n) is not None]
+        if args.log_samples:
+            extra.append("--log_samples")
+        if extra:
+            raise ValueError(f"{', '.join(extra)} go with --tasks; add --tasks NAMES or drop them")
+        return
+    clash = [f"--{n}" for n in DATA_FLAGS if getattr(args, n, None) is not None]
+    if clash:
+        raise ValueError(f"--tasks scores downstream tasks, not text; drop {', '.join(clash)}")
+    if args.limit is not None and not (args.limit >= 1 and args.limit == int(args.limit)
+                                       or 0 < args.limit < 1):
+        raise ValueError(f"--limit must be a whole number of examples >= 1 or a fraction "
+                         f"between 0 and 1, got {args.limit:g}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    if args.log_samples and args.output_path is None:
+        raise ValueError("--log_samples writes into the results JSON; add --output_path FILE")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise ValueError(f"--include_path {args.include_path}: no such folder")
+
+
+def run_tasks(args: argparse.Namespace) -> dict:
+    """Score downstream tasks as the parsed arguments say; returns the harness's results."""
+    from downstream.harness import SmallLM
+    from downstream.tasks import clean_json, load_tasks, parse_task_names
+    from downstream.tasks import run_tasks as run_harness
+
+    names = parse_task_names(args.tasks)
+    tasks = load_tasks(names, include_path=args.include_path)  # before the model: errors first
+    lm = SmallLM(checkpoint=args.checkpoint, tokenizer=args.tokenizer, device=args.device,
+                 quantize=args.quantize, dtype=args.dtype, batch_size=args.batch_size)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = run_harness(lm, tasks, limit=limit, num_fewshot=args.num_fewshot,
+                          log_samples=args.log_samples)
+    stats = lm.stats
+    results["small_lm"] = {"checkpoint": args.checkpoint, "context": lm.max_length,
+                           "scoring": dict(vars(stats))}
+    for count, what in ((stats.truncated, "log-likelihood requests had their context cut on "
+                                          "the left"),
+                        (stats.endings_cut, "log-likelihood requests had an ending longer than "
+                                            "the context (its last tokens scored)"),
+                        (stats.gen_truncated, "generation prompts were cut on the left")):
+        if count:
+            total = stats.generated if "generation" in what else stats.requests
+            print(f"note: {count} of {total} {what} to fit the model's context of "
+                  f"{lm.max_length} tokens (as the harness's hf backend does)", file=sys.stderr)
+    clean = clean_json(results)
+    if args.output_path is not None:
+        Path(args.output_path).write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    return clean
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -97,7 +176,10 @@ def read_text_file(path: str | Path, tokenizer) -> tuple:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed arguments say; returns the report as a dict."""
+    check_task_args(args)
     check_args(args)
+    if args.tasks is not None:
+        return run_tasks(args)
     from model.checkpoint import pick_device
     from model.loading import load_for_inference
     from model.tokenizer import TokenizerLoadError
@@ -175,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate_lm.py: error: {text.splitlines()[0] if text else type(exc).__name__}",
               file=sys.stderr)
         return 2
-    if args.json:
+    if args.tasks is not None:
+        from downstream.tasks import format_table
+
+        text = json.dumps(report) if args.json else format_table(report)
+    elif args.json:
         # An infinite perplexity is not valid JSON; write it as null.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in report.items()}

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("common", "corpus", "model", "serve", "training")
+PACKAGES = ("common", "corpus", "downstream", "model", "serve", "training")
 MAX_FUNCTION_LINES = 120
 
 

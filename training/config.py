@@ -37,6 +37,9 @@ __all__ = ["BatchArgs", "BudgetArgs", "DataArgs", "EvalArgs", "LogArgs", "ModelA
 
 Say = Callable[[str], None]
 _DERIVED = {"flag": False}  # metadata of a resolved field that is no flag (not saved)
+# metadata of a flag saved only when it differs from its default (flags added after snapshots of
+# the old format existed: a run that does not use them saves the flags it always saved)
+_SAVED_IF_SET = {"saved_if_set": True}
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class EvalArgs:
     """Evaluations and their samples.
 
     Attributes:
+        eval_tasks: lm-evaluation-harness tasks run at each evaluation ("a,b"; None: none).
+        eval_tasks_limit: examples per task and evaluation.
+        eval_tasks_path: a task folder in the harness's format (offline tasks).
         windows: validation windows per evaluation, `eval_windows` capped by
             `LM_MAX_EVAL_WINDOWS` (0: all; resolved, not a flag).
     """
@@ -104,6 +110,9 @@ class EvalArgs:
     eval_batch_size: int
     sample_tokens: int
     sample_prompt: str
+    eval_tasks: str | None = field(default=None, metadata=_SAVED_IF_SET)
+    eval_tasks_limit: int = field(default=200, metadata=_SAVED_IF_SET)
+    eval_tasks_path: str | None = field(default=None, metadata=_SAVED_IF_SET)
     windows: int = field(default=0, metadata=_DERIVED)
 
     def __post_init__(self) -> None:
@@ -111,6 +120,13 @@ class EvalArgs:
             raise UsageError("--eval_windows must be >= 0 (0 evaluates every window)")
         if self.sample_tokens < 0:
             raise UsageError("--sample_tokens must be >= 0")
+        if self.eval_tasks_limit < 1:
+            raise UsageError(f"--eval_tasks_limit must be >= 1, got {self.eval_tasks_limit}")
+        if self.eval_tasks_path is not None and not self.eval_tasks:
+            raise UsageError("--eval_tasks_path is a folder of tasks for --eval_tasks; add "
+                             "--eval_tasks NAMES")
+        if self.eval_tasks is not None and not self.eval_tasks.strip(" ,"):
+            raise UsageError("--eval_tasks needs task names, e.g. --eval_tasks hellaswag")
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,8 @@ class RunConfig:
                      self.optim.schedule, self.speed, self.eval, self.log):
             for f in dataclasses.fields(part):
                 value = getattr(part, f.name)
+                if f.metadata.get("saved_if_set") and value == f.default:
+                    continue
                 if f.metadata.get("flag", True) and not dataclasses.is_dataclass(value):
                     out[f.name] = value
         out["seed"] = self.seed
@@ -197,8 +215,10 @@ class RunConfig:
 
 def _take(cls: type, flags: Mapping[str, Any], **extra: Any) -> Any:
     """`cls` from the flags named as its fields."""
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
-    return cls(**{n: flags[n] for n in names if n not in extra}, **extra)
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True)
+              and f.name not in extra]
+    return cls(**{f.name: flags[f.name] if f.name in flags or not f.metadata.get("saved_if_set")
+                  else f.default for f in fields}, **extra)
 
 
 def _build(flags: dict[str, Any]) -> RunConfig:

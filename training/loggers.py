@@ -2,7 +2,8 @@
 
 Each backend gets the same scalars: for training steps `train/loss`, `train/lr`,
 `train/tokens_per_s`, `train/grad_norm` (before clipping) and `train/mfu` (on GPUs whose peak
-is known), for evaluations `val/loss` and `val/ppl`. Only rank 0 logs.
+is known), for evaluations `val/loss` and `val/ppl`, and with `--eval_tasks` each downstream
+metric as `tasks/<task>/<metric>` (e.g. `tasks/hellaswag/acc_norm`). Only rank 0 logs.
 
 - csv (the default): `<run dir>/metrics.csv` (`training/metrics.py`), which the loss plot and
   `--resume` read;
@@ -126,12 +127,15 @@ class RunLog:
 
     def log(self, step: int, kind: str, epoch: float, tokens: int, lr: float, loss: float,
             tokens_per_s: float | None = None, elapsed_s: float | None = None,
-            grad_norm: float | None = None, mfu: float | None = None) -> None:
-        """One row: a training step (kind "train") or an evaluation ("val")."""
+            grad_norm: float | None = None, mfu: float | None = None,
+            tasks: dict[str, float] | None = None) -> None:
+        """One row: a training step (kind "train") or an evaluation ("val"); `tasks`: an
+        evaluation's downstream metrics (`task/metric` -> value)."""
         if self.csv is not None:
             self.csv.log(step, kind, epoch, tokens, lr, loss, tokens_per_s, elapsed_s,
-                         grad_norm, mfu)
+                         grad_norm, mfu, extra=tasks)
         scalars = _scalars(kind, lr, loss, tokens_per_s, grad_norm, mfu)
+        scalars.update({f"tasks/{name}": value for name, value in (tasks or {}).items()})
         for backend in self.backends:
             backend.log(step, scalars)
 

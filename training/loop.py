@@ -33,6 +33,9 @@ from training.run_state import RunState, snapshot_payload
 from training.snapshots import capture_rng_state, save_snapshot, snapshot_name
 from training.step import train_step
 
+# the downstream metrics the progress line shows (every one goes to the loggers)
+SHOWN_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity")
+
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
@@ -90,7 +93,8 @@ class Trainer:
         runtime: the process group, and where and in which precision it trains.
         max_steps: steps of the whole run (the schedule); stop_at: where this invocation stops.
 
-    `metrics`, the run's log (`--log_to`; rank 0 only, else None), is set before `run`.
+    `metrics`, the run's log (`--log_to`; rank 0 only, else None), is set before `run`, and
+    `tasks` (`--eval_tasks`, rank 0 only) before the first evaluation.
     """
 
     def __init__(self, config: RunConfig, parts: Parts, data: TrainData, state: RunState,
@@ -101,6 +105,7 @@ class Trainer:
         self.info, self.device, self.amp = runtime.info, runtime.device, runtime.amp
         self.max_steps, self.stop_at = max_steps, stop_at
         self.metrics: RunLog | None = None
+        self.tasks: Any = None  # rank 0 with --eval_tasks: a `downstream.tasks.TaskRunner`
         self.snap_dir = config.log.snap_dir
         self.params = list(parts.model.parameters())
         self.lr = config.optim.lr
@@ -154,6 +159,7 @@ class Trainer:
             res = self.validation_loss(evals.windows or None)
             sample = (sample_text(model, evals.sample_prompt, evals.sample_tokens,
                                   self.config.seed) if evals.sample_tokens else "")
+            tasks = self.downstream_metrics()
         if not math.isfinite(res.loss):
             raise DivergedError(f"the validation loss is {res.loss} at step {step}")
         state.last_val = (res.loss, res.perplexity, step)
@@ -162,16 +168,30 @@ class Trainer:
             state.best_val = res.loss
         spe = self.batches.steps_per_epoch
         self.metrics.log(step, "val", step / spe, state.tokens_seen, self.lr, res.loss, None,
-                         state.train_time)
+                         state.train_time, tasks=tasks)
         bpb = f" | {res.bits_per_byte:.3f} bits/byte" if res.bits_per_byte else ""
+        scores = "".join(f" | {name} {value:.4g}" for name, value in (tasks or {}).items()
+                         if name.split("/")[-1] in SHOWN_METRICS)
         self.write(f"step {step:,} | val loss {res.loss:.4f} | ppl {res.perplexity:.1f}{bpb}"
-                   f"{' | best' if is_best else ''}")
+                   f"{scores}{' | best' if is_best else ''}")
         if not self.config.log.no_plot and self.metrics.path is not None:
             plot_losses(self.metrics.path, Path(self.config.log.out_dir) / "loss_curve.png",
                         f"{self.label}: {model.config.num_layers} layers x {model.config.d_model}")
         if evals.sample_tokens:
             self.write("  sample: " + sample.replace("\n", "\n  | "))
         return is_best
+
+    def downstream_metrics(self) -> dict[str, float] | None:
+        """`--eval_tasks`' metrics of the model as it is (None without tasks); kept in the
+        run's state, so the next snapshot (and best.pt) records them."""
+        if self.tasks is None:
+            return None
+        model = self.parts.model
+        metrics, _ = self.tasks.run(model, model.tokenizer,
+                                    batch_size=self.config.eval.eval_batch_size,
+                                    dtype=None if self.amp == torch.float32 else self.amp)
+        self.state.tasks = metrics
+        return metrics
 
     def measure(self) -> tuple[float, float]:
         """For `--explain`: seconds of one training step, and of one evaluation (extrapolated).

@@ -1,7 +1,9 @@
 """The run's metrics: a CSV appended as training goes, and a loss-curve PNG drawn from it.
 
 `metrics.csv` has one row per logged training step (kind "train") and per evaluation (kind
-"val"). Losses are written with Python's `repr`, so they read back bit-exactly.
+"val"). Losses are written with Python's `repr`, so they read back bit-exactly. A run with
+`--eval_tasks` adds a column per downstream metric (`hellaswag/acc_norm`, ...) after those, filled
+on its "val" rows.
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ class MetricsLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fields = list(FIELDS)
         if not self.path.exists() or self.path.stat().st_size == 0:
             with atomic_write(self.path, "w") as f:
                 f.write(",".join(FIELDS) + "\n")
         else:
             with open(self.path, encoding="utf-8") as f:
-                header = f.readline().strip()
-            if header != ",".join(FIELDS):  # a run from before the last columns: add them
+                header = f.readline().strip().split(",")
+            # downstream metric columns (--eval_tasks) come after the fixed ones
+            self.fields += [name for name in header if name not in FIELDS]
+            if header != self.fields:  # a run from before the last columns: add them
                 self._rewrite(read_metrics(self.path))
 
     def truncate_after(self, step: int) -> None:
@@ -53,21 +58,30 @@ class MetricsLog:
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         with atomic_write(self.path, "w") as f:
-            writer = csv.DictWriter(f, FIELDS, lineterminator="\n", extrasaction="ignore")
+            writer = csv.DictWriter(f, self.fields, lineterminator="\n", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
     def log(self, step: int, kind: str, epoch: float, tokens: int, lr: float, loss: float,
             tokens_per_s: float | None = None, elapsed_s: float | None = None,
-            grad_norm: float | None = None, mfu: float | None = None) -> None:
+            grad_norm: float | None = None, mfu: float | None = None,
+            extra: dict[str, float] | None = None) -> None:
+        """Append one row; `extra` (downstream metrics) adds columns the first time it names
+        them (the file is rewritten with the wider header)."""
+        extra = extra or {}
+        new = [name for name in extra if name not in self.fields]
+        if new:
+            self.fields += new
+            self._rewrite(read_metrics(self.path))
         row = {"step": step, "kind": kind, "epoch": f"{epoch:.4f}", "tokens": tokens,
                "lr": repr(float(lr)), "loss": repr(float(loss)), "ppl": f"{_ppl(loss):.4f}",
                "tokens_per_s": "" if tokens_per_s is None else f"{tokens_per_s:.1f}",
                "elapsed_s": "" if elapsed_s is None else f"{elapsed_s:.2f}",
                "grad_norm": "" if grad_norm is None else repr(float(grad_norm)),
-               "mfu": "" if mfu is None else f"{mfu:.4f}"}
+               "mfu": "" if mfu is None else f"{mfu:.4f}",
+               **{name: repr(float(value)) for name, value in extra.items()}}
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, FIELDS, lineterminator="\n").writerow(row)
+            csv.DictWriter(f, self.fields, lineterminator="\n", restval="").writerow(row)
             f.flush()
             os.fsync(f.fileno())
 

@@ -232,6 +232,15 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--sample_tokens", type=int, default=0,
                    help="print a sample of N tokens at each evaluation (0: none)")
     e.add_argument("--sample_prompt", default="\n", help="prompt for those samples")
+    e.add_argument("--eval_tasks", default=None, metavar="A,B",
+                   help="also score these lm-evaluation-harness tasks (hellaswag,arc_easy,...) at "
+                        "each evaluation, on rank 0: progress line, metrics, best.pt (needs "
+                        'pip install "lm-eval==0.4.13")')
+    e.add_argument("--eval_tasks_limit", type=_positive_int, default=200, metavar="N",
+                   help="examples per task and evaluation for --eval_tasks")
+    e.add_argument("--eval_tasks_path", default=None, metavar="DIR",
+                   help="a task folder in the harness's format (YAML + local JSONL) for "
+                        "--eval_tasks, e.g. offline")
     e.add_argument("--no_plot", action="store_true", help="do not draw loss_curve.png")
     e.add_argument("--log_to", type=_log_targets, default="csv", metavar="csv,tensorboard,wandb",
                    help="where the scalars go, comma-separated: csv (metrics.csv, the default; "

@@ -39,6 +39,8 @@ class RunState:
         last_train: the latest training loss read back, or None.
         init_from: the `--init_from` source this run started from, or None.
         time_plan: the `--time_budget` plan (`training.budget.TimePlan.to_dict()`), or None.
+        tasks: the latest evaluation's downstream metrics (`--eval_tasks`; `task/metric` ->
+            value), or None; saved as "eval_tasks" (best.pt holds those of its own step).
     """
 
     step: int = 0
@@ -52,6 +54,7 @@ class RunState:
     last_train: float | None = None
     init_from: str | None = None
     time_plan: dict[str, Any] | None = None
+    tasks: dict[str, float] | None = None
 
     def advance(self, batches: EpochBatches) -> int:
         """Count one finished optimizer step; returns the epoch that step belonged to."""
@@ -92,7 +95,8 @@ class RunState:
                    train_time=float(ckpt.get("train_time_s", 0.0)),
                    best_val=ckpt.get("best_val_loss"), best_name=ckpt.get("best_snapshot"),
                    last_val=last_val, last_train=ckpt.get("train_loss"),
-                   init_from=ckpt.get("init_from"), time_plan=ckpt.get("time_plan"))
+                   init_from=ckpt.get("init_from"), time_plan=ckpt.get("time_plan"),
+                   tasks=ckpt.get("eval_tasks"))
 
     def fields(self, batches: EpochBatches, seed: int) -> dict[str, Any]:
         """This state under the snapshot's keys."""
@@ -104,7 +108,7 @@ class RunState:
             "best_val_loss": self.best_val, "best_snapshot": self.best_name,
             "train_loss": self.last_train, "tokens_seen": self.tokens_seen,
             "train_time_s": self.train_time, "init_from": self.init_from,
-            "time_plan": self.time_plan,
+            "time_plan": self.time_plan, "eval_tasks": self.tasks,
             "data_position": {"epoch": self.epoch, "batch": self.batch, "seed": seed,
                               "seq_len": batches.seq_len, "global_batch": batches.global_batch,
                               "num_windows": batches.num_windows,

@@ -140,6 +140,21 @@ def _model_config(config: RunConfig, start: RunStart, info: D.DistInfo, device):
     return amp, tok, cfg
 
 
+def _task_runner(config: RunConfig, tokenizer, max_seq_len: int):
+    """`--eval_tasks`: the tasks loaded and checked against the model's context, before any
+    training (a `downstream.tasks.TaskRunner`)."""
+    try:
+        from downstream.tasks import TaskRunner, parse_task_names
+
+        runner = TaskRunner(parse_task_names(config.eval.eval_tasks),
+                            limit=config.eval.eval_tasks_limit,
+                            include_path=config.eval.eval_tasks_path)
+        runner.check_fit(tokenizer, max_seq_len)
+    except ValueError as exc:  # TaskError, or the harness not installed
+        raise UsageError(f"--eval_tasks: {exc}") from None
+    return runner
+
+
 def _prepare_run_dir(config: RunConfig, start: RunStart, info: D.DistInfo) -> RunLog | None:
     """Create the run directory, clear half-written files, open the run's log (rank 0).
 
@@ -252,6 +267,8 @@ def _train(config: RunConfig, start: RunStart, plan: TimePlan | None, argv: list
     state = _restore_or_init(config, start, parts, batches, unseen, info)
     trainer = Trainer(config, parts, TrainData(batches, val_tokens, val_bytes, config.label),
                       state, runtime, max_steps=max_steps, stop_at=stop_at)
+    if config.eval.eval_tasks and info.is_main and not explain:
+        trainer.tasks = _task_runner(config, tok, cfg.max_seq_len)
     planned_here = plan is None and bool(length.time_budget) and (info.is_main or not explain)
     if planned_here:  # measure a step, an evaluation and a snapshot here; plan the steps
         plan = make_plan(trainer, length.time_budget * 60, started, collective=not explain)

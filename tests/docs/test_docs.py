@@ -62,6 +62,7 @@ EXTERNAL_FLAGS = {
     "--logdir",  # tensorboard
     "--temp", "--top-k",  # llama-cli
     "--help",  # every argparse program
+    "--model", "--model_args",  # lm_eval / small-lm-eval (lm-evaluation-harness's own flags)
 }
 
 
