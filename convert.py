@@ -102,23 +102,26 @@ def verify_logits(ours, hf, vocab_size: int, seq_len: int, label: str) -> float:
 
 
 def from_hf(
-    src: str | Path, out: str | Path, *, tokenizer: str = "gpt2", force: bool = False,
+    src: str | Path, out: str | Path, *, tokenizer: str | None = None, force: bool = False,
     verify: bool = True,
 ) -> Path:
-    """Convert a local Hugging Face GPT-2 folder into one of our checkpoints.
+    """Convert a local Hugging Face folder (GPT-2, Llama, Qwen2, Qwen3) into one of our
+    checkpoints, with its tokenizer.
 
     Args:
         src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded).
         out: the checkpoint to write (.pt).
-        tokenizer: tokenizer name recorded in the checkpoint.
+        tokenizer: the tokenizer to store in the checkpoint; None: the folder's own (GPT-2's,
+            by name, when the folder holds GPT-2's files or none).
         force: replace an existing `out`.
-        verify: check our logits against `GPT2LMHeadModel` on the same weights.
+        verify: check our logits against transformers' model on the same weights.
 
     Returns:
         The path written.
     """
-    from model.hf_interop import checkpoint_from_hf, hf_state_dict_for_model, read_hf_folder
+    from model.hf_interop import checkpoint_from_hf, read_hf_folder
     from model.lm import LanguageModel, LMConfig
+    from model.tokenizer import load_checkpoint_tokenizer, tokenizer_record
 
     out = _check_output(out, force)
     if not Path(src).is_dir():
@@ -126,18 +129,21 @@ def from_hf(
     hf_config, hf_sd = read_hf_folder(src)  # the one HF reader (train_lm.py --init_from too)
     ckpt = checkpoint_from_hf(hf_config, hf_sd, src)
     cfg = LMConfig.from_dict(ckpt["model_config"])
+    record = tokenizer_record(tokenizer or ckpt["tokenizer"])  # the folder's files, if not GPT-2's
+    tok = load_checkpoint_tokenizer(record)
+    if len(tok) > cfg.vocab_size:
+        raise ConvertError(f"tokenizer {record['tokenizer']!r} has {len(tok):,} tokens but the "
+                           f"model's vocabulary has {cfg.vocab_size:,}; pass the tokenizer it "
+                           "was trained with (--tokenizer)")
     model = LanguageModel.from_config(cfg)
     load_weights_strict(model, ckpt["model_state_dict"])
     if verify:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
-        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
-        verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--from_hf {src}")
+        verify_logits(model, _hf_model_of(hf_config, hf_sd), cfg.vocab_size, cfg.max_seq_len,
+                      f"--from_hf {src}")
     checkpoint = {
         "model_config": cfg.to_dict(),
         "model_state_dict": model.state_dict(),
-        "tokenizer": tokenizer,
+        **record,
         "step": 0,
         "epoch": 0,
         "val_loss": None,
@@ -148,6 +154,24 @@ def from_hf(
     with atomic_write(out) as fh:
         torch.save(checkpoint, fh)
     return out
+
+
+def _hf_model_of(hf_config: dict[str, Any], hf_sd: dict[str, Any]):
+    """transformers' own model of a Hugging Face folder's config and weights (for checks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from model.hf_interop import hf_state_dict_for_model
+
+    if hf_config.get("model_type", "gpt2") == "gpt2":
+        hf = GPT2LMHeadModel(GPT2Config.from_dict(hf_config))
+        hf.load_state_dict(hf_state_dict_for_model(hf_sd), strict=False)  # lm_head: tied
+        return hf
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_config["model_type"], **fields))
+    hf.load_state_dict(hf_sd, strict=False)  # a tied lm_head is left out of the files
+    if hf.config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf
 
 
 def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
@@ -167,20 +191,22 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
 
     from model.checkpoint import load_model
     from model.hf_interop import config_to_hf, state_dict_to_hf
+    from model.tokenizer import has_embedded_tokenizer
 
     out_dir = _check_output(out_dir, force, folder=True)
-    model, ckpt = load_model(checkpoint, device="cpu")
+    model, ckpt = load_model(checkpoint, device="cpu")  # a stored tokenizer is checked here
     cfg = model.config
     # GPT2LMHeadModel, or LlamaForCausalLM/Qwen2ForCausalLM/Qwen3ForCausalLM (model/hf_families.py)
     hf = AutoModelForCausalLM.from_config(config_to_hf(cfg))
     hf.load_state_dict(state_dict_to_hf(model.state_dict(), cfg), strict=True)
     if verify:
         verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--to_hf {checkpoint}")
-    tokenizer = _tokenizer_name(ckpt)
+    if has_embedded_tokenizer(ckpt):  # its own end (and start) token, not GPT-2's
+        _set_special_ids(hf, model.tokenizer)
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp), safe_serialization=True)
-        _save_tokenizer(tokenizer, tmp, cfg.max_seq_len)
+        _save_tokenizer(ckpt, tmp, cfg.max_seq_len)
 
     _atomic_folder(out_dir, write)
     return out_dir
@@ -271,16 +297,21 @@ def _tokenizer_name(ckpt: Any) -> str:
     return name if isinstance(name, str) and name else "gpt2"
 
 
-def _save_tokenizer(name: str, folder: Path, max_seq_len: int) -> None:
-    """Put tokenizer files into `folder`: the bundled GPT-2 files, or the named tokenizer's."""
-    from model.tokenizer import BUNDLED_GPT2_DIR, load_tokenizer
+def _set_special_ids(hf: Any, tokenizer: Any) -> None:
+    """The Hugging Face model's end, start and padding ids: the tokenizer's."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    for config in (hf.config, hf.generation_config):
+        config.eos_token_id, config.bos_token_id = eos, bos
+    hf.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    if name == "gpt2":
-        for path in BUNDLED_GPT2_DIR.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, folder / path.name)
-    else:
-        load_tokenizer(name).save_pretrained(str(folder))
+
+def _save_tokenizer(ckpt: dict[str, Any], folder: Path, max_seq_len: int) -> None:
+    """Put the checkpoint's tokenizer files into `folder`: its stored files, the bundled GPT-2
+    files, or the named tokenizer's."""
+    from model.tokenizer import write_checkpoint_tokenizer
+
+    write_checkpoint_tokenizer(ckpt, folder)
     # The tokenizer should not claim a longer context than this model has.
     config_path = folder / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -370,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--to_safetensors and --to_gguf)")
     p.add_argument("--out", metavar="PATH",
                    help="checkpoint to write with --from_hf (default: ./<DIR name>.pt)")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer recorded in the --from_hf checkpoint (default: gpt2)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer stored in the --from_hf checkpoint (default: the folder's "
+                        "own; GPT-2's when it holds none)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no_verify", action="store_true",
                    help="skip the logits check against transformers (saves memory on big models)")

@@ -227,7 +227,7 @@ def write_checkpoint_tokenizer(ckpt: dict[str, Any], folder: str | Path) -> Path
             if path.is_file():
                 (folder / path.name).write_bytes(path.read_bytes())
     else:
-        _load_fresh(checkpoint_tokenizer_name(ckpt)).save_pretrained(str(folder))
+        load_tokenizer(checkpoint_tokenizer_name(ckpt)).save_pretrained(str(folder))
     return folder
 
 
