@@ -191,18 +191,19 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
 
     from model.checkpoint import load_model
     from model.hf_interop import config_to_hf, state_dict_to_hf
-    from model.tokenizer import has_embedded_tokenizer
+    from model.tokenizer import checkpoint_tokenizer_name, load_checkpoint_tokenizer
 
     out_dir = _check_output(out_dir, force, folder=True)
     model, ckpt = load_model(checkpoint, device="cpu")  # a stored tokenizer is checked here
+    tokenizer = load_checkpoint_tokenizer(ckpt)  # before any work: it must load
     cfg = model.config
     # GPT2LMHeadModel, or LlamaForCausalLM/Qwen2ForCausalLM/Qwen3ForCausalLM (model/hf_families.py)
     hf = AutoModelForCausalLM.from_config(config_to_hf(cfg))
     hf.load_state_dict(state_dict_to_hf(model.state_dict(), cfg), strict=True)
     if verify:
         verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--to_hf {checkpoint}")
-    if has_embedded_tokenizer(ckpt):  # its own end (and start) token, not GPT-2's
-        _set_special_ids(hf, model.tokenizer)
+    if checkpoint_tokenizer_name(ckpt) != "gpt2":  # its own end (and start) token, not GPT-2's
+        _set_special_ids(hf, tokenizer)
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp), safe_serialization=True)
@@ -361,6 +362,8 @@ def _atomic_folder(path: Path, write) -> None:
 def _note_llama_cpp_ffn(folder: Path) -> None:
     """Warn where llama.cpp's own converter would write a wrong file from this folder."""
     config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "gpt2":  # Llama/Qwen folders give their width themselves
+        return
     if config.get("n_inner") not in (None, 4 * config["n_embd"]):
         print(f"convert.py: note: llama.cpp's convert_hf_to_gguf.py takes GPT-2's feed-forward "
               f"width as 4 x n_embd ({4 * config['n_embd']}), not this model's "

@@ -80,7 +80,8 @@ def _load_cached(name: str):
 FILES_KEY = "tokenizer_files"
 SHA256_KEY = "tokenizer_sha256"
 _MAIN_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
-_EMBEDDED: dict[str, Any] = {}  # loaded embedded tokenizers, by the digest of their files
+# Loaded stored tokenizers (with their hash), by the digest of their files.
+_EMBEDDED: dict[str, tuple[Any, str | None]] = {}
 
 
 def tokenizer_sha256(tokenizer: Any) -> str | None:
@@ -156,19 +157,21 @@ def load_checkpoint_tokenizer(ckpt: dict[str, Any]) -> Any:
         with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
             _write_files(files, Path(tmp))
             tok = _load_fresh(tmp, what="the checkpoint's stored tokenizer")
-        recorded = ckpt.get(SHA256_KEY)
-        if recorded and tokenizer_sha256(tok) != recorded:
-            raise TokenizerLoadError(
-                f"the checkpoint's stored tokenizer does not match its recorded hash "
-                f"({str(recorded)[:12]}); the checkpoint is damaged: use another snapshot, or "
-                "pass --tokenizer")
+        sha = tokenizer_sha256(tok)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.name_or_path = checkpoint_tokenizer_name(ckpt)
         if len(_EMBEDDED) >= 4:
             _EMBEDDED.pop(next(iter(_EMBEDDED)))
-        _EMBEDDED[key] = tok
-    return _EMBEDDED[key]
+        _EMBEDDED[key] = (tok, sha)
+    tok, sha = _EMBEDDED[key]
+    recorded = ckpt.get(SHA256_KEY)
+    if recorded and sha != recorded:
+        raise TokenizerLoadError(
+            f"the checkpoint's stored tokenizer does not match its recorded hash "
+            f"({str(recorded)[:12]}); the checkpoint is damaged: use another snapshot, or pass "
+            "--tokenizer")
+    return tok
 
 
 def tokenizer_source(ckpt: dict[str, Any]) -> str:
