@@ -172,6 +172,9 @@ def _hugging_face(name: str) -> Encoder:
     import tokenizers
 
     serialized = backend.to_str()
+    # Ordinary text, as tiktoken's path: a literal "<|endoftext|>" (or this tokenizer's end
+    # token) inside a document is encoded as characters, never as the separator's id.
+    backend.encode_special_tokens = True
     return Encoder(name=name, vocab_size=len(tok), eot_id=int(eot), eot_text=str(tok.eos_token),
                    fingerprint=hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
                    library=f"tokenizers {tokenizers.__version__}", _impl=backend,
