@@ -309,3 +309,16 @@ def test_convert_keeps_a_hugging_face_folders_tokenizer(own, tmp_path, capsys):
     code = convert.main(["--from_hf", str(small), "--out", str(tmp_path / "small.pt")])
     assert "has 300 tokens but the model's vocabulary has 200" in _one_line_error(capsys, code)
     assert not (tmp_path / "small.pt").exists()
+
+
+def test_a_literal_end_token_in_a_document_is_text(own):
+    """Only the separator that preparation inserts is the end id (as with tiktoken's GPT-2)."""
+    from corpus.encoders import load_encoder
+
+    enc = load_encoder(str(own["root"] / "kept-tok"))
+    ids = enc.encode(f"the king{END}the queen").tolist()
+    assert enc.eot_id == 0 and 0 not in ids
+    assert enc.decode(ids) == f"the king{END}the queen"
+    many = enc.encode_many(["the", f"a{END}b", "crown"])
+    assert [m.tolist() for m in many] == [enc.encode(t).tolist()
+                                           for t in ("the", f"a{END}b", "crown")]
