@@ -256,7 +256,9 @@ def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
 def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write a checkpoint's weights as safetensors, with its config in the metadata.
 
-    The metadata holds "model_config" (the JSON of our config dict) and "tokenizer".
+    The metadata holds "model_config" (the JSON of our config dict) and "tokenizer"; a stored
+    tokenizer's text files go along as "tokenizer_files" (JSON of {file name: text}) and
+    "tokenizer_sha256".
     `lm_head.weight` is left out when it is the token embedding (tied), as in Hugging Face
     files.
 
@@ -278,7 +280,7 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
         "tokenizer": _tokenizer_name(ckpt),
     }
     with atomic_write(out) as fh:
-        fh.write(save(tensors, metadata=metadata))
+        fh.write(save(tensors, metadata={**metadata, **_tokenizer_metadata(ckpt)}))
     return out
 
 
@@ -291,6 +293,21 @@ def _model_name(path: str | Path) -> str:
     if p.is_file() and p.parent.name == "snapshots":
         return p.parent.parent.name
     return p.stem if p.is_file() else p.name
+
+
+def _tokenizer_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+    """A stored tokenizer as safetensors metadata (str values): its text files as JSON."""
+    from model.tokenizer import FILES_KEY, SHA256_KEY, has_embedded_tokenizer
+
+    if not has_embedded_tokenizer(ckpt):
+        return {}
+    texts = {}
+    for name, data in ckpt[FILES_KEY].items():
+        try:
+            texts[name] = data if isinstance(data, str) else data.decode("utf-8")
+        except UnicodeDecodeError:  # e.g. a sentencepiece model; tokenizer.json suffices
+            continue
+    return {FILES_KEY: json.dumps(texts), SHA256_KEY: str(ckpt.get(SHA256_KEY) or "")}
 
 
 def _tokenizer_name(ckpt: Any) -> str:

@@ -24,7 +24,12 @@ import torch
 
 from model.lm import LanguageModel, LMConfig
 from model.quant import check_format
-from model.tokenizer import TokenizerLoadError, has_embedded_tokenizer, load_checkpoint_tokenizer
+from model.tokenizer import (
+    FILES_KEY,
+    TokenizerLoadError,
+    has_embedded_tokenizer,
+    load_checkpoint_tokenizer,
+)
 
 _SNAPSHOT_GLOB = "snapshot_*.pt"
 _STEP_RE = re.compile(r"step_(\d+)")
@@ -172,6 +177,13 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"safetensors file {path}: metadata 'model_config' is not valid "
                               f"JSON ({exc.msg})") from None
     ckpt: dict[str, Any] = {k: v for k, v in meta.items() if k != "model_config"}
+    if FILES_KEY in ckpt:  # a stored tokenizer: JSON of {file name: text}
+        try:
+            files = json.loads(ckpt[FILES_KEY])
+            ckpt[FILES_KEY] = {str(k): str(v).encode("utf-8") for k, v in files.items()}
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"safetensors file {path}: metadata {FILES_KEY!r} is not a "
+                                  "JSON object of file names and texts") from None
     ckpt.update(model_config=config, model_state_dict=state)
     return ckpt
 

@@ -51,7 +51,8 @@ class Loaded:
         model: the `LanguageModel`, on its device, in eval-ready weights.
         tokenizer: its tokenizer.
         checkpoint: the checkpoint dict (`_path` is the file read; `step`, `val_loss` if saved).
-        tokenizer_name: the name or folder the tokenizer was loaded from.
+        tokenizer_name: the name or folder the tokenizer was loaded from ("NAME (stored in the
+            checkpoint)" for a tokenizer whose files the checkpoint holds).
         amp_dtype: the autocast dtype to compute in, or None for plain float32.
         seconds: how long loading took.
     """

@@ -322,3 +322,12 @@ def test_a_literal_end_token_in_a_document_is_text(own):
     many = enc.encode_many(["the", f"a{END}b", "crown"])
     assert [m.tolist() for m in many] == [enc.encode(t).tolist()
                                            for t in ("the", f"a{END}b", "crown")]
+
+
+def test_safetensors_export_keeps_the_tokenizer(own, tmp_path):
+    out = tmp_path / "model.safetensors"
+    assert convert.main(["--to_safetensors", str(out), "--checkpoint", str(own["run"])]) == 0
+    model, ckpt = load_model(out, device="cpu")
+    snap = torch.load(own["run"] / "snapshots" / "latest.pt", weights_only=True)
+    assert ckpt[FILES_KEY] == snap[FILES_KEY] and ckpt[SHA256_KEY] == snap[SHA256_KEY]
+    assert model.end_token == 0 and model.tokenizer.encode("the") == own["tok"].encode("the")
