@@ -106,16 +106,17 @@ def from_hf(
     src: str | Path, out: str | Path, *, tokenizer: str | None = None, force: bool = False,
     verify: bool = True,
 ) -> Path:
-    """Convert a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model into one of our checkpoints.
+    """Convert a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model into one of our checkpoints,
+    with its tokenizer.
 
     Args:
         src: folder with config.json and model.safetensors / pytorch_model.bin (or sharded), or
             a hub name (`model.hf_interop.hf_folder`: the local cache, downloaded when online).
         out: the checkpoint to write (.pt).
-        tokenizer: tokenizer name recorded in the checkpoint; None: the folder's own when it
-            holds one other than GPT-2's, else "gpt2".
+        tokenizer: the tokenizer to store in the checkpoint; None: the folder's own (GPT-2's,
+            by name, when the folder holds GPT-2's files or none).
         force: replace an existing `out`.
-        verify: check our logits against transformers' model of the same class and weights.
+        verify: check our logits against transformers' model on the same weights.
 
     Returns:
         The path written.
@@ -127,6 +128,7 @@ def from_hf(
         read_hf_folder,
     )
     from model.lm import LanguageModel, LMConfig
+    from model.tokenizer import load_checkpoint_tokenizer, tokenizer_record
 
     out = _check_output(out, force)
     if not Path(src).is_dir():
@@ -137,17 +139,21 @@ def from_hf(
     hf_config, hf_sd = read_hf_folder(src)  # the one HF reader (train_lm.py --init_from too)
     ckpt = checkpoint_from_hf(hf_config, hf_sd, src)
     cfg = LMConfig.from_dict(ckpt["model_config"])
+    record = tokenizer_record(tokenizer or ckpt["tokenizer"])  # the folder's files, if not GPT-2's
+    tok = load_checkpoint_tokenizer(record)
+    if len(tok) > cfg.vocab_size:
+        raise ConvertError(f"tokenizer {record['tokenizer']!r} has {len(tok):,} tokens but the "
+                           f"model's vocabulary has {cfg.vocab_size:,}; pass the tokenizer it "
+                           "was trained with (--tokenizer)")
     model = LanguageModel.from_config(cfg)
     load_weights_strict(model, ckpt["model_state_dict"])
     if verify:
         verify_logits(model, _hf_model_of(hf_config, hf_sd), cfg.vocab_size, cfg.max_seq_len,
                       f"--from_hf {src}")
-    if tokenizer is None:
-        tokenizer = ckpt["tokenizer"]
     checkpoint = {
         "model_config": cfg.to_dict(),
         "model_state_dict": model.state_dict(),
-        "tokenizer": tokenizer,
+        **record,
         "step": 0,
         "epoch": 0,
         "val_loss": None,
@@ -201,20 +207,23 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
 
     from model.checkpoint import load_model
     from model.hf_interop import config_to_hf, state_dict_to_hf
+    from model.tokenizer import checkpoint_tokenizer_name, load_checkpoint_tokenizer
 
     out_dir = _check_output(out_dir, force, folder=True)
-    model, ckpt = load_model(checkpoint, device="cpu")
+    model, ckpt = load_model(checkpoint, device="cpu")  # a stored tokenizer is checked here
+    tokenizer = load_checkpoint_tokenizer(ckpt)  # before any work: it must load
     cfg = model.config
     # GPT2LMHeadModel, or LlamaForCausalLM/Qwen2ForCausalLM/Qwen3ForCausalLM (model/hf_families.py)
     hf = AutoModelForCausalLM.from_config(config_to_hf(cfg))
     hf.load_state_dict(state_dict_to_hf(model.state_dict(), cfg), strict=True)
     if verify:
         verify_logits(model, hf, cfg.vocab_size, cfg.max_seq_len, f"--to_hf {checkpoint}")
-    tokenizer = _tokenizer_name(ckpt)
+    if checkpoint_tokenizer_name(ckpt) != "gpt2":  # its own end (and start) token, not GPT-2's
+        _set_special_ids(hf, tokenizer)
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(str(tmp), safe_serialization=True)
-        _save_tokenizer(tokenizer, tmp, cfg.max_seq_len)
+        _save_tokenizer(ckpt, tmp, cfg.max_seq_len)
 
     _atomic_folder(out_dir, write)
     return out_dir
@@ -289,7 +298,9 @@ def tokenizer_for_export(ckpt: dict[str, Any]) -> Any:
 def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = False) -> Path:
     """Write a checkpoint's weights as safetensors, with its config in the metadata.
 
-    The metadata holds "model_config" (the JSON of our config dict) and "tokenizer".
+    The metadata holds "model_config" (the JSON of our config dict) and "tokenizer"; a stored
+    tokenizer's text files go along as "tokenizer_files" (JSON of {file name: text}) and
+    "tokenizer_sha256".
     `lm_head.weight` is left out when it is the token embedding (tied), as in Hugging Face
     files.
 
@@ -311,7 +322,7 @@ def to_safetensors(checkpoint: str | Path, out: str | Path, *, force: bool = Fal
         "tokenizer": _tokenizer_name(ckpt),
     }
     with atomic_write(out) as fh:
-        fh.write(save(tensors, metadata=metadata))
+        fh.write(save(tensors, metadata={**metadata, **_tokenizer_metadata(ckpt)}))
     return out
 
 
@@ -326,21 +337,41 @@ def _model_name(path: str | Path) -> str:
     return p.stem if p.is_file() else p.name
 
 
+def _tokenizer_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+    """A stored tokenizer as safetensors metadata (str values): its text files as JSON."""
+    from model.tokenizer import FILES_KEY, SHA256_KEY, has_embedded_tokenizer
+
+    if not has_embedded_tokenizer(ckpt):
+        return {}
+    texts = {}
+    for name, data in ckpt[FILES_KEY].items():
+        try:
+            texts[name] = data if isinstance(data, str) else data.decode("utf-8")
+        except UnicodeDecodeError:  # e.g. a sentencepiece model; tokenizer.json suffices
+            continue
+    return {FILES_KEY: json.dumps(texts), SHA256_KEY: str(ckpt.get(SHA256_KEY) or "")}
+
+
 def _tokenizer_name(ckpt: Any) -> str:
     name = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
     return name if isinstance(name, str) and name else "gpt2"
 
 
-def _save_tokenizer(name: str, folder: Path, max_seq_len: int) -> None:
-    """Put tokenizer files into `folder`: the bundled GPT-2 files, or the named tokenizer's."""
-    from model.tokenizer import BUNDLED_GPT2_DIR, load_tokenizer
+def _set_special_ids(hf: Any, tokenizer: Any) -> None:
+    """The Hugging Face model's end, start and padding ids: the tokenizer's."""
+    eos = tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    for config in (hf.config, hf.generation_config):
+        config.eos_token_id, config.bos_token_id = eos, bos
+    hf.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    if name == "gpt2":
-        for path in BUNDLED_GPT2_DIR.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, folder / path.name)
-    else:
-        load_tokenizer(name).save_pretrained(str(folder))
+
+def _save_tokenizer(ckpt: dict[str, Any], folder: Path, max_seq_len: int) -> None:
+    """Put the checkpoint's tokenizer files into `folder`: its stored files, the bundled GPT-2
+    files, or the named tokenizer's."""
+    from model.tokenizer import write_checkpoint_tokenizer
+
+    write_checkpoint_tokenizer(ckpt, folder)
     # The tokenizer should not claim a longer context than this model has.
     config_path = folder / "tokenizer_config.json"
     tok_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -434,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH",
                    help="checkpoint to write with --from_hf (default: ./<DIR name>.pt)")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer recorded in the --from_hf checkpoint (default: the folder's "
-                        "own, or gpt2 when it holds none or GPT-2's)")
+                   help="tokenizer stored in the --from_hf checkpoint (default: the folder's "
+                        "own; GPT-2's when it holds none)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--no_verify", action="store_true",
                    help="skip the logits check against transformers (saves memory on big models)")

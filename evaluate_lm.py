@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
         return run_tasks(args)
     from model.checkpoint import pick_device
     from model.loading import load_for_inference
-    from model.tokenizer import TokenizerLoadError
+    from model.tokenizer import TokenizerLoadError, tokenizer_source
     from training.evaluation import evaluate_tokens
 
     runtime = Runtime.from_args(args)
@@ -196,12 +196,13 @@ def run(args: argparse.Namespace) -> dict:
     except TokenizerLoadError as exc:
         raise DataError(str(exc)) from None
     model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.checkpoint
-    args.tokenizer = loaded.tokenizer_name  # load_split checks --data's tokenizer against it
     if args.file is not None:
         tokens, num_bytes = read_text_file(args.file, tokenizer)
         data = f"file {args.file}"
     else:
         split = args.split or "val"
+        # load_split checks --data's tokenizer against it, or prepares the built-in data with it
+        args.tokenizer = runtime.tokenizer or tokenizer_source(checkpoint)
         ckpt_path = Path(checkpoint["_path"])
         flags = dict(vars(args))  # the data flags and the tokenizer: a `DataArgs`
         if not args.cache_dir and ckpt_path.parent.name == "snapshots":

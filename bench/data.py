@@ -5,6 +5,7 @@
     python bench/data.py                                   # the measurement (500 MB + 2 GB)
     python bench/data.py --size_mb 20 --rss_size_mb 40     # a quick trial
     python bench/data.py --only loader                     # the loader part alone
+    python bench/data.py --only speed --tokenizer gpt2-rust   # GPT-2 through `tokenizers`
 
 The corpora are JSONL files (`{"text": ...}` per line) made from the real text this repo and
 ../shared hold: Tiny Shakespeare cut into passages of 5-40 speeches, the WikiText-2 validation
@@ -24,6 +25,11 @@ What runs, each as its own process, one after the other, on the same cores:
   a split of fewer than 1,024 documents: its validation split here; tiktoken's GPT-2 built from
   the bundled files: the same ids, no download);
 - ours: `python prepare_data.py CORPUS --out DIR` (default settings: all cores);
+With `--tokenizer FOLDER` (a Hugging Face tokenizer folder, with tokenizer.json) both the
+tokenizer alone and ours encode with that tokenizer's Rust backend (`tokenizers`, a batch per
+call, one thread per process) instead of tiktoken, and nanoGPT's method is left out;
+`--tokenizer gpt2-rust` first saves the bundled GPT-2 tokenizer as such a folder (same ids as
+tiktoken's, so the id check still holds).
 - ours again on the larger corpus, for its peak memory.
 Peak RSS is the sum of the resident memory of the process and all its children, sampled every
 50 ms. Then the loader: batches per second that `EpochBatches` draws from the prepared shards at
@@ -204,10 +210,11 @@ def doc_digest(tokens, sep: int, piece: int = 1 << 23) -> tuple[int, int]:
 # -- the tokenizer alone ------------------------------------------------------------------------
 
 
-def _encode_share(path: str, lo: int, hi: int, barrier, queue) -> None:
+def _encode_share(path: str, lo: int, hi: int, barrier, queue, tokenizer: str = "gpt2") -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core, as prepare_data's
     from corpus.encoders import load_encoder
 
-    enc = load_encoder("gpt2")
+    enc = load_encoder(tokenizer)
     with open(path, "rb") as f:
         f.seek(lo)
         raw = f.read(hi - lo)
@@ -215,7 +222,7 @@ def _encode_share(path: str, lo: int, hi: int, barrier, queue) -> None:
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     barrier.wait()
     t0 = time.perf_counter()
-    parts = [enc.encode(t) for t in texts]
+    parts = [enc.encode(t) for t in texts] if tokenizer == "gpt2" else enc.encode_many(texts)
     seconds = time.perf_counter() - t0
     tokens = sum(len(a) for a in parts)
     sep = np.array([enc.eot_id], dtype=parts[0].dtype)
@@ -223,7 +230,7 @@ def _encode_share(path: str, lo: int, hi: int, barrier, queue) -> None:
     queue.put((nbytes, tokens, seconds, docs, digest))
 
 
-def tokenizer_alone(path: Path, procs: int) -> dict:
+def tokenizer_alone(path: Path, procs: int, tokenizer: str = "gpt2") -> dict:
     """Encode every document with one process per core, text already in memory."""
     size = path.stat().st_size
     cuts = [0]
@@ -236,7 +243,7 @@ def tokenizer_alone(path: Path, procs: int) -> dict:
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
     workers = [ctx.Process(target=_encode_share, args=(str(path), cuts[k], cuts[k + 1], barrier,
-                                                       queue)) for k in range(procs)]
+                                                       queue, tokenizer)) for k in range(procs)]
     for w in workers:
         w.start()
     results = [queue.get() for _ in workers]
@@ -391,12 +398,12 @@ def _cpu() -> str:
     return f"{name} ({simd})"
 
 
-def _ours(corpus: Path, out: Path, procs: int) -> dict:
+def _ours(corpus: Path, out: Path, procs: int, tokenizer: str = "gpt2") -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "prepare_data.py", str(corpus), "--out", str(out), "--no_progress",
-           "--num_proc", str(procs)]
+           "--num_proc", str(procs)] + (["--tokenizer", tokenizer] if tokenizer != "gpt2" else [])
     wall, rss, _ = run_measured(cmd)
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
@@ -405,9 +412,10 @@ def _ours(corpus: Path, out: Path, procs: int) -> dict:
 
 def _header(procs: int) -> None:
     import tiktoken
+    import tokenizers
 
     print(f"device: {_cpu()}, {procs} processes; Python {platform.python_version()}, tiktoken "
-          f"{tiktoken.__version__}, numpy {np.__version__}")
+          f"{tiktoken.__version__}, tokenizers {tokenizers.__version__}, numpy {np.__version__}")
 
 
 def _corpus_line(path: Path) -> None:
@@ -415,20 +423,21 @@ def _corpus_line(path: Path) -> None:
           "from the repo's and ../shared's text, documents shuffled and repeated)")
 
 
-def speed(corpus: Path, work: Path, procs: int, nanogpt: bool) -> None:
+def speed(corpus: Path, work: Path, procs: int, nanogpt: bool, tokenizer: str = "gpt2") -> None:
     """Throughput (tokenizer alone, nanoGPT's method, ours) and the loader, on `corpus`."""
     import shutil
 
     _header(procs)
     _corpus_line(corpus)
     mb = corpus.stat().st_size / 1e6
-    alone = tokenizer_alone(corpus, procs)
+    alone = tokenizer_alone(corpus, procs, tokenizer)
+    which = "tiktoken" if tokenizer == "gpt2" else f"tokenizers, {tokenizer}"
     alone_rate = alone["tokens"] / alone["seconds"]
     print(f"tokenizer alone: {alone['tokens']:,} tokens of {alone['bytes'] / 1e6:,.1f} MB text "
           f"in {alone['seconds']:.1f} s on {procs} processes = {alone_rate / 1e6:.2f}M tokens/s, "
           f"{alone['bytes'] / alone['seconds'] / 1e6:.1f} MB/s ({alone['mb_s_per_core']:.1f} "
           "MB/s per core)")
-    rows = [("tokenizer alone (tiktoken, text in memory)", alone["seconds"], alone["tokens"],
+    rows = [(f"tokenizer alone ({which}, text in memory)", alone["seconds"], alone["tokens"],
              None)]
     nano = None
     if nanogpt:
@@ -445,7 +454,7 @@ def speed(corpus: Path, work: Path, procs: int, nanogpt: bool) -> None:
               f"{nano['map_s']:.1f} s, write {nano['write_s']:.1f} s (its process start and "
               f"imports the rest; the {nano['check_s']:.1f} s of our id check taken off)")
         shutil.rmtree(out, ignore_errors=True)
-    ours = _ours(corpus, work / "ours", procs)
+    ours = _ours(corpus, work / "ours", procs, tokenizer)
     rows.append((f"ours: {ours['command']}", ours["seconds"], ours["tokens"], ours["rss"]))
     print()
     print(f"{'method':<62} {'seconds':>8} {'M tokens/s':>11} {'MB/s':>7} {'peak RSS':>9}")
@@ -509,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(over the preparation of the last run, or a new one)")
     p.add_argument("--build_only", action="store_true", help="make the corpora and stop")
     p.add_argument("--skip_nanogpt", action="store_true", help="leave out nanoGPT's method")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (tiktoken), gpt2-rust (GPT-2 through tokenizers) or a Hugging "
+                        "Face tokenizer folder, for the tokenizer alone and ours (nanoGPT's "
+                        "method is left out)")
     p.add_argument("--nanogpt_child", nargs=2, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.nanogpt_child:
@@ -516,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.tokenizer == "gpt2-rust":  # GPT-2 as a tokenizer.json folder: the Rust backend
+        from model.tokenizer import load_tokenizer
+
+        args.tokenizer = str(work / "gpt2-rust")
+        load_tokenizer("gpt2").save_pretrained(args.tokenizer)
     small = build_corpus(work / f"corpus_{args.size_mb:g}MB.jsonl", args.size_mb)
     large = (build_corpus(work / f"corpus_{args.rss_size_mb:g}MB.jsonl", args.rss_size_mb)
              if args.only in (None, "memory") else None)
@@ -532,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         print_loader(work / "ours")
         return 0
     if args.only != "memory":
-        speed(small, work, args.num_proc, not args.skip_nanogpt)
+        speed(small, work, args.num_proc, not args.skip_nanogpt and args.tokenizer == "gpt2",
+              args.tokenizer)
     if args.only != "speed":
         if args.only is None:
             print()

@@ -29,6 +29,7 @@ from common.paths import BUNDLED_GPT2_DIR  # the one path of the bundled GPT-2 f
 GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$"""
                 r"""|\s+(?!\S)|\s""")
 GPT2_EOT = "<|endoftext|>"
+BATCH_CHARS = 1 << 20  # text per `encode_batch` call of a Hugging Face tokenizer
 
 
 class EncoderError(ValueError):
@@ -86,11 +87,19 @@ class Encoder:
         return np.asarray(self._impl.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-        """`encode` of each text."""
+        """`encode` of each text (a Hugging Face tokenizer: in batches of about
+        `BATCH_CHARS` characters, since its per-token records take ~100 bytes a token)."""
         if self._kind == "tiktoken":
             return [self.encode(t) for t in texts]
-        return [np.asarray(e.ids, dtype=np.uint32)
-                for e in self._impl.encode_batch(texts, add_special_tokens=False)]
+        out: list[np.ndarray] = []
+        start, chars = 0, 0
+        for end, text in enumerate(texts, 1):
+            chars += len(text)
+            if chars >= BATCH_CHARS or end == len(texts):
+                batch = self._impl.encode_batch(texts[start:end], add_special_tokens=False)
+                out.extend(np.asarray(e.ids, dtype=np.uint32) for e in batch)
+                start, chars = end, 0
+        return out
 
     def decode(self, ids) -> str:
         """Text of `ids` (for checks and tests)."""
@@ -172,6 +181,9 @@ def _hugging_face(name: str) -> Encoder:
     import tokenizers
 
     serialized = backend.to_str()
+    # Ordinary text, as tiktoken's path: a literal "<|endoftext|>" (or this tokenizer's end
+    # token) inside a document is encoded as characters, never as the separator's id.
+    backend.encode_special_tokens = True
     return Encoder(name=name, vocab_size=len(tok), eot_id=int(eot), eot_text=str(tok.eos_token),
                    fingerprint=hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
                    library=f"tokenizers {tokenizers.__version__}", _impl=backend,

@@ -162,6 +162,12 @@ def is_held_out(indices: np.ndarray, seed: int, threshold: int) -> np.ndarray:
 _WORKER: dict[str, Any] = {}
 
 
+def _init_pool_worker(tokenizer: str, dtype: str) -> None:
+    # One process per core already: a Hugging Face tokenizer's own threads would only compete.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _init_worker(tokenizer, dtype)
+
+
 def _init_worker(tokenizer: str, dtype: str) -> None:
     _WORKER.update(encoder=load_encoder(tokenizer), dtype=np.dtype(dtype))
 
@@ -554,7 +560,7 @@ def _start_pool(num_proc: int, tokenizer: str, dtype: str):
     if path is not None:
         del main.__file__
     try:
-        return mp.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer, dtype))
+        return mp.get_context("spawn").Pool(num_proc, _init_pool_worker, (tokenizer, dtype))
     finally:
         if path is not None:
             main.__file__ = path

@@ -24,6 +24,12 @@ import torch
 
 from model.lm import LanguageModel, LMConfig
 from model.quant import check_format
+from model.tokenizer import (
+    FILES_KEY,
+    TokenizerLoadError,
+    has_embedded_tokenizer,
+    load_checkpoint_tokenizer,
+)
 
 _SNAPSHOT_GLOB = "snapshot_*.pt"
 _STEP_RE = re.compile(r"step_(\d+)")
@@ -171,6 +177,13 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"safetensors file {path}: metadata 'model_config' is not valid "
                               f"JSON ({exc.msg})") from None
     ckpt: dict[str, Any] = {k: v for k, v in meta.items() if k != "model_config"}
+    if FILES_KEY in ckpt:  # a stored tokenizer: JSON of {file name: text}
+        try:
+            files = json.loads(ckpt[FILES_KEY])
+            ckpt[FILES_KEY] = {str(k): str(v).encode("utf-8") for k, v in files.items()}
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"safetensors file {path}: metadata {FILES_KEY!r} is not a "
+                                  "JSON object of file names and texts") from None
     ckpt.update(model_config=config, model_state_dict=state)
     return ckpt
 
@@ -401,8 +414,8 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device | None = None,
     Args:
         ckpt: a dict from `read_checkpoint` (or any dict with the two keys).
         device: see `pick_device`.
-        tokenizer: when given, its vocabulary must match the model's; it becomes
-            `model.tokenizer` and its EOS id `model.end_token`.
+        tokenizer: when given, its tokens must fit the model's vocabulary (a model's may be
+            larger, padded); it becomes `model.tokenizer` and its EOS id `model.end_token`.
         dtype: cast the weights (e.g. torch.bfloat16); None keeps the stored float32.
         allow_nonfinite: load NaN/inf weights instead of refusing them (see `validate_weights`).
 
@@ -414,7 +427,7 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device | None = None,
     file = ckpt.get("_path", "<dict>")
     dev = pick_device(device)
     cfg, state = validate_weights(ckpt, allow_nonfinite)
-    if tokenizer is not None and cfg.vocab_size != len(tokenizer):
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:  # a padded vocabulary fits
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise CheckpointError(
             f"checkpoint {file} has vocab_size {cfg.vocab_size} but tokenizer {name!r} has "
@@ -448,7 +461,9 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
             `.safetensors` file with `model_config` metadata.
         device: "auto"/None (CUDA, MPS, CPU), "cpu", "cuda", "cuda:N", "mps".
         tokenizer: optional; checked against the model's vocabulary and attached to the model
-            (`model.tokenizer`, `model.end_token` = its EOS id).
+            (`model.tokenizer`, `model.end_token` = its EOS id). None: the tokenizer stored in
+            the checkpoint, when it stores one (a model trained or converted with a tokenizer
+            other than GPT-2's); else none is attached (str prompts use the bundled GPT-2).
         dtype: optional weight dtype (default: as stored, float32).
         allow_nonfinite: load NaN/inf weights instead of refusing them (to debug a diverged run).
         quantize: the weight format of inference on CPU, "none", "bf16" or "int8" (see
@@ -461,8 +476,8 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
     Raises:
         CheckpointError: one-line message for a missing path, a directory without snapshots, an
             empty, truncated, non-torch or unsafe file, missing keys, weights that do not fit the
-            config (checked before allocating), non-finite weights, or a vocabulary that differs
-            from the tokenizer's.
+            config (checked before allocating), non-finite weights, a tokenizer with more
+            tokens than the model's vocabulary, or stored tokenizer files that do not load.
         DeviceError: an unknown or unavailable device, or `quantize` on a device not the CPU.
         ValueError: an unknown `quantize` format.
     """
@@ -472,6 +487,11 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
         raise DeviceError(f"quantize={quantize!r} is for CPU inference, but the device is "
                           f"{dev}; on a GPU use bf16 autocast instead")
     ckpt = read_checkpoint(checkpoint_path)
+    if tokenizer is None and has_embedded_tokenizer(ckpt):
+        try:
+            tokenizer = load_checkpoint_tokenizer(ckpt)
+        except TokenizerLoadError as exc:
+            raise CheckpointError(f"checkpoint {ckpt['_path']}: {exc}") from None
     model = build_model(ckpt, dev, tokenizer, dtype, allow_nonfinite)
     model.quantize(quantize)
     return model, ckpt

@@ -1,9 +1,9 @@
 """Loading a checkpoint and its tokenizer for inference: the one loader of the scripts.
 
 `load_for_inference` reads a checkpoint, picks its tokenizer (the one asked for, else the
-checkpoint's, else the bundled GPT-2) and builds the model on a device in a weight format;
-`generate_lm.py`, `serve_lm.py` and `evaluate_lm.py` all load through it. `load_runtime` adds
-what the generation CLI and the server do around it from their runtime flags
+checkpoint's: `model.tokenizer.load_checkpoint_tokenizer`) and builds the model on a device in a
+weight format; `generate_lm.py`, `serve_lm.py` and `evaluate_lm.py` all load through it.
+`load_runtime` adds what the generation CLI and the server do around it from their runtime flags
 (`common.cli.Runtime`): the device, the weight format `--dtype`/`--quantize` ask for
 (`weight_format`), the default checkpoint, and one-line `LoadError`s that name the flag to change.
 """
@@ -29,7 +29,13 @@ from model.checkpoint import (
     read_weights_source,
 )
 from model.lm import LanguageModel
-from model.tokenizer import TokenizerLoadError, load_tokenizer
+from model.tokenizer import (
+    TokenizerLoadError,
+    checkpoint_tokenizer_name,
+    has_embedded_tokenizer,
+    load_checkpoint_tokenizer,
+    load_tokenizer,
+)
 
 
 class LoadError(ValueError):
@@ -45,7 +51,8 @@ class Loaded:
         model: the `LanguageModel`, on its device, in eval-ready weights.
         tokenizer: its tokenizer.
         checkpoint: the checkpoint dict (`_path` is the file read; `step`, `val_loss` if saved).
-        tokenizer_name: the name or folder the tokenizer was loaded from.
+        tokenizer_name: the name or folder the tokenizer was loaded from ("NAME (stored in the
+            checkpoint)" for a tokenizer whose files the checkpoint holds).
         amp_dtype: the autocast dtype to compute in, or None for plain float32.
         seconds: how long loading took.
     """
@@ -82,7 +89,8 @@ def load_for_inference(checkpoint: str | Path, *, device: str | torch.device = "
             a Hugging Face folder or cached hub name of GPT-2, Llama, Qwen2 or Qwen3.
         device: where the model goes (a name for `model.checkpoint.pick_device`, or a device).
         weights: the weight format (`LanguageModel.quantize`): none, bf16 or int8.
-        tokenizer: the tokenizer's name or folder; None: the checkpoint's, else gpt2.
+        tokenizer: the tokenizer's name or folder; None: the checkpoint's (its stored files,
+            else the name it records, else gpt2).
         allow_nonfinite: build a model with NaN/inf weights instead of refusing it.
 
     Returns:
@@ -97,11 +105,12 @@ def load_for_inference(checkpoint: str | Path, *, device: str | torch.device = "
     if not isinstance(device, torch.device):
         device = pick_device(device)
     ckpt = read_weights_source(checkpoint)  # ours, or a Hugging Face folder or hub name
-    name = tokenizer
-    if name is None:
-        stored = ckpt.get("tokenizer")
-        name = stored if isinstance(stored, str) and stored else "gpt2"
-    tok = load_tokenizer(name)
+    if tokenizer is not None:
+        name, tok = tokenizer, load_tokenizer(tokenizer)
+    else:
+        name, tok = checkpoint_tokenizer_name(ckpt), load_checkpoint_tokenizer(ckpt)
+        if has_embedded_tokenizer(ckpt):
+            name = f"{name} (stored in the checkpoint)"
     model = build_model(ckpt, device, tok, allow_nonfinite=allow_nonfinite)
     model.quantize(weights)
     return Loaded(model, tok, ckpt, name, seconds=time.perf_counter() - start)

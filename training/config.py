@@ -294,7 +294,9 @@ def resolve_config(args: argparse.Namespace, explicit: set[str], *, world_size: 
     plan, flags["time_budget"] = resolve_plan(flags["time_budget"], explicit, saved_plan,
                                               start.resuming)  # a resumed run keeps its plan
     config = _build(_derive(flags))
-    data = adopt_data_tokenizer(config.data, "tokenizer" in explicit)  # --data: its tokenizer
+    # --data: its tokenizer, unless --tokenizer or --init_from's model names one (then they
+    # must be the same)
+    data = adopt_data_tokenizer(config.data, "tokenizer" in explicit or start.kind == "init")
     grad_accum = keep_global_batch(config.batch.batch_size, config.batch.grad_accum, explicit,
                                    start, world_size, say)
     windows = windows_per_eval(config.eval.eval_windows)  # after a resume set the flag

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from corpus.batches import EpochBatches
+from model.tokenizer import tokenizer_record
 from training import distributed as D
 from training.budget import Replanner, describe_replan
 from training.build import Parts, Runtime
@@ -114,6 +115,7 @@ class Trainer:
         self._stats: dict[str, Any] = {}  # the last step's gradient norm (training.step)
         self.replanner: Replanner | None = None  # a budgeted WSD run's re-plans (`_replan`)
         self.cap: int | None = None  # LM_MAX_STEPS, which a re-plan keeps
+        self._tokenizer: dict[str, Any] | None = None  # the snapshots' tokenizer keys
         peak = datasheet_peak(runtime.device)  # MFU where the peak is known (GPUs)
         self._flops_per_s_peak = peak * 1e12 if peak else None
 
@@ -218,10 +220,18 @@ class Trainer:
                                    cfg=parts.model.config, model=parts.model,
                                    optimizer=parts.optimizer, scaler=parts.scaler,
                                    flags=self.config.to_dict(), batches=self.batches,
-                                   rng=rng, dataset=self.label, average=parts.average)
+                                   rng=rng, dataset=self.label, average=parts.average,
+                                   tokenizer=self._tokenizer_record())
         return save_snapshot(self.snap_dir, payload, name=name, is_best=is_best,
                              keep_last=self.config.log.keep_last,
                              protect=[state.best_name] if state.best_name else [])
+
+    def _tokenizer_record(self) -> dict[str, Any]:
+        """The snapshot's tokenizer keys, made once from the run's loaded tokenizer."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_record(self.config.data.tokenizer,
+                                               self.parts.model.tokenizer)
+        return self._tokenizer
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -131,7 +131,8 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
                      model: torch.nn.Module, optimizer: Any,
                      scaler: torch.amp.GradScaler, flags: dict[str, Any],
                      batches: EpochBatches, rng: list[dict[str, Any]],
-                     dataset: str, average: Any = None) -> dict[str, Any]:
+                     dataset: str, average: Any = None,
+                     tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a snapshot saves (weights_only-loadable types only).
 
     Args:
@@ -145,6 +146,9 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
             one, `model_state_dict` holds the averaged weights (what `generate_lm.py` and
             `evaluate_lm.py` load), `raw_model_state_dict` the training weights and `ema_state`
             the average's own state, so that a resumed run continues both exactly.
+        tokenizer: the tokenizer's keys (`model.tokenizer.tokenizer_record`: GPT-2 by name,
+            another tokenizer with its files, so the snapshot works wherever it is copied);
+            None: the flags' tokenizer name only.
     """
     weights = model.state_dict() if average is None else average.averaged_state_dict(model)
     payload = {
@@ -155,7 +159,7 @@ def snapshot_payload(*, state: RunState, epoch_of_step: int, cfg: LMConfig,
         **state.fields(batches, flags["seed"]),
         "args": dict(flags),
         "rng_state": {"world_size": len(rng), "ranks": [to_cpu(r) for r in rng]},
-        "tokenizer": flags["tokenizer"], "dataset": dataset,
+        "tokenizer": flags["tokenizer"], **(tokenizer or {}), "dataset": dataset,
         "versions": versions(), "created": datetime.now().isoformat(timespec="seconds"),
     }
     if scaler.is_enabled():

@@ -24,6 +24,7 @@ from corpus.datasets import DataArgs, dataset_label
 from model.checkpoint import build_model, read_weights_source
 from model.config import architecture_fields
 from model.lm import LMConfig
+from model.tokenizer import TokenizerLoadError, tokenizer_source
 from training.errors import UsageError
 from training.snapshots import SnapshotError, find_resume_snapshot, load_snapshot
 
@@ -146,8 +147,11 @@ def _read_source(flags: Flags, explicit: set[str]) -> RunStart:
             flags[key] = getattr(src, key)
     if "dropout" not in explicit:
         flags["dropout"] = src.dropout
-    if "tokenizer" not in explicit:
-        flags["tokenizer"] = str(ckpt.get("tokenizer") or "gpt2")
+    if "tokenizer" not in explicit:  # its stored files, wherever the checkpoint was made
+        try:
+            flags["tokenizer"] = tokenizer_source(ckpt)
+        except TokenizerLoadError as exc:
+            raise UsageError(f"--init_from {source}: {exc}") from None
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return RunStart("init", {"model_config": src.to_dict(), "model_state_dict": weights},
                     path, source)
