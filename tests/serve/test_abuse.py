@@ -149,8 +149,10 @@ def test_the_time_limit_ends_a_long_request_and_frees_its_rows(timed):
     r = _post(timed, prompt="Hi", max_tokens=10**6, stream=True, logprobs=0,
               stream_options={"include_usage": True})
     events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
-    assert events[-1] == "[DONE]" and "error" not in r.text
+    assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
+    # no error chunk (the key, not the word: a sampled token may spell "terror")
+    assert not any("error" in c for c in chunks)
     finishes = [c["choices"][0]["finish_reason"] for c in chunks[:-1]]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     tokens = sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks[:-1])

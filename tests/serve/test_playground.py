@@ -66,7 +66,7 @@ def test_playground_streams_stops_and_colours_tokens(server, browser):
     browser.get(server.url + "/")
     wait.until(lambda d: d.find_element(By.ID, "model-info").text.startswith("tiny:"))
     _fill(browser, "prompt", "Once upon a time")
-    _fill(browser, "max_tokens", "100000")  # runs until Stop (the window slides)
+    _fill(browser, "max_tokens", "4096")  # the server's --max_tokens_limit: runs until Stop
     _fill(browser, "temperature", "0")
     browser.find_element(By.ID, "generate").click()
     tokens = By.CSS_SELECTOR, "#tokens span.lm-tok"
