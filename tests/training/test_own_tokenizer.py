@@ -212,7 +212,7 @@ def test_bad_tokenizers_are_one_line_errors_and_write_nothing(own, capsys, tmp_p
     missing = _with_tokenizer(own, tmp_path / "missing.pt", **{
         FILES_KEY: {k: v for k, v in files.items() if k != "tokenizer.json"}})
     damaged = _with_tokenizer(own, tmp_path / "damaged.pt", **{SHA256_KEY: "0" * 64})
-    small = LanguageModel_state(snap, vocab_size=100)
+    small = _smaller_vocab(snap, vocab_size=100)
     too_big = _with_tokenizer(own, tmp_path / "too-big.pt", **small)
     gone = _with_tokenizer(own, tmp_path / "gone.pt", tokenizer=str(tmp_path / "no-such"),
                            **{FILES_KEY: None, SHA256_KEY: None})
@@ -232,7 +232,7 @@ def test_bad_tokenizers_are_one_line_errors_and_write_nothing(own, capsys, tmp_p
                                            if p.name.startswith(".")) == []
 
 
-def LanguageModel_state(snap: dict, vocab_size: int) -> dict:  # noqa: N802 - reads as a noun
+def _smaller_vocab(snap: dict, vocab_size: int) -> dict:
     """A model_config and state dict like the run's, with a smaller vocabulary."""
     from model.lm import LanguageModel
 
