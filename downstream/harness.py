@@ -139,6 +139,13 @@ class SmallLM(TemplateLM):
         return self.tokenizer.eos_token_id
 
     @property
+    def prefix_token_id(self) -> int:
+        """What conditions an empty context and the first rolling window: BOS where the
+        tokenizer has one, else EOT (as the harness's `hf` backend)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return self.eot_token_id if bos is None else bos
+
+    @property
     def max_length(self) -> int:
         """The context in tokens (the model's, or `max_length`)."""
         return self._max_length
@@ -182,7 +189,7 @@ class SmallLM(TemplateLM):
         class arguments), all windows of all texts batched together."""
         pairs, owner = [], []
         for i, (text,) in enumerate(req.args for req in requests):
-            windows = rolling_pairs(self.tok_encode(text), self.eot_token_id, self.max_length,
+            windows = rolling_pairs(self.tok_encode(text), self.prefix_token_id, self.max_length,
                                     self._stride)
             pairs += windows
             owner += [i] * len(windows)
