@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.record import printed_to  # noqa: E402
+
 CONFIGS = {
     "default": dict(),
     "gpt2-124M": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024),
@@ -267,28 +269,8 @@ def main() -> None:
                     help="one client: server and generate_lm.py runs taken in turn (default 5)")
     ap.add_argument("--work_dir", help="keep checkpoints and GGUF files here (reused)")
     args = ap.parse_args()
-    if args.out is None:
-        return run(args)
-    lines: list[str] = []
-
-    class Tee:
-        def write(self, text: str) -> int:
-            lines.append(text)
-            return sys.__stdout__.write(text)
-
-        def flush(self) -> None:
-            sys.__stdout__.flush()
-
-    sys.stdout = Tee()
-    try:
-        print("$ python bench/serving.py " + " ".join(sys.argv[1:]))
+    with printed_to(args.out, "bench/serving.py"):
         run(args)
-    finally:
-        sys.stdout = sys.__stdout__
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text("".join(lines))
-        tmp.replace(args.out)
 
 
 def cpu_name() -> str:

@@ -48,6 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.record import printed_to  # noqa: E402
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
            PYTHONUNBUFFERED="1")
 PROMPTS = [
@@ -400,28 +403,9 @@ def main() -> int:
     ap.add_argument("--show_log", action="store_true", help="print the server's log's end")
     ap.add_argument("--out", type=Path, help="also write what is printed to this file")
     args = ap.parse_args()
-    if args.out is None:
-        return 0 if run(args) else 1
-    lines: list[str] = []
-
-    class Tee:
-        def write(self, text: str) -> int:
-            lines.append(text)
-            return sys.__stdout__.write(text)
-
-        def flush(self) -> None:
-            sys.__stdout__.flush()
-
-    sys.stdout = Tee()
-    try:
-        print("$ python bench/soak.py " + " ".join(sys.argv[1:]))
+    with printed_to(args.out, "bench/soak.py"):
         ok = run(args)
-    finally:
-        sys.stdout = sys.__stdout__
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("".join(lines))
     return 0 if ok else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.record import cpu_name  # noqa: E402
+
 # main before the architecture fields landed (GPT-2 blocks only)
 DEFAULT_BEFORE = "6bceec6"
 
@@ -36,16 +39,6 @@ def run_once(tree: Path, iters: int, out: Path) -> float:
     rows = json.loads(out.read_text())["results"]
     ours = [r for r in rows if r["step"].startswith("ours")]
     return float(ours[0]["tokens_per_s"])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

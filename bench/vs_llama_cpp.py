@@ -50,7 +50,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -66,6 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import convert  # noqa: E402
+from bench.record import cpu_name  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.lm import LanguageModel, Linear, LMConfig  # noqa: E402
 
@@ -81,16 +81,6 @@ SAMPLINGS = {
     "top-k": dict(ours=dict(temperature=0.8, top_k=40, top_p=0.9),
                   llama=dict(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05)),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> str:
