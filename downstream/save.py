@@ -46,6 +46,9 @@ def _yaml_dumper():
 
     Dumper.add_representer(_Function, lambda d, v: d.represent_scalar("!function", str(v)))
     Dumper.add_representer(tuple, lambda d, v: d.represent_list(list(v)))
+    # "\n\n" (the usual few-shot delimiter) as one escaped line, not as blank lines
+    Dumper.add_representer(str, lambda d, v: d.represent_scalar(
+        "tag:yaml.org,2002:str", v, style='"' if "\n" in v else None))
     return Dumper
 
 

@@ -77,6 +77,9 @@ def source(tmp_path_factory) -> dict:
         "filter_list:\n  - name: first\n    filter:\n      - function: regex\n"
         '        regex_pattern: "(\\\\w+)"\n      - function: take_first\n'
         "metric_list:\n  - metric: exact_match\n")
+    (tasks / "group.yaml").write_text(
+        "group: p_group\ntask: [p_gen]\naggregate_metric_list:\n  - metric: exact_match\n"
+        "    filter_list: first\n")
     return {"root": root, "ckpt": ckpt, "tasks": tasks}
 
 
@@ -139,6 +142,20 @@ def test_a_saved_folder_scores_what_the_original_scores_and_says_so(source, tmp_
     assert record["folder"] == str(moved)
     assert record["tasks"]["p_mc"]["data"]["test"]["sha256"] == mc["data"]["test"]["sha256"]
     assert "pinned_tasks" not in original["small_lm"]
+
+
+def test_a_saved_group_keeps_its_aggregate(source, tmp_path, capsys):
+    code, original = _score(source, source["tasks"], tmp_path / "original.json", "p_group")
+    assert code == 0
+    code = evaluate_lm.main(["--tasks", "p_group", "--include_path", str(source["tasks"]),
+                             "--save_tasks", str(tmp_path / "saved")])
+    assert code == 0
+    assert '"\\n\\n"' in (tmp_path / "saved" / "p_gen" / "p_gen.yaml").read_text()
+    code, pinned = _score(source, tmp_path / "saved", tmp_path / "pinned.json", "p_group")
+    assert code == 0
+    assert pinned["groups"]["p_group"] == original["groups"]["p_group"]
+    assert "exact_match,first" in pinned["groups"]["p_group"]
+    assert _responses(pinned) == _responses(original)
 
 
 @pytest.fixture
