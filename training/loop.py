@@ -35,7 +35,6 @@ from training.run_state import RunState, snapshot_payload
 from training.snapshots import capture_rng_state, save_snapshot, snapshot_name
 from training.step import train_step
 
-_UNSET = object()  # a value not computed yet
 # the downstream metrics the progress line shows (every one goes to the loggers)
 SHOWN_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity")
 
@@ -119,7 +118,11 @@ class Trainer:
         self.replanner: Replanner | None = None  # a budgeted WSD run's re-plans (`_replan`)
         self.cap: int | None = None  # LM_MAX_STEPS, which a re-plan keeps
         self._tokenizer: dict[str, Any] | None = None  # the snapshots' tokenizer keys
-        self._byte_table: Any = _UNSET  # bytes per token id for bits per byte (`_val_bytes_of`)
+        # the bytes each token id spells, for exact bits per byte (rank 0 evaluates); made here,
+        # not in the first evaluation, which `--time_budget` times
+        self._byte_table = (byte_table(parts.model.tokenizer, data.val_tokens, data.val_bytes,
+                                       parts.model.config.vocab_size)
+                            if runtime.info.is_main else None)
         peak = datasheet_peak(runtime.device)  # MFU where the peak is known (GPUs)
         self._flops_per_s_peak = peak * 1e12 if peak else None
 
@@ -149,10 +152,6 @@ class Trainer:
     def validation_loss(self, max_windows: int | None) -> EvalResult:
         """The validation split's loss (and bits per byte) over `max_windows` windows (None:
         all)."""
-        if self._byte_table is _UNSET:  # once: the tokenizer's bytes per id, checked on the split
-            model = self.parts.model
-            self._byte_table = byte_table(model.tokenizer, self.val_tokens, self.val_bytes,
-                                          model.config.vocab_size)
         return evaluate_tokens(self.parts.model, self.val_tokens,
                                seq_len=self.config.batch.seq_len,
                                batch_size=self.config.eval.eval_batch_size, max_windows=max_windows,
