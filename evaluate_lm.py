@@ -8,10 +8,12 @@
     python evaluate_lm.py --checkpoint lm_tinystories --data data/tinystories   # its val shards
     python evaluate_lm.py --checkpoint lm_x --tasks hellaswag,arc_easy --limit 200   # downstream
     python evaluate_lm.py --checkpoint lm_x --tasks my_task --include_path my_tasks/
+    python evaluate_lm.py --tasks hellaswag,arc_easy --save_tasks pinned/       # no model
 
 Downstream tasks (`--tasks`) run through lm-evaluation-harness (`downstream/`, an optional
 dependency: pip install "lm-eval==0.4.13") and print the harness's table; `--output_path` writes
-its results JSON.
+its results JSON. `--save_tasks DIR` saves tasks (online: their data from the hub) to a task
+folder with the sha256 of its data, which later runs check before scoring (`downstream/save.py`).
 
 Windows follow Hugging Face's perplexity guide (see training/evaluation.py): `--stride` equal to
 the context length (the default) gives non-overlapping windows; a smaller stride scores every
@@ -40,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity, mean loss and bits per byte of a checkpoint, with sliding "
         "windows as in Hugging Face's perplexity guide.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint file, run folder (lm_x/) or .safetensors export")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file, run folder (lm_x/) or .safetensors export (required, "
+                        "except with --save_tasks)")
     add_data_args(p)
     # The checkpoint's own tokenizer unless --tokenizer says otherwise.
     p.set_defaults(tokenizer=None)
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the harness's results JSON here")
     g.add_argument("--log_samples", action="store_true",
                    help="keep every example's prompts and answers in the --output_path JSON")
+    g.add_argument("--save_tasks", default=None, metavar="DIR",
+                   help="save the --tasks to a new task folder (the harness's YAML, their data "
+                        "as Parquet and the sha256 of each file) instead of scoring: run it "
+                        "online, then score offline with --include_path DIR; no --checkpoint")
     return p
 
 
@@ -83,6 +90,18 @@ TASK_FLAGS = ("limit", "include_path", "num_fewshot", "output_path")
 
 def check_task_args(args: argparse.Namespace) -> None:
     """Usage errors of --tasks and its flags (ValueError, one line)."""
+    if args.save_tasks is not None:
+        extra = [f"--{n}" for n in ("checkpoint", "limit", "num_fewshot", "output_path")
+                 if getattr(args, n) is not None] + (["--log_samples"] if args.log_samples else [])
+        if args.tasks is None:
+            raise ValueError("--save_tasks DIR saves the tasks named by --tasks; add --tasks "
+                             "NAMES")
+        if extra:
+            raise ValueError(f"--save_tasks saves whole tasks and scores nothing; drop "
+                             f"{', '.join(extra)}")
+    elif args.checkpoint is None:
+        raise ValueError("--checkpoint PATH is required (only --save_tasks works without a "
+                         "model)")
     if args.tasks is None:
         extra = [f"--{n}" for n in TASK_FLAGS if getattr(args, n) is not None]
         if args.log_samples:
@@ -121,6 +140,14 @@ def run_tasks(args: argparse.Namespace) -> dict:
     stats = lm.stats
     results["small_lm"] = {"checkpoint": args.checkpoint, "context": lm.max_length,
                            "scoring": dict(vars(stats))}
+    if tasks.pins:  # a pinned folder: the files scored, checked against its manifest
+        scored = set(results.get("results", {}))
+        results["small_lm"]["pinned_tasks"] = {
+            "folder": str(args.include_path),
+            "tasks": {t: pin for t, pin in tasks.pins.items() if t in scored}}
+        files = sum(len(p["data"]) + len(p["code"]) for p in tasks.pins.values())
+        print(f"note: task folder {args.include_path}: {files} file(s) match the sha256 in its "
+              "manifest.json", file=sys.stderr)
     for count, what in ((stats.truncated, "log-likelihood requests had their context cut on "
                                           "the left"),
                         (stats.endings_cut, "log-likelihood requests had an ending longer than "
@@ -178,6 +205,13 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed arguments say; returns the report as a dict."""
     check_task_args(args)
     check_args(args)
+    if args.save_tasks is not None:
+        from downstream.save import save_tasks
+        from downstream.tasks import parse_task_names
+
+        names = parse_task_names(args.tasks)
+        return {"saved": save_tasks(names, args.save_tasks, include_path=args.include_path),
+                "out": args.save_tasks}
     if args.tasks is not None:
         return run_tasks(args)
     from model.checkpoint import pick_device
@@ -269,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate_lm.py: error: {text.splitlines()[0] if text else type(exc).__name__}",
               file=sys.stderr)
         return 2
-    if args.tasks is not None:
+    if args.save_tasks is not None:
+        from downstream.save import format_saved
+
+        text = json.dumps(report["saved"]) if args.json else format_saved(report["saved"],
+                                                                          report["out"])
+    elif args.tasks is not None:
         from downstream.tasks import format_table
 
         text = json.dumps(report) if args.json else format_table(report)
