@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from common.cli import OneLineParser, Runtime, add_runtime_flags
-from corpus.datasets import DataArgs, DataError, add_data_args, load_split
+from corpus.datasets import DataArgs, DataError, add_data_args, load_split, no_bytes_note
 
 SPLITS = ("train", "val", "test")
 
@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     from model.checkpoint import pick_device
     from model.loading import load_for_inference
     from model.tokenizer import TokenizerLoadError, tokenizer_source
+    from training.byte_counts import byte_table
     from training.evaluation import evaluate_tokens
 
     runtime = Runtime.from_args(args)
@@ -244,17 +245,22 @@ def run(args: argparse.Namespace) -> dict:
         # --data: checks the checkpoint's tokenizer
         tokens, num_bytes = load_split(DataArgs.from_dict(flags), split)
         data = f"{tokens.description}, {split} split"
+        if num_bytes is None:
+            print(no_bytes_note(tokens, split), file=sys.stderr)
+    # Bits per byte counts the bytes of the scored tokens: exactly, with a byte-level tokenizer.
+    table = byte_table(tokenizer, tokens, num_bytes, model.config.vocab_size)
     result = evaluate_tokens(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
         device=device, dtype=None if args.dtype == "float32" else args.dtype, progress=True,
-        num_bytes=num_bytes,
+        num_bytes=num_bytes, token_bytes=table,
     )
     return {
         "checkpoint": checkpoint["_path"],
         "data": data,
         "num_tokens": int(len(tokens)),
-        "num_bytes": int(num_bytes),
+        "num_bytes": None if num_bytes is None else int(num_bytes),
         **result.to_dict(),
+        "bytes_scored_exact": table is not None,
         "device": str(device),
         "dtype": args.dtype,
         "quantize": args.quantize,
@@ -263,16 +269,21 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     """The human-readable report."""
+    size = ("byte count unknown" if report["num_bytes"] is None
+            else f"{report['num_bytes']:,} bytes")
+    bpb, counted = report["bits_per_byte"], report["bytes_scored"]
+    scored_bytes = ("" if counted is None else
+                    f" ({'' if report['bytes_scored_exact'] else 'about '}{counted:,.0f} bytes)")
     lines = [
         f"checkpoint:    {report['checkpoint']}",
-        f"data:          {report['data']} ({report['num_tokens']:,} tokens, "
-        f"{report['num_bytes']:,} bytes)",
+        f"data:          {report['data']} ({report['num_tokens']:,} tokens, {size})",
         f"windows:       {report['windows']:,} (seq_len {report['seq_len']}, "
         f"stride {report['stride']})",
-        f"tokens scored: {report['tokens_scored']:,}",
+        f"tokens scored: {report['tokens_scored']:,}{scored_bytes}",
         f"loss:          {report['loss']:.4f} nats/token",
         f"perplexity:    {report['perplexity']:.4f}",
-        f"bits per byte: {report['bits_per_byte']:.4f}",
+        "bits per byte: " + ("unavailable (the text's byte count is unknown)" if bpb is None
+                             else f"{bpb:.4f}"),
     ]
     if report["quantize"] != "none":
         lines.insert(4, f"weights:       {report['quantize']} (--quantize)")
