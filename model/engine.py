@@ -86,13 +86,32 @@ def _static_step(model, tok, input_pos, position_ids, attn_mask):
 
 
 def _compiled_step(model):
-    """The model's compiled static decode step, compiled on first use and kept on the model."""
+    """The model's compiled static decode step, compiled on first use and kept on the model.
+
+    One graph per shape (`dynamic=False`): on CPU the keys attended are a bucket of the cache
+    (`attention_width`), so a new bucket compiles once more. The graph multiplies by the CPU
+    decode copies of the weights (`model.lm.Linear`) without checking that they are current:
+    every row's prefill runs eagerly first, and that remakes a copy whose weight has changed.
+    """
     step_fn = getattr(model, "_compiled_step", None)
     if step_fn is None:
         mode = "reduce-overhead" if model.device.type == "cuda" else None
-        step_fn = torch.compile(_static_step, mode=mode, fullgraph=True)
+        step_fn = torch.compile(_static_step, mode=mode, fullgraph=True, dynamic=False)
         model._compiled_step = step_fn
     return step_fn
+
+
+def attention_width(needed: int, cache_len: int, device: torch.device) -> int:
+    """Keys the compiled step attends to when the longest row needs `needed`: the whole cache
+    on CUDA (one graph, CUDA graphs need fixed shapes), else the next power of two from 128
+    up to the cache, so that a short sequence does not read and mask the whole cache, at the
+    cost of one compile per bucket."""
+    if device.type == "cuda":
+        return cache_len
+    width = 128
+    while width < needed:
+        width *= 2
+    return min(width, cache_len)
 
 
 class DecodeEngine:
@@ -235,7 +254,8 @@ class DecodeEngine:
             self.ctx[torch.arange(n, device=device), pos] = tok
         if self._step_fn is not None:
             pos = torch.tensor(lengths, device=device)
-            mask = (torch.arange(self.W, device=device)[None, :] <= pos[:, None])[:, None, None]
+            S = attention_width(max(lengths) + 1, self.W, device)
+            mask = (torch.arange(S, device=device)[None, :] <= pos[:, None])[:, None, None]
             logits = self._step_fn(self.model, tok[:, None], pos, pos[:, None], mask)
         elif same:  # every row at the same length: no mask (the fast path of equal prompts)
             with _attention_backends(device):

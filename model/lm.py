@@ -124,12 +124,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.decode_format
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+        if (torch.is_grad_enabled()
                 or (fmt == "none" and (self.decode_w is None or torch.is_autocast_enabled("cpu")
                                        or x.dtype != self.weight.dtype))):
             return F.linear(x, self.weight, self.bias)
-        w = self.weight
         wd = self.decode_w
+        if torch.compiler.is_compiling():
+            # The compiled decode step (model/engine.py; its eager prefill made the copy
+            # current): the packed float copy through an op the compiler keeps, else F.linear.
+            if isinstance(wd, FloatWeight) and wd.packed:
+                return wd.linear(x, self.bias)
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight
         if wd is None or self._decode_key != (w.data_ptr(), w._version, w.dtype):
             wd = self._refresh()
         return wd.linear(x, self.bias)

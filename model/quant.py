@@ -106,7 +106,25 @@ def onednn_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _onednn_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None):
+    if torch.compiler.is_compiling():
+        return onednn_linear(x, packed, bias)
     return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")  # takes (..., in) as it is
+
+
+# The same product as an op of our own for `torch.compile` (the compiled CPU decode step of
+# model/engine.py): Inductor cannot lower the packed-weight op itself, and as an opaque op it
+# still fuses everything around it. Eager code calls the kernel directly (no op dispatch).
+@torch.library.custom_op("small_lm::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """x (..., in) times a weight packed by `onednn_weight` ((out, in) logically), plus bias."""
+    return _ONEDNN_LINEAR(x, packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                         ) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.size(0))
 
 
 class FloatWeight:
