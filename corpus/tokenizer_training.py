@@ -22,6 +22,7 @@ the new tokenizer and with GPT-2's, and the summary compares their bytes per tok
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import sys
@@ -329,6 +330,12 @@ def save_tokenizer(tok: Any, folder: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT,
                                    clean_up_tokenization_spaces=False)
     fast.save_pretrained(str(folder))
+    # Name the class as transformers 4 does (PreTrainedTokenizerFast; 5 loads that name too and
+    # writes its own, TokenizersBackend, which 4 does not know), so the folder loads with both.
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def peak_rss_bytes() -> int:
