@@ -77,7 +77,7 @@ class TokenizerTrainConfig:
     @property
     def specials(self) -> list[str]:
         """Every special token, `<|endoftext|>` first (its id is 0)."""
-        return [EOT, *(t for t in self.special_tokens if t != EOT)]
+        return [EOT, *self.special_tokens]
 
 
 @dataclass
@@ -139,7 +139,8 @@ def check_config(cfg: TokenizerTrainConfig) -> None:
     if any(not t or t.isspace() for t in specials):
         raise DataError("--special_tokens: a special token cannot be empty or only whitespace")
     if len(set(specials)) != len(specials):
-        raise DataError("--special_tokens: each special token must be given once")
+        raise DataError(f"--special_tokens: each special token must be given once, and not {EOT} "
+                        "(it is always there, id 0)")
     low = min_vocab_size(len(specials))
     if cfg.vocab_size < low:
         raise DataError(f"--vocab_size {cfg.vocab_size} is below the byte alphabet: at least "
@@ -232,11 +233,34 @@ def _total_bytes(sources: list[Source]) -> int | None:
 
 
 def _bar(total: int | None):
+    """A progress bar on a terminal; elsewhere (a log file) a line every 30 seconds."""
+    if not sys.stderr.isatty():
+        return _LogLines(total)
     from tqdm.auto import tqdm
 
-    tty = sys.stderr.isatty()
     return tqdm(total=total, unit="B", unit_scale=True, desc="reading and counting words",
-                dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if tty else 30.0)
+                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+
+class _LogLines:
+    """`update` / `close` as tqdm's, printing a line every `every` seconds."""
+
+    def __init__(self, total: int | None, every: float = 30.0) -> None:
+        self.total, self.every, self.done = total, every, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            of = f" of {_size(self.total)} ({self.done / self.total:.0%})" if self.total else ""
+            rate = self.done / (now - self.start) / 1e6
+            print(f"reading and counting words: {_size(self.done)}{of}, {rate:.1f} MB/s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def new_tokenizer() -> Any:
