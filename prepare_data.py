@@ -32,7 +32,15 @@ import shlex  # noqa: E402
 
 from common.cli import OneLineParser, count, fraction  # noqa: E402
 from corpus.shards import DataError, file_crc32, read_header, read_manifest  # noqa: E402
-from corpus.sources import DOC_MODES, UTF8_POLICIES, HubDataset, local_files, resolve_local  # noqa: E402,E501
+from corpus.sources import (  # noqa: E402
+    DOC_MODES,
+    RECORD_EXTS,
+    TEXT_EXTS,
+    UTF8_POLICIES,
+    HubDataset,
+    local_files,
+    resolve_local,
+)
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -103,7 +111,8 @@ def open_source(spec: str, args: argparse.Namespace, split: str | None = None):
         if args.data_files:
             raise DataError("--data_files goes with a builder name such as hf:json")
         return resolve_local(spec, args.docs, args.text_field)
-    if split is None and _HUB_NAME.fullmatch(spec) and not spec.startswith((".", "/")):
+    if split is None and _HUB_NAME.fullmatch(spec) and not spec.startswith((".", "/")) and \
+            not spec.lower().endswith((*TEXT_EXTS, *RECORD_EXTS)):  # a file name: a typo
         return _hub(spec, args, split)
     raise DataError(f"{spec}: no such file, folder or glob (a Hugging Face dataset name looks "
                     "like owner/name; prefix hf: to force one)")

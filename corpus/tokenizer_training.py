@@ -8,12 +8,12 @@ other special tokens) separates documents, as GPT-2's does.
 
 How it runs. The sources are read in order, in units of `UNIT_BYTES` (`corpus.sources`, the
 readers `prepare_data.py` uses), and their text is cut into pieces of about `PIECE_CHARS`
-characters, only where GPT-2's pre-tokenizer splits anyway (so the word counts are those of the
-whole text). The pieces stream into the `tokenizers` BPE trainer (`train_from_iterator`), which
-splits and counts words on every core while this process reads on; then it computes the merges.
-Memory holds a unit, a few hundred pieces and the trainer's word counts (which grow with the
-number of distinct words, not with the text), never the corpus. The same sources and settings
-give byte-identical files.
+characters (fewer for a text under 800 KB: 200 pieces at least), only where GPT-2's
+pre-tokenizer splits anyway (so the word counts are those of the whole text). The pieces stream
+into the `tokenizers` BPE trainer (`train_from_iterator`), which splits and counts words on every
+core while this process reads on; then it computes the merges. Memory holds a unit, a few
+hundred pieces and the trainer's word counts (which grow with the number of distinct words, not
+with the text), never the corpus. The same sources and settings give byte-identical files.
 
 The held-out sample: every k-th piece (k about 1 / `held_out`, spread over the whole source, at
 most `held_out_max_bytes` of text) is kept out of training; after training it is encoded with
@@ -181,6 +181,8 @@ class _Reader:
         if cfg.max_bytes is not None:
             total = cfg.max_bytes if total is None else min(total, cfg.max_bytes)
         self.total = total
+        # Small texts get smaller pieces, so that a held-out sample exists (200 pieces at least).
+        self.piece_chars = PIECE_CHARS if not total else max(256, min(PIECE_CHARS, total // 200))
         # Hold out about `held_out` of the text, less when that passes the cap on a known size.
         share = cfg.held_out
         if total and share:
@@ -196,7 +198,7 @@ class _Reader:
     def __iter__(self) -> Iterator[str]:
         try:
             for text in self._texts():
-                for piece in split_text(text):
+                for piece in split_text(text, self.piece_chars):
                     size = len(piece.encode("utf-8"))
                     self.seen_bytes += size
                     if self.bar is not None:

@@ -174,6 +174,8 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path):
         "empty source": ([empty, "--vocab_size", "300", "--out", out], "no text to train on"),
         "missing source": ([tmp_path / "no-such.txt", "--vocab_size", "300", "--out", out],
                            "no such file, folder or glob"),
+        "missing file named like a hub dataset": (["data/no-such.txt", "--vocab_size", "300",
+                                                   "--out", out], "no such file"),
         "existing folder": ([src, "--vocab_size", "300", "--out", full], "pass --force"),
         "invalid utf-8": ([bad_utf8, "--vocab_size", "300", "--out", out], "UTF-8"),
         "held_out too big": ([src, "--vocab_size", "300", "--out", out, "--held_out", "0.9"],
