@@ -18,6 +18,7 @@ docs/data.md (how to use the folder).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_tokenizer.py: error: {exc.strerror or exc}{where}; nothing was written",
               file=sys.stderr)
         return 2
-    print("\n".join(summary.lines()))
+    try:
+        print("\n".join(summary.lines()), flush=True)
+    except BrokenPipeError:  # the reader went away (`| head`): the folder is written; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
