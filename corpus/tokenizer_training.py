@@ -23,7 +23,6 @@ the new tokenizer and with GPT-2's, and the summary compares their bytes per tok
 from __future__ import annotations
 
 import json
-import re
 import resource
 import sys
 import time
@@ -42,10 +41,6 @@ EOT = "<|endoftext|>"  # GPT-2's end-of-text token, the separator of documents
 BYTE_TOKENS = 256  # byte-level: every byte is a token before any merge
 UNIT_BYTES = 8 << 20  # text read at once from a source
 PIECE_CHARS = 4096  # text per piece: what the trainer gets at once, and held out at once
-# Where a piece may end without changing GPT-2's words (see corpus.sources): after a newline
-# between two non-blank ASCII characters, else before a space that precedes an ASCII letter.
-_SAFE_NEWLINE = re.compile(r"(?<=[\x21-\x7e])\n(?=[\x21-\x7e])")
-_SAFE_SPACE = re.compile(r" (?=[A-Za-z])")
 
 
 @dataclass
@@ -155,16 +150,31 @@ def split_text(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     anyway (a piece runs on, up to the whole text, where there is no such place)."""
     start, n = 0, len(text)
     while n - start > size:
-        lo, hi = start + size, min(n, start + 4 * size)  # a newline near, else a space near
-        m = _SAFE_NEWLINE.search(text, lo, hi) or _SAFE_SPACE.search(text, lo, hi) or \
-            _SAFE_NEWLINE.search(text, hi) or _SAFE_SPACE.search(text, hi)
-        if m is None:
+        lo = start + size
+        cut = _safe_cut(text, lo, min(n, lo + 3 * size)) or _safe_cut(text, lo, n)
+        if cut is None:
             break
-        cut = m.end() if m.group() == "\n" else m.start()
         yield text[start:cut]
         start = cut
     if start < n:
         yield text[start:]
+
+
+def _safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The first place in [lo, hi) to cut `text` without changing GPT-2's words: before a space
+    that precedes an ASCII letter, else after a newline between two non-blank ASCII characters
+    (found with `str.find`, much faster here than a regex with look-arounds)."""
+    i = text.find(" ", lo, hi)
+    while i != -1 and i + 1 < len(text):
+        if text[i + 1].isascii() and text[i + 1].isalpha():
+            return i
+        i = text.find(" ", i + 1, hi)
+    i = text.find("\n", max(lo, 1), hi)
+    while i != -1 and i + 1 < len(text):
+        if "!" <= text[i - 1] <= "~" and "!" <= text[i + 1] <= "~":
+            return i + 1
+        i = text.find("\n", i + 1, hi)
+    return None
 
 
 class _Reader:
@@ -199,7 +209,7 @@ class _Reader:
         try:
             for text in self._texts():
                 for piece in split_text(text, self.piece_chars):
-                    size = len(piece.encode("utf-8"))
+                    size = len(piece) if piece.isascii() else len(piece.encode("utf-8"))
                     self.seen_bytes += size
                     if self.bar is not None:
                         self.bar.update(size)
