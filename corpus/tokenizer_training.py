@@ -198,7 +198,9 @@ class _Reader:
         if total and share:
             share = min(share, cfg.held_out_max_bytes / total)
         self.share = share
-        self.bar = _bar(total) if cfg.progress else None
+        # The bar counts text bytes: its total is known for text files (else it shows the rate).
+        plain = all(isinstance(src, LocalFiles) and src.docs != "record" for src in cfg.sources)
+        self.bar = _bar(total if plain or cfg.max_bytes else None) if cfg.progress else None
 
     def _held(self, i: int) -> bool:
         """Piece i is held out: spread evenly (every 1/share-th piece), none while at the cap."""
@@ -227,6 +229,9 @@ class _Reader:
             self.done_at = time.perf_counter()
             if self.bar is not None:
                 self.bar.close()
+                if getattr(self.bar, "shown", True):  # a bar or lines were shown: say what next
+                    print(f"read {_size(self.seen_bytes)} of text; computing the merges",
+                          file=sys.stderr, flush=True)
 
     def _texts(self) -> Iterator[str]:
         for source in self.cfg.sources:
@@ -258,14 +263,14 @@ class _LogLines:
     """`update` / `close` as tqdm's, printing a line every `every` seconds."""
 
     def __init__(self, total: int | None, every: float = 30.0) -> None:
-        self.total, self.every, self.done = total, every, 0
+        self.total, self.every, self.done, self.shown = total, every, 0, False
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every:
-            self.last = now
+            self.last, self.shown = now, True
             of = f" of {_size(self.total)} ({self.done / self.total:.0%})" if self.total else ""
             rate = self.done / (now - self.start) / 1e6
             print(f"reading and counting words: {_size(self.done)}{of}, {rate:.1f} MB/s",
@@ -317,7 +322,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig,
     specials = cfg.specials
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=cfg.progress and sys.stderr.isatty())
+                                  show_progress=False)  # its bars would fight ours
     reader = _Reader(cfg)
     tok.train_from_iterator(reader, trainer, length=None)
     if reader.train_bytes == 0:
