@@ -33,7 +33,7 @@ from typing import Any
 
 from common.fileio import write_folder
 from corpus.shards import DataError
-from corpus.sources import HubDataset, LocalFiles, ReadOptions, read_unit
+from corpus.sources import RECORD_EXTS, HubDataset, LocalFiles, ReadOptions, read_unit
 
 Source = LocalFiles | HubDataset
 
@@ -199,7 +199,8 @@ class _Reader:
             share = min(share, cfg.held_out_max_bytes / total)
         self.share = share
         # The bar counts text bytes: its total is known for text files (else it shows the rate).
-        plain = all(isinstance(src, LocalFiles) and src.docs != "record" for src in cfg.sources)
+        plain = all(isinstance(src, LocalFiles) and not any(
+            f.name.lower().endswith(RECORD_EXTS) for f in src.files) for src in cfg.sources)
         self.bar = _bar(total if plain or cfg.max_bytes else None) if cfg.progress else None
 
     def _held(self, i: int) -> bool:
