@@ -200,3 +200,18 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path):
     assert train_tokenizer.main([str(small), "--vocab_size", "260", "--out", str(full),
                                  "--force", "--no_progress"]) == 0
     assert sorted(_files(full)) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then(capsys):
+    from corpus.tokenizer_training import _LogLines
+
+    lines = _LogLines(total=2000, every=0.0)
+    lines.update(500)
+    lines.update(500)
+    lines.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and lines.shown
+    assert err[1].startswith("reading and counting words: 1.00 KB of 2.00 KB (50%), ")
+    quiet = _LogLines(total=None)  # the default: a line every 30 s, none for a short read
+    quiet.update(10)
+    assert capsys.readouterr().err == "" and not quiet.shown
