@@ -32,7 +32,15 @@ import shlex  # noqa: E402
 
 from common.cli import OneLineParser, count, fraction  # noqa: E402
 from corpus.shards import DataError, file_crc32, read_header, read_manifest  # noqa: E402
-from corpus.sources import DOC_MODES, UTF8_POLICIES, HubDataset, local_files, resolve_local  # noqa: E402,E501
+from corpus.sources import (  # noqa: E402
+    DOC_MODES,
+    RECORD_EXTS,
+    TEXT_EXTS,
+    UTF8_POLICIES,
+    HubDataset,
+    local_files,
+    resolve_local,
+)
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -46,21 +54,7 @@ def build_parser() -> OneLineParser:
                    "folder of an interrupted run)")
     p.add_argument("--verify", metavar="DIR", help="check a prepared folder (headers, sizes and "
                    "checksums of every shard) and exit")
-    s = p.add_argument_group("source")
-    s.add_argument("--config", default=None, help="hub dataset configuration (e.g. sample-10BT)")
-    s.add_argument("--split", default="train", help="hub dataset split to read (default: train)")
-    s.add_argument("--data_files", nargs="+", default=None, metavar="PATTERN",
-                   help="with a builder name (hf:json, hf:parquet, hf:text): the local files "
-                        "it reads through `datasets`")
-    s.add_argument("--revision", default=None, help="hub dataset revision (a commit or tag)")
-    s.add_argument("--text_field", default="text", help="field or column holding the text")
-    s.add_argument("--docs", choices=DOC_MODES, default=None,
-                   help="what a document is: record (each JSON line / row; the default for "
-                        "records), file (each .txt file; the default for .txt), blank_lines "
-                        "(paragraphs between blank lines), wikitext (WikiText articles)")
-    s.add_argument("--utf8", choices=UTF8_POLICIES, default="refuse",
-                   help="invalid UTF-8: refuse (one line, exit 2; the default) or replace it with "
-                        "U+FFFD, counting the replacements in the manifest")
+    add_source_flags(p.add_argument_group("source"))
     v = p.add_argument_group("validation (documents held out; default --val_fraction 0.0005)")
     v.add_argument("--val_fraction", type=fraction, default=None,
                    help="hold out this share of the documents (seeded, spread over the source)")
@@ -88,8 +82,28 @@ def build_parser() -> OneLineParser:
     return p
 
 
-def _source(spec: str, args: argparse.Namespace, split: str | None = None):
-    """A local source when `spec` names files, else a hub dataset."""
+def add_source_flags(s) -> None:
+    """Declare the flags that say how to read a SOURCE (hub dataset options, the text field, what
+    a document is, invalid UTF-8) on a parser or group; `train_tokenizer.py` reads the same."""
+    s.add_argument("--config", default=None, help="hub dataset configuration (e.g. sample-10BT)")
+    s.add_argument("--split", default="train", help="hub dataset split to read (default: train)")
+    s.add_argument("--data_files", nargs="+", default=None, metavar="PATTERN",
+                   help="with a builder name (hf:json, hf:parquet, hf:text): the local files "
+                        "it reads through `datasets`")
+    s.add_argument("--revision", default=None, help="hub dataset revision (a commit or tag)")
+    s.add_argument("--text_field", default="text", help="field or column holding the text")
+    s.add_argument("--docs", choices=DOC_MODES, default=None,
+                   help="what a document is: record (each JSON line / row; the default for "
+                        "records), file (each .txt file; the default for .txt), blank_lines "
+                        "(paragraphs between blank lines), wikitext (WikiText articles)")
+    s.add_argument("--utf8", choices=UTF8_POLICIES, default="refuse",
+                   help="invalid UTF-8: refuse (one line, exit 2; the default) or replace it with "
+                        "U+FFFD, counting the replacements in the manifest")
+
+
+def open_source(spec: str, args: argparse.Namespace, split: str | None = None):
+    """A local source when `spec` names files, else a hub dataset (read with the flags of
+    `add_source_flags`)."""
     if spec.startswith("hf:"):
         return _hub(spec[3:], args, split)
     files = local_files(spec)
@@ -97,7 +111,8 @@ def _source(spec: str, args: argparse.Namespace, split: str | None = None):
         if args.data_files:
             raise DataError("--data_files goes with a builder name such as hf:json")
         return resolve_local(spec, args.docs, args.text_field)
-    if split is None and _HUB_NAME.fullmatch(spec) and not spec.startswith((".", "/")):
+    if split is None and _HUB_NAME.fullmatch(spec) and not spec.startswith((".", "/")) and \
+            not spec.lower().endswith((*TEXT_EXTS, *RECORD_EXTS)):  # a file name: a typo
         return _hub(spec, args, split)
     raise DataError(f"{spec}: no such file, folder or glob (a Hugging Face dataset name looks "
                     "like owner/name; prefix hf: to force one)")
@@ -121,19 +136,19 @@ def build_config(args: argparse.Namespace, argv: list[str]):
              if getattr(args, n) is not None]
     if len(rules) > 1:
         raise DataError(f"choose one validation rule, not --{' and --'.join(rules)}")
-    main = _source(args.source, args)
+    main = open_source(args.source, args)
     streams = []
     val_fraction = args.val_fraction
     if args.val_source or args.val_split:
         streams.append(Stream("train", main))
-        streams.append(Stream("val", _source(args.val_source, args) if args.val_source else
+        streams.append(Stream("val", open_source(args.val_source, args) if args.val_source else
                               _split_of(main, args.val_split, args)))
     else:
         if val_fraction is None and args.val_docs is None:
             val_fraction = 0.0005
         streams.append(Stream("train", main, hold_out=True))
     if args.test_source or args.test_split:
-        streams.append(Stream("test", _source(args.test_source, args) if args.test_source else
+        streams.append(Stream("test", open_source(args.test_source, args) if args.test_source else
                               _split_of(main, args.test_split, args)))
     return PrepareConfig(
         out=Path(args.out), streams=streams, tokenizer=args.tokenizer,

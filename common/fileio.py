@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -84,3 +85,41 @@ def atomic_link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             tmp.unlink()
         raise
     fsync_dir(dst.parent)
+
+
+def write_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Create or replace folder `path` whole: `write(tmp)` fills a temporary sibling folder,
+    which is then renamed into place, so a reader sees the old folder or the complete new one,
+    and a failure (an exception in `write`, Ctrl-C) leaves `path` as it was and nothing else.
+
+    Args:
+        path: the folder to create, or to replace when it exists.
+        write: fills the folder it is given.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+        write(tmp)
+        for child in tmp.iterdir():
+            if child.is_file():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if path.exists():  # replacing: move the old folder aside first, delete it last
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / path.name, path)  # put the old folder back
+                raise
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

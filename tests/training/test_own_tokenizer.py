@@ -3,7 +3,9 @@ trains a model whose snapshots carry that tokenizer, so generation, serving, eva
 `load_model` use it with no `--tokenizer` flag, even after its folder is gone; converted
 checkpoints keep a Hugging Face folder's tokenizer and `--to_hf` writes it back.
 
-Everything is offline: the tokenizer is a small byte-level BPE trained here on a few KB of text.
+Everything is offline: the tokenizer is a small byte-level BPE trained here on a few KB of text
+by `train_tokenizer.py`, so this is also that command's end-to-end test (prepare, train,
+generate, serve, evaluate, GGUF in llama.cpp).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import httpx
 import pytest
 import torch
 from serving import ServerProcess
+from text_cases import hard_texts
 from train_helpers import write_text
 
 import convert
 import evaluate_lm
 import generate_lm
 import prepare_data
+import train_tokenizer
 from corpus.shards import open_split, read_manifest
 from model.checkpoint import load_model, read_checkpoint
 from model.loading import load_for_inference
@@ -38,22 +42,16 @@ from training import train_lm
 MODEL = ["--d_model", "32", "--num_heads", "2", "--num_layers", "2", "--d_ff", "64",
          "--max_seq_len", "32", "--batch_size", "4", "--eval_windows", "4", "--warmup_steps", "2",
          "--lr", "3e-3", "--dropout", "0", "--no_plot", "--max_steps", "4", "--log_interval", "1"]
-END = "<|end|>"
+END = "<|endoftext|>"
 
 
 def make_tokenizer(folder: Path, text: str, vocab_size: int = 300) -> Path:
-    """A byte-level BPE trained on `text`, saved as a transformers tokenizer folder; its end
-    token is id 0 (GPT-2's is 50256)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text.splitlines(), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END).save_pretrained(str(folder))
+    """A byte-level BPE trained on `text` by `train_tokenizer.py`; its end token is id 0 (GPT-2's
+    is 50256)."""
+    source = folder.parent / f"{folder.name}-text.txt"
+    source.write_text(text, encoding="utf-8")
+    assert train_tokenizer.main([str(source), "--vocab_size", str(vocab_size), "--out",
+                                 str(folder), "--no_progress"]) == 0
     return folder
 
 
@@ -331,3 +329,25 @@ def test_safetensors_export_keeps_the_tokenizer(own, tmp_path):
     snap = torch.load(own["run"] / "snapshots" / "latest.pt", weights_only=True)
     assert ckpt[FILES_KEY] == snap[FILES_KEY] and ckpt[SHA256_KEY] == snap[SHA256_KEY]
     assert model.end_token == 0 and model.tokenizer.encode("the") == own["tok"].encode("the")
+
+
+def test_gguf_export_tokenizes_as_we_do_in_llama_cpp(own, tmp_path):
+    """`train_tokenizer.py`'s pre-tokenizer is GPT-2's, which llama.cpp knows: the export names
+    it, and llama.cpp splits any text (every plane, controls, whitespace runs) into our ids."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "own.gguf"
+    assert convert.main(["--to_gguf", str(out), "--checkpoint", str(own["run"])]) == 0
+    reader = gguf.GGUFReader(str(out))
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+    assert reader.get_field("tokenizer.ggml.eos_token_id").contents() == 0
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (CI installs it: .ci/run)")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_threads=1, verbose=False,
+                          vocab_only=True)
+    tok = own["tok"]
+    try:
+        for text in [t for t in hard_texts() if t] + [own["text"].read_text()[:3000]]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+                tok.encode(text), text[:60]
+    finally:
+        llm.close()
