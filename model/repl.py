@@ -4,9 +4,10 @@ Every line is a prompt, answered by streaming the model's continuation; lines st
 are commands (`/help`). With a model whose tokenizer has a chat template, the REPL chats instead
 (`model.chat`): each line is a user message, the reply is generated from the whole conversation
 with the template applied and ends at the template's end-of-turn token, `/reset` starts over,
-and the oldest turns are dropped, with a notice, when the conversation outgrows the context. Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt leaves. With
-stdin not a terminal (`generate_lm.py --interactive < prompts.txt`) it answers one prompt per
-line, printing prompt plus continuation and no decoration.
+and the oldest turns are dropped, with a notice, when the conversation outgrows the context.
+Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt leaves. With stdin not a terminal
+(`generate_lm.py --interactive < prompts.txt`) it answers one prompt per line, printing prompt
+plus continuation (in chat mode, the reply) and no decoration.
 """
 
 from __future__ import annotations

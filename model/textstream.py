@@ -43,10 +43,33 @@ def _byte_level_alphabet() -> dict[str, int]:
 _CHAR_TO_BYTE = _byte_level_alphabet()
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def is_byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer is a byte-level BPE (GPT-2's kind): each token spells bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = getattr(backend, "decoder", None) if backend is not None else None
     return type(decoder).__name__ == "ByteLevel"
+
+
+def token_bytes(tokenizer: Any, token_id: int, byte_level: bool | None = None) -> bytes:
+    """The bytes one token stands for: for a byte-level BPE (GPT-2's) its bytes exactly, even a
+    part of a UTF-8 character; for other tokenizers the UTF-8 of the token decoded alone.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        token_id: the token.
+        byte_level: whether the tokenizer is byte-level (None: find out).
+    """
+    if byte_level is None:
+        byte_level = is_byte_level(tokenizer)
+    if not byte_level:
+        return tokenizer.decode([int(token_id)]).encode("utf-8")
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if piece is None:  # an id beyond the tokenizer's vocabulary decodes to nothing
+        return b""
+    try:  # what the tokenizers library's ByteLevel decoder does, token by token
+        return bytes(_CHAR_TO_BYTE[c] for c in piece)
+    except KeyError:  # e.g. an added token spelled outside the byte alphabet
+        return piece.encode("utf-8")
 
 
 class Detokenizer:
@@ -66,7 +89,7 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Any, prefix_ids: Iterable[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self._byte_level = _is_byte_level(tokenizer)
+        self._byte_level = is_byte_level(tokenizer)
         if self._byte_level:
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             self._token_bytes: dict[int, bytes] = {}
@@ -80,15 +103,7 @@ class Detokenizer:
     def _bytes_of(self, token_id: int) -> bytes:
         cached = self._token_bytes.get(token_id)
         if cached is None:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if piece is None:  # an id beyond the tokenizer's vocabulary decodes to nothing
-                cached = b""
-            else:
-                try:  # what the tokenizers library's ByteLevel decoder does, token by token
-                    cached = bytes(_CHAR_TO_BYTE[c] for c in piece)
-                except KeyError:  # e.g. an added token spelled outside the byte alphabet
-                    cached = piece.encode("utf-8")
-            self._token_bytes[token_id] = cached
+            cached = self._token_bytes[token_id] = token_bytes(self.tokenizer, token_id, True)
         return cached
 
     def feed(self, token_id: int) -> str:
