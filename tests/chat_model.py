@@ -21,7 +21,7 @@ EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BROKEN = "{% for m in messages %}{{ m['content'] }"  # a Jinja syntax error
-CONTEXT = 64
+CONTEXT = 128
 # The conversation whose greedy reply is made to end with <|im_end|> after a few tokens.
 STOPPING = [{"role": "system", "content": "You are kind."},
             {"role": "user", "content": "the king and the queen"}]
@@ -38,8 +38,13 @@ def make_tokenizer(folder: Path, template: str | None = CHATML) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # Only printable ASCII and newline (the text holds nothing else): every reply prints
+    # cleanly in a terminal, with no control character or half of a UTF-8 one.
+    plain = "\n" + "".join(map(chr, range(32, 127)))
+    spelled = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    alphabet = sorted(set(spelled.pre_tokenize_str(plain)[0][0]))
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS, IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=alphabet)
     tok.train_from_iterator(text.splitlines(), trainer)
     extra = {} if template is None else {"chat_template": template}
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS,
@@ -50,8 +55,8 @@ def make_tokenizer(folder: Path, template: str | None = CHATML) -> Any:
 
 def _end_early(model: LanguageModel, tok: Any) -> None:
     """Point `<|im_end|>`'s row of the (untied) head at a token the greedy reply to STOPPING
-    picks a few steps in, scaled up, so that reply ends with `<|im_end|>` after 2 or more
-    tokens (checked here: the tests rely on it)."""
+    picks a few steps in, scaled up a little, so that reply ends with `<|im_end|>` after 2 or
+    more tokens (checked here: the tests rely on it) while most others run on."""
     ids = tok.apply_chat_template(STOPPING, add_generation_prompt=True, tokenize=True,
                                   return_dict=True)["input_ids"]
     end = tok.convert_tokens_to_ids(IM_END)
@@ -59,12 +64,13 @@ def _end_early(model: LanguageModel, tok: Any) -> None:
     with torch.no_grad():
         greedy = model.generate(torch.tensor(ids), max_new_tokens=10, temperature=0)
         new = greedy[0, len(ids):].tolist()
-        for target in new[2:]:
-            head[end] = head[target] * 1.5
-            out = model.generate(torch.tensor(ids), max_new_tokens=10, temperature=0)[0]
-            reply = out[len(ids):].tolist()
-            if end in reply and reply.index(end) >= 2:
-                return
+        for scale in (1.02, 1.05, 1.1, 1.2, 1.5):
+            for target in new[2:]:
+                head[end] = head[target] * scale
+                out = model.generate(torch.tensor(ids), max_new_tokens=10, temperature=0)[0]
+                reply = out[len(ids):].tolist()
+                if end in reply and reply.index(end) >= 2:
+                    return
     raise AssertionError("could not make the tiny chat model end its turn early")
 
 
