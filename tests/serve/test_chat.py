@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local(checkpoints):
+def local(checkpoints, one_thread):
     loaded = load_for_inference(checkpoints["chat"], device="cpu")
     return loaded.model, loaded.tokenizer
 
