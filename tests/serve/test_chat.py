@@ -23,13 +23,16 @@ from serve.app import Server, create_app
 from serve.scheduler import Scheduler
 
 NAME = "chat"
+REFUSES_SYSTEM = ("{% if messages[0]['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}" + CHATML)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat-models")
     return {kind: save_chat_checkpoint(root / f"{kind}.pt", template)
-            for kind, template in (("chat", CHATML), ("base", None), ("broken", BROKEN))}
+            for kind, template in (("chat", CHATML), ("base", None), ("broken", BROKEN),
+                                   ("no-system", REFUSES_SYSTEM))}
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +193,9 @@ def test_bad_chat_requests_are_400s_and_the_server_serves_on(server, client):
     assert client.completions.create(model=NAME, prompt="Hi", max_tokens=2).choices
 
 
-async def _in_process(checkpoint) -> dict[str, httpx.Response]:
-    """A chat request and a completion on the app of `checkpoint`, in this process."""
+async def _in_process(checkpoint, messages=({"role": "user", "content": "Hi"},)) -> dict:
+    """A chat request (its error) and a completion on the app of `checkpoint`, in this
+    process."""
     loaded = load_for_inference(checkpoint, device="cpu")
     server = Server(name="m")
     scheduler = Scheduler(loaded.model, max_batch=2, max_queue=2)
@@ -203,8 +207,7 @@ async def _in_process(checkpoint) -> dict[str, httpx.Response]:
         async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0,
                                       http_client=httpx.AsyncClient(transport=transport)) as c:
             try:
-                await c.chat.completions.create(model="m", messages=[
-                    {"role": "user", "content": "Hi"}])
+                await c.chat.completions.create(model="m", messages=list(messages))
             except openai.APIStatusError as exc:
                 out["chat"] = exc
             out["completion"] = await c.completions.create(model="m", prompt="Hi", max_tokens=2)
@@ -223,5 +226,10 @@ def test_a_base_model_is_refused_and_a_broken_template_is_a_one_line_400(checkpo
     message = broken["chat"].body["message"]
     assert "chat template is broken" in message and "TemplateSyntaxError" in message
     assert "\n" not in message and broken["chat"].body["code"] == "invalid_chat_template"
-    for out in (base, broken):  # completions still serve both
+    refused = asyncio.run(_in_process(checkpoints["no-system"], STOPPING))
+    assert isinstance(refused["chat"], openai.BadRequestError)
+    assert refused["chat"].body["message"] == ("the model's chat template refused these "
+                                               "messages: TemplateError: System role not "
+                                               "supported")
+    for out in (base, broken, refused):  # completions still serve them all
         assert len(out["completion"].choices) == 1
