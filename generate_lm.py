@@ -26,7 +26,8 @@ examples:
   python generate_lm.py --checkpoint lm_shakespeare --prompt "ROMEO:" --temperature 0.8 --top_p 0.9
   echo "Once upon a time" | python generate_lm.py --prompt - --max_new_tokens 50 --seed 1
   python generate_lm.py --checkpoint lm_wikitext --interactive --temperature 0.8 --top_p 0.9
-  python generate_lm.py --checkpoint SmolLM2-135M-Instruct --interactive --system "Be brief."
+  python generate_lm.py --checkpoint HuggingFaceTB/SmolLM2-135M-Instruct --interactive \\
+      --system "Be brief."
 
 --checkpoint accepts a snapshot file, latest.pt, a run directory (lm_x/) or its snapshots/
 directory (the snapshot with the highest step is used), or a .safetensors export.
