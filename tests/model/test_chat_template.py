@@ -83,3 +83,27 @@ def test_the_oldest_turns_go_and_the_system_message_stays(tok):
     conv.add("user", "again")
     conv.reset()
     assert conv.turns == [] and conv.messages() == [{"role": "system", "content": "Be kind."}]
+
+
+def test_a_hugging_face_folder_and_its_converted_checkpoint_keep_the_template(tok, tmp_path):
+    """An instruct model as downloaded (config, weights, tokenizer files with the template):
+    loaded as it is, and converted to our checkpoint (the tokenizer's files stored in it)."""
+    import torch
+    import transformers
+
+    from model.loading import load_for_inference
+    from model.tokenizer import load_checkpoint_tokenizer, tokenizer_record
+
+    folder = tmp_path / "tiny-llama-instruct"
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    expected = chat_format(tok).end_tokens
+    loaded = load_for_inference(folder, device="cpu")
+    assert chat_format(loaded.tokenizer).end_tokens == expected
+    stored = tokenizer_record(str(folder))
+    assert chat_format(load_checkpoint_tokenizer(stored)).end_tokens == expected
