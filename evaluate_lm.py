@@ -8,10 +8,12 @@
     python evaluate_lm.py --checkpoint lm_tinystories --data data/tinystories   # its val shards
     python evaluate_lm.py --checkpoint lm_x --tasks hellaswag,arc_easy --limit 200   # downstream
     python evaluate_lm.py --checkpoint lm_x --tasks my_task --include_path my_tasks/
+    python evaluate_lm.py --tasks hellaswag,arc_easy --save_tasks pinned/       # no model
 
 Downstream tasks (`--tasks`) run through lm-evaluation-harness (`downstream/`, an optional
 dependency: pip install "lm-eval==0.4.13") and print the harness's table; `--output_path` writes
-its results JSON.
+its results JSON. `--save_tasks DIR` saves tasks (online: their data from the hub) to a task
+folder with the sha256 of its data, which later runs check before scoring (`downstream/save.py`).
 
 Windows follow Hugging Face's perplexity guide (see training/evaluation.py): `--stride` equal to
 the context length (the default) gives non-overlapping windows; a smaller stride scores every
@@ -28,7 +30,7 @@ import sys
 from pathlib import Path
 
 from common.cli import OneLineParser, Runtime, add_runtime_flags
-from corpus.datasets import DataArgs, DataError, add_data_args, load_split
+from corpus.datasets import DataArgs, DataError, add_data_args, load_split, no_bytes_note
 
 SPLITS = ("train", "val", "test")
 
@@ -40,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Perplexity, mean loss and bits per byte of a checkpoint, with sliding "
         "windows as in Hugging Face's perplexity guide.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="checkpoint file, run folder (lm_x/) or .safetensors export")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file, run folder (lm_x/) or .safetensors export (required, "
+                        "except with --save_tasks)")
     add_data_args(p)
     # The checkpoint's own tokenizer unless --tokenizer says otherwise.
     p.set_defaults(tokenizer=None)
@@ -73,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the harness's results JSON here")
     g.add_argument("--log_samples", action="store_true",
                    help="keep every example's prompts and answers in the --output_path JSON")
+    g.add_argument("--save_tasks", default=None, metavar="DIR",
+                   help="save the --tasks to a new task folder (the harness's YAML, their data "
+                        "as Parquet and the sha256 of each file) instead of scoring: run it "
+                        "online, then score offline with --include_path DIR; no --checkpoint")
     return p
 
 
@@ -83,6 +90,18 @@ TASK_FLAGS = ("limit", "include_path", "num_fewshot", "output_path")
 
 def check_task_args(args: argparse.Namespace) -> None:
     """Usage errors of --tasks and its flags (ValueError, one line)."""
+    if args.save_tasks is not None:
+        extra = [f"--{n}" for n in ("checkpoint", "limit", "num_fewshot", "output_path")
+                 if getattr(args, n) is not None] + (["--log_samples"] if args.log_samples else [])
+        if args.tasks is None:
+            raise ValueError("--save_tasks DIR saves the tasks named by --tasks; add --tasks "
+                             "NAMES")
+        if extra:
+            raise ValueError(f"--save_tasks saves whole tasks and scores nothing; drop "
+                             f"{', '.join(extra)}")
+    elif args.checkpoint is None:
+        raise ValueError("--checkpoint PATH is required (only --save_tasks works without a "
+                         "model)")
     if args.tasks is None:
         extra = [f"--{n}" for n in TASK_FLAGS if getattr(args, n) is not None]
         if args.log_samples:
@@ -121,6 +140,14 @@ def run_tasks(args: argparse.Namespace) -> dict:
     stats = lm.stats
     results["small_lm"] = {"checkpoint": args.checkpoint, "context": lm.max_length,
                            "scoring": dict(vars(stats))}
+    if tasks.pins:  # a pinned folder: the files scored, checked against its manifest
+        scored = set(results.get("results", {}))
+        results["small_lm"]["pinned_tasks"] = {
+            "folder": str(args.include_path),
+            "tasks": {t: pin for t, pin in tasks.pins.items() if t in scored}}
+        files = sum(len(p["data"]) + len(p["code"]) for p in tasks.pins.values())
+        print(f"note: task folder {args.include_path}: {files} file(s) match the sha256 in its "
+              "manifest.json", file=sys.stderr)
     for count, what in ((stats.truncated, "log-likelihood requests had their context cut on "
                                           "the left"),
                         (stats.endings_cut, "log-likelihood requests had an ending longer than "
@@ -178,11 +205,19 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed arguments say; returns the report as a dict."""
     check_task_args(args)
     check_args(args)
+    if args.save_tasks is not None:
+        from downstream.save import save_tasks
+        from downstream.tasks import parse_task_names
+
+        names = parse_task_names(args.tasks)
+        return {"saved": save_tasks(names, args.save_tasks, include_path=args.include_path),
+                "out": args.save_tasks}
     if args.tasks is not None:
         return run_tasks(args)
     from model.checkpoint import pick_device
     from model.loading import load_for_inference
     from model.tokenizer import TokenizerLoadError, tokenizer_source
+    from training.byte_counts import byte_table
     from training.evaluation import evaluate_tokens
 
     runtime = Runtime.from_args(args)
@@ -210,17 +245,22 @@ def run(args: argparse.Namespace) -> dict:
         # --data: checks the checkpoint's tokenizer
         tokens, num_bytes = load_split(DataArgs.from_dict(flags), split)
         data = f"{tokens.description}, {split} split"
+        if num_bytes is None:
+            print(no_bytes_note(tokens, split), file=sys.stderr)
+    # Bits per byte counts the bytes of the scored tokens: exactly, with a byte-level tokenizer.
+    table = byte_table(tokenizer, tokens, num_bytes, model.config.vocab_size)
     result = evaluate_tokens(
         model, tokens, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
         device=device, dtype=None if args.dtype == "float32" else args.dtype, progress=True,
-        num_bytes=num_bytes,
+        num_bytes=num_bytes, token_bytes=table,
     )
     return {
         "checkpoint": checkpoint["_path"],
         "data": data,
         "num_tokens": int(len(tokens)),
-        "num_bytes": int(num_bytes),
+        "num_bytes": None if num_bytes is None else int(num_bytes),
         **result.to_dict(),
+        "bytes_scored_exact": table is not None,
         "device": str(device),
         "dtype": args.dtype,
         "quantize": args.quantize,
@@ -229,16 +269,21 @@ def run(args: argparse.Namespace) -> dict:
 
 def format_report(report: dict) -> str:
     """The human-readable report."""
+    size = ("byte count unknown" if report["num_bytes"] is None
+            else f"{report['num_bytes']:,} bytes")
+    bpb, counted = report["bits_per_byte"], report["bytes_scored"]
+    scored_bytes = ("" if counted is None else
+                    f" ({'' if report['bytes_scored_exact'] else 'about '}{counted:,.0f} bytes)")
     lines = [
         f"checkpoint:    {report['checkpoint']}",
-        f"data:          {report['data']} ({report['num_tokens']:,} tokens, "
-        f"{report['num_bytes']:,} bytes)",
+        f"data:          {report['data']} ({report['num_tokens']:,} tokens, {size})",
         f"windows:       {report['windows']:,} (seq_len {report['seq_len']}, "
         f"stride {report['stride']})",
-        f"tokens scored: {report['tokens_scored']:,}",
+        f"tokens scored: {report['tokens_scored']:,}{scored_bytes}",
         f"loss:          {report['loss']:.4f} nats/token",
         f"perplexity:    {report['perplexity']:.4f}",
-        f"bits per byte: {report['bits_per_byte']:.4f}",
+        "bits per byte: " + ("unavailable (the text's byte count is unknown)" if bpb is None
+                             else f"{bpb:.4f}"),
     ]
     if report["quantize"] != "none":
         lines.insert(4, f"weights:       {report['quantize']} (--quantize)")
@@ -258,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate_lm.py: error: {text.splitlines()[0] if text else type(exc).__name__}",
               file=sys.stderr)
         return 2
-    if args.tasks is not None:
+    if args.save_tasks is not None:
+        from downstream.save import format_saved
+
+        text = json.dumps(report["saved"]) if args.json else format_saved(report["saved"],
+                                                                          report["out"])
+    elif args.tasks is not None:
         from downstream.tasks import format_table
 
         text = json.dumps(report) if args.json else format_table(report)

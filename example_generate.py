@@ -58,8 +58,10 @@ def main(argv: list[str]) -> int:
     except CheckpointError as exc:  # one-line reason: missing, corrupt, unsafe, mismatched...
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    bpb = checkpoint.get("val_bpb")  # bits per byte: comparable across tokenizers
     print(f"Loaded {checkpoint['_path']} (step {checkpoint.get('step', '?')}, "
-          f"val_loss {checkpoint.get('val_loss', '?')}) on {model.device}")
+          f"val_loss {checkpoint.get('val_loss', '?')}"
+          f"{'' if bpb is None else f', {bpb:.3f} bits/byte'}) on {model.device}")
     # The loader already set model.end_token = tokenizer.eos_token_id and model.tokenizer.
 
     budget = min(100, model.max_seq_len)  # max_length counts the prompt too

@@ -12,8 +12,10 @@ the whole command a user would type, timed from outside, with the same `--time_b
   clipping at 1.0), every column of the LM head computed (`--unseen_tokens full`, as nanoGPT
   does), which plans its own steps for the same budget.
 The score is the validation loss over the whole validation split of each run's `best.pt`, from
-`evaluate_lm.py --json` run on it. The curves (validation loss against training minutes) go to a
-PNG next to the table, and the table to `--out`. The data is tokenized once first, outside the
+`evaluate_lm.py --json` run on it, in nats per token and in bits per byte (the same loss over the
+UTF-8 bytes of the text: the figure that compares runs with different tokenizers). The curves
+(validation bits per byte against training minutes, from each run's `metrics.csv`) go to a PNG
+next to the table, and the table to `--out`. The data is tokenized once first, outside the
 budgets.
 
     python bench/quality.py                  # the preset's 10 minutes each: about 21 minutes
@@ -84,11 +86,47 @@ def run_recipe(name: str, extra: list[str], out: Path, log: Path) -> dict:
         raise SystemExit(f"bench/quality.py: the {name} run failed (exit {code}): "
                          f"{' '.join(cmd)}\n{log.read_text()[-2000:]}")
     rows = read_metrics(out / "metrics.csv")
-    curve = [(float(r["elapsed_s"]) / 60, float(r["loss"])) for r in rows if r["kind"] == "val"]
+    curve = val_curve(rows)
     best = out / "snapshots" / "best.pt"
     plan = torch.load(best, map_location="cpu", weights_only=True)["time_plan"]
     return dict(name=name, plan=plan, wall_s=wall, curve=curve, best=best,
                 train_min=float(rows[-1]["elapsed_s"]) / 60)
+
+
+def val_curve(rows: list[dict[str, str]]) -> list[tuple[float, float]]:
+    """(training minutes, validation bits per byte) of a run's `metrics.csv` rows; the loss
+    in nats per token where the run recorded no bits per byte."""
+    val = [r for r in rows if r["kind"] == "val"]
+    key = "bits_per_byte" if all(r.get("bits_per_byte") for r in val) else "loss"
+    return [(float(r["elapsed_s"]) / 60, float(r[key])) for r in val]
+
+
+def scores(report: dict) -> dict:
+    """The figures the table shows, from `evaluate_lm.py --json`'s report."""
+    return {"val_loss": report["loss"], "ppl": report["perplexity"],
+            "bpb": report.get("bits_per_byte")}
+
+
+def table_lines(results: list[dict]) -> list[str]:
+    """The table's header, a row per recipe and the comparison line (ours first)."""
+    def bpb(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"{'recipe':<10} {'step s':>7} {'steps':>6} {'train min':>9} {'wall s':>7} "
+             f"{'val loss':>9} {'bits/byte':>9} {'ppl':>7}  flags"]
+    for r in results:
+        flags = " ".join(_flags(RECIPES.get(r["name"], {}))) or "(the preset as it is)"
+        lines.append(f"{r['name']:<10} {r['plan']['step_s']:>7.3f} {r['plan']['steps']:>6} "
+                     f"{r['train_min']:>9.2f} {r['wall_s']:>7.1f} {r['val_loss']:>9.4f} "
+                     f"{bpb(r['bpb']):>9} {r['ppl']:>7.1f}  {flags}")
+    ours, ref = results[0], results[1]
+    diff = ref["val_loss"] - ours["val_loss"]
+    bits = (f", {ref['bpb'] - ours['bpb']:.4f} bits/byte lower"
+            if ours["bpb"] is not None and ref["bpb"] is not None else "")
+    lines.append(f"ours is {diff:.4f} nats/token lower ({math.exp(diff):.2f}x lower perplexity)"
+                 f"{bits}; validation loss: evaluate_lm.py on each run's best.pt, the whole "
+                 "validation split (fp32)")
+    return lines
 
 
 def evaluate(best: Path, cache_dir: str, device: str) -> dict:
@@ -110,9 +148,11 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         xs, ys = zip(*r["curve"], strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['name']} ({r['val_loss']:.3f})")
+        best = r["bpb"] if r["bpb"] is not None else r["val_loss"]
+        ax.plot(xs, ys, marker="o", markersize=3, label=f"{r['name']} ({best:.3f})")
     ax.set_xlabel("training minutes")
-    ax.set_ylabel("validation loss (nats/token)")
+    in_bits = all(r["bpb"] is not None for r in results)  # as `val_curve` chose
+    ax.set_ylabel("validation bits per byte" if in_bits else "validation loss (nats/token)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -145,8 +185,7 @@ def main() -> int:
                               Path(tmp) / f"{name}.log")
                    for name, recipe in RECIPES.items()]
         for r in results:
-            report = evaluate(r.pop("best"), f"{tmp}/cache", args.device)
-            r["val_loss"], r["ppl"] = report["loss"], report["perplexity"]
+            r.update(scores(evaluate(r.pop("best"), f"{tmp}/cache", args.device)))
 
     lines: list[str] = []
     say = lines.append
@@ -161,17 +200,7 @@ def main() -> int:
         f"{args.minutes:g} [flags] (wall: the whole command, timed from outside, budget "
         f"{args.minutes * 60:g} s)")
     say("ours: " + " ".join(_flags({k: v for k, v in PRESET.items() if k != "time_budget"})))
-    say(f"{'recipe':<10} {'step s':>7} {'steps':>6} {'train min':>9} {'wall s':>7} "
-        f"{'val loss':>9} {'ppl':>7}  flags")
-    for r in results:
-        flags = " ".join(_flags(RECIPES[r["name"]])) or "(the preset as it is)"
-        say(f"{r['name']:<10} {r['plan']['step_s']:>7.3f} {r['plan']['steps']:>6} "
-            f"{r['train_min']:>9.2f} {r['wall_s']:>7.1f} {r['val_loss']:>9.4f} "
-            f"{r['ppl']:>7.1f}  {flags}")
-    ours, ref = results
-    diff = ref["val_loss"] - ours["val_loss"]
-    say(f"ours is {diff:.4f} nats/token lower ({math.exp(diff):.2f}x lower perplexity); "
-        "validation loss: evaluate_lm.py on each run's best.pt, the whole validation split (fp32)")
+    lines += table_lines(results)
     png = Path(args.png)
     png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, png, f"Tiny Shakespeare, {PRESET['num_layers']}x{PRESET['d_model']} model, "

@@ -38,7 +38,7 @@ from corpus.shards import DataError, TokenShards, open_split, read_manifest
 from corpus.sources import HubDataset, LocalFiles
 
 __all__ = ["DataArgs", "DataError", "add_data_args", "dataset_label", "default_cache_dir",
-           "describe_split", "load_split", "adopt_data_tokenizer", "data_folder"]
+           "describe_split", "load_split", "no_bytes_note", "adopt_data_tokenizer", "data_folder"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"
@@ -291,7 +291,7 @@ def check_tokenizer(directory: str | Path, manifest: dict[str, Any], tokenizer: 
                         "or prepare the data again with this one")
 
 
-def load_split(data: DataArgs, split: str) -> tuple[TokenShards, int]:
+def load_split(data: DataArgs, split: str) -> tuple[TokenShards, int | None]:
     """Token ids of one split, and the UTF-8 byte count of the text they encode.
 
     Args:
@@ -299,7 +299,8 @@ def load_split(data: DataArgs, split: str) -> tuple[TokenShards, int]:
         split: "train", "val" or "test".
 
     Returns:
-        (tokens, num_bytes): the split's shards, memory-mapped, and the size of their text.
+        (tokens, num_bytes): the split's shards, memory-mapped, and the size of their text
+        (None when the folder's manifest does not record it: `no_bytes_note`).
 
     Raises:
         DataError: the split is unavailable (with how to get it), empty, or not UTF-8.
@@ -342,6 +343,13 @@ def _describe(directory: Path, manifest: dict[str, Any], split: str, user_folder
     held = (f", {manifest['validation']['description']}"
             if split == "val" and mine and mine[0].get("hold_out") else "")
     return f"{directory} ({len(info['shards'])} shard(s) of {what}{held})"
+
+
+def no_bytes_note(tokens: TokenShards, split: str) -> str:
+    """The one line that says bits per byte is unavailable for a split of unknown byte count."""
+    return (f"note: bits per byte is unavailable: the manifest of {tokens.description} records "
+            f"no UTF-8 byte count for its {split} split; prepare the folder again with "
+            "prepare_data.py to get it")
 
 
 def describe_split(data: DataArgs, split: str) -> str:

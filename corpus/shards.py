@@ -294,13 +294,13 @@ class TokenShards:
     Args:
         arrays: the shards' token arrays, in order.
         files: their paths (for messages and `--explain`).
-        num_bytes: the UTF-8 size of the text they encode.
+        num_bytes: the UTF-8 size of the text they encode (None: the manifest does not say).
         data_id: a hash of the shards' sizes and checksums (a resumed run checks that its data is
             the same).
     """
 
     def __init__(self, arrays: list[np.ndarray], files: list[Path] | None = None,
-                 num_bytes: int = 0, data_id: str | None = None) -> None:
+                 num_bytes: int | None = None, data_id: str | None = None) -> None:
         # Plain ndarray views of the memory maps (no copy; the map stays open through `.base`):
         # indexing them skips np.memmap's per-call wrapping.
         self.arrays = [np.asarray(a) for a in arrays if len(a)]
@@ -448,5 +448,7 @@ def open_split(directory: str | Path, split: str, manifest: dict[str, Any] | Non
         arrays.append(open_shard(path))
         files.append(path)
     content = json.dumps([[r["tokens"], r["crc32"]] for r in info["shards"]])
-    return TokenShards(arrays, files, num_bytes=int(info.get("bytes", 0)),
+    recorded = info.get("bytes")  # a hand-made manifest may lack it: no bits per byte then
+    num_bytes = int(recorded) if isinstance(recorded, int) and recorded > 0 else None
+    return TokenShards(arrays, files, num_bytes=num_bytes,
                        data_id=hashlib.sha256(content.encode()).hexdigest()[:16])

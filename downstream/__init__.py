@@ -8,6 +8,8 @@ lm-evaluation-harness with the repo's own model.
   `small-lm`), imported only when the harness is installed (`pip install "lm-eval==0.4.13"`).
 - `downstream.tasks`: running named tasks (a local task folder with `include_path`), one-line
   errors for bad inputs, the results as a table and as flat metrics for training's loggers.
+- `downstream.save` and `downstream.manifest`: pinned task folders: tasks saved with the sha256
+  of their data (`evaluate_lm.py --tasks A,B --save_tasks DIR`), checked before every run.
 - `downstream.cli`: the harness's own command line with `small-lm` registered
-  (`small-lm-eval --model small-lm --model_args checkpoint=...`).
+  (`small-lm-eval --model small-lm --model_args checkpoint=...`, or `python -m downstream`).
 """

@@ -2,12 +2,16 @@
 
     small-lm-eval --model small-lm --model_args checkpoint=lm_x/snapshots/latest.pt \
         --tasks hellaswag --limit 200            # after: pip install -e ".[eval]"
-    python -m downstream.cli --model small-lm --model_args checkpoint=lm_x --tasks arc_easy
+    python -m downstream --model small-lm --model_args checkpoint=lm_x --tasks arc_easy
 
-Every flag is the harness's (`lm_eval --help`). The harness (0.4.13) has no plugin mechanism
-for models: its `lm_eval` command knows only the models in its own source, so this command is
-`lm_eval` with `small-lm` added. The package also declares the model under the entry-point group
-`lm_eval.models` for harness versions that read it.
+Every flag is the harness's (`lm_eval --help`). The harness's releases up to 0.4.13 (the newest
+on PyPI, and the version pinned here) have no plugin mechanism for models: `lm_eval` knows only
+the models listed in its own source (`lm_eval/models/__init__.py`), reads no entry points and
+imports nothing named by a flag or an environment variable, so `lm_eval --model small-lm` stops
+with "no model for this name found". This command is `lm_eval` with `small-lm` registered. The
+package also declares the model under the entry-point group `lm_eval.models`, the group that the
+harness's pull request #4013 (merged upstream after 0.4.13) reads: with a release that has it,
+plain `lm_eval --model small-lm` works once the repo is pip-installed.
 """
 
 from __future__ import annotations

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from model.engine import DecodeEngine
 from model.sampling import Sampling
 
 HEAD_CHUNK = 1024  # predicted positions per LM-head matmul (bounds the (n, V) logits' memory)
+SOFTMAX_ROWS = 32  # logit rows per log-softmax slice (a float32 slice of 32 x 50,257: 6.4 MB)
 
 
 @dataclass
@@ -164,13 +164,33 @@ def _run_rows(model: Any, rows: list[_Row], sums: torch.Tensor, greedy: torch.Te
                           for col, tok, req in r.targets], dtype=torch.long)
     for start in range(0, where.size(0), HEAD_CHUNK):
         w = where[start:start + HEAD_CHUNK].to(device)
-        logits = head_logits(model, hidden[w[:, 0], w[:, 1]]).float()
-        logprobs = F.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, w[:, 2:3])[:, 0].double().cpu()
-        is_top = (logits.argmax(dim=-1) == w[:, 2]).cpu()
+        logits = head_logits(model, hidden[w[:, 0], w[:, 1]])
+        chosen, is_top = target_logprobs(logits, w[:, 2])
         req = w[:, 3].cpu()
-        sums.index_add_(0, req, chosen)
-        greedy[req[~is_top]] = False
+        sums.index_add_(0, req, chosen.double().cpu())
+        greedy[req[~is_top.cpu()]] = False
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: int = SOFTMAX_ROWS
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax(logits)[i, targets[i]] in float32, and whether targets[i] is the argmax
+    (the first index of the largest logit, as `argmax`), for (n, V) logits of any float dtype.
+
+    Slices of `rows` rows at a time: each slice's float32 copy stays in the CPU's cache through
+    its max, exp and sum, where the whole chunk's log_softmax (a float32 copy, then a (n, V)
+    output, then an argmax pass) streams several times its size through memory.
+    """
+    chosen = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+    is_top = torch.empty(logits.size(0), dtype=torch.bool, device=logits.device)
+    for i in range(0, logits.size(0), rows):
+        x = logits[i:i + rows].to(torch.float32, copy=True)  # (r, V), changed in place below
+        t = targets[i:i + rows, None]  # (r, 1)
+        top, arg = x.max(dim=-1, keepdim=True)  # (r, 1) each
+        picked = x.gather(1, t)
+        lse = x.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)  # logsumexp
+        chosen[i:i + rows] = (picked - lse)[:, 0]
+        is_top[i:i + rows] = (arg == t)[:, 0]
+    return chosen, is_top
 
 
 @torch.no_grad()

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from downstream import manifest as pinned
 from downstream.harness import require_lm_eval
 
 
@@ -87,11 +88,14 @@ class Tasks:
         names: the names asked for.
         items: the harness's Task and Group objects (top level), their data loaded.
         manager: the harness's TaskManager that built them.
+        pins: per task of a pinned folder (`--save_tasks`), its files and their sha256, checked
+            before loading (empty for other tasks).
     """
 
     names: list[str]
     items: list[Any]
     manager: Any
+    pins: dict[str, Any] = field(default_factory=dict)
 
 
 def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> Tasks:
@@ -105,9 +109,11 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> 
         The `Tasks`, to pass to `run_tasks` (as often as wanted).
 
     Raises:
-        TaskError: an unknown name, a malformed task file, or a task whose data is missing.
+        TaskError: an unknown name, a malformed task file, a task whose data is missing, or a
+            pinned folder whose files no longer match their sha256.
     """
     manager = task_manager(names, include_path)
+    pins = _check_pins(manager, include_path)
     known = set(manager.all_tasks)
     built: list[Any] = []
     for name in names:
@@ -123,17 +129,37 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None) -> 
                 "YAML's dataset_kwargs.data_files (relative paths are read from the current "
                 "directory)") from None
         except (ConnectionError, OSError) as exc:
-            raise TaskError(
-                f"task {name}: its data could not be loaded ({_first_line(exc)}); offline, run "
-                "it once online to fill the datasets cache, or use a task folder (--include_path)"
-                " whose YAML reads local files (dataset_path: json, dataset_kwargs: data_files)"
-            ) from None
+            raise TaskError(f"task {name}: its data could not be loaded ({_first_line(exc)}); "
+                            f"{MISSING_DATA_HINT}") from None
         except Exception as exc:  # noqa: BLE001 - the harness raises many kinds; one line
             raise TaskError(f"task {name}: cannot be built ({_first_line(exc)})") from None
         children = {c for kids in loaded["group_map"].values() for c in kids}
         built += [g for n, g in loaded["groups"].items() if n not in children]
         built += [t for n, t in loaded["tasks"].items() if n not in children]
-    return Tasks(list(names), built, manager)
+    return Tasks(list(names), built, manager, pins)
+
+
+# What to do when a hub task's data cannot be had (offline, or the hub unreachable).
+MISSING_DATA_HINT = (
+    "offline, save it on a machine online (evaluate_lm.py --tasks NAME --save_tasks DIR) and "
+    "pass that folder with --include_path DIR, or run once online so the datasets cache has it "
+    "(then HF_DATASETS_OFFLINE=1 reads it from there)")
+
+
+def _check_pins(manager: Any, include_path: str | Path | None) -> dict[str, Any]:
+    """A pinned folder's files checked against its manifest, and the harness pointed at them;
+    {} for a plain folder or none."""
+    if include_path is None:
+        return {}
+    try:
+        manifest = pinned.read_manifest(include_path)
+        if manifest is None:
+            return {}
+        pins = pinned.verify(include_path, manifest)
+    except pinned.PinError as exc:
+        raise TaskError(str(exc)) from None
+    pinned.use_folder_files(manager, include_path, manifest)
+    return pins
 
 
 def run_tasks(lm: Any, tasks: Tasks, *, limit: int | float | None = None,

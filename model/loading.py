@@ -70,6 +70,8 @@ class Loaded:
         bits = [f"step {ckpt['step']}" if "step" in ckpt else None,
                 f"val_loss {ckpt['val_loss']:.4g}" if isinstance(ckpt.get("val_loss"), float)
                 else None,
+                f"{ckpt['val_bpb']:.4g} bits/byte" if isinstance(ckpt.get("val_bpb"), float)
+                else None,
                 f"{model.num_params() / 1e6:.2f}M params",
                 f"context {model.max_seq_len}",
                 f"{model.device}, " + (f"{model.quantization} weights"

@@ -38,7 +38,9 @@ class EvalResult:
         tokens_scored: how many target tokens contributed to the loss.
         loss: mean negative log-likelihood per scored token, in nats.
         perplexity: exp(loss) (inf if that overflows).
-        bits_per_byte: total nats / ln 2 / bytes of the text scored; None without `num_bytes`.
+        bits_per_byte: total nats / ln 2 / UTF-8 bytes of the scored tokens' text
+            (`training/byte_counts.py`); None without `num_bytes`.
+        bytes_scored: that byte count (a mean-based estimate without a byte table), or None.
         windows: how many windows were evaluated.
         seq_len: window length in tokens.
         stride: step between window starts in tokens.
@@ -48,6 +50,7 @@ class EvalResult:
     loss: float
     perplexity: float
     bits_per_byte: float | None
+    bytes_scored: float | None = None
     windows: int = 0
     seq_len: int = 0
     stride: int = 0
@@ -134,6 +137,7 @@ def evaluate_tokens(
     dtype=None,
     progress: bool = False,
     num_bytes: int | None = None,
+    token_bytes: np.ndarray | None = None,
     unseen: UnseenTokens | None = None,
 ) -> EvalResult:
     """Score `tokens` with sliding windows, exactly as Hugging Face's perplexity guide does.
@@ -151,11 +155,12 @@ def evaluate_tokens(
         device: where the model is; defaults to the model's device (the model is never moved).
         dtype: None/"float32" (no autocast), "bfloat16" or "float16" (autocast).
         progress: show a tqdm bar over windows.
-        num_bytes: UTF-8 bytes of the text `tokens` encode, for bits per byte
-            (total nats / ln 2 / num_bytes). Tokens left unscored (the first of each
-            non-overlapping window) count no bits, so use a stride below seq_len for a figure
-            that covers every token. When `max_windows` evaluates a subset, the bytes are
-            scaled by the share of the tokens that a full evaluation would score.
+        num_bytes: UTF-8 bytes of the text `tokens` encode, for bits per byte: total nats /
+            ln 2 / the bytes of the scored tokens only (the first token of the text and of each
+            non-overlapping window, and the windows `max_windows` skips, count neither bits
+            nor bytes). Without `token_bytes` those bytes are `num_bytes` x scored / tokens.
+        token_bytes: the bytes each token id spells (`training.byte_counts.byte_table`, which
+            checks it against `num_bytes`): the scored targets' bytes are summed exactly.
         unseen: the trainer's shared unseen-token row (`--unseen_tokens shared`): the same
             loss from the seen tokens' columns and the shared one (the model's unseen rows must
             be equal; `training/unseen_tokens.py`).
@@ -174,8 +179,14 @@ def evaluate_tokens(
     total = count_windows(num_tokens, seq_len, stride)
     indices = _select_windows(total, max_windows)
     batches = _batches(tokens, indices, num_tokens, seq_len, stride, batch_size)
-    nll_sum, scored = _score(model, batches, device=dev, amp_dtype=amp_dtype,
-                             progress_total=len(indices) if progress else None, unseen=unseen)
+    table = None
+    if token_bytes is not None:
+        table = torch.as_tensor(np.asarray(token_bytes), dtype=torch.long)
+        if table.dim() != 1 or len(table) < int(_unwrap(model).config.vocab_size):
+            raise ValueError("token_bytes must give the bytes of every id of the vocabulary")
+    nll_sum, scored, scored_bytes = _score(
+        model, batches, device=dev, amp_dtype=amp_dtype,
+        progress_total=len(indices) if progress else None, unseen=unseen, token_bytes=table)
     if scored == 0:
         raise ValueError("no tokens were scored (every window was a single token)")
     loss = nll_sum / scored
@@ -183,28 +194,22 @@ def evaluate_tokens(
         ppl = math.exp(loss)
     except OverflowError:
         ppl = float("inf")
-    bpb = None
+    bpb = text_bytes = None
     if num_bytes is not None:
-        # A subset of windows covers roughly its share of the bytes.
-        share = 1.0 if len(indices) == total else scored / _scorable(num_tokens, seq_len, stride)
-        bpb = nll_sum / math.log(2) / (num_bytes * share)
+        # Only the scored tokens' bytes: summed exactly from the table, else their share of the
+        # text at its mean bytes per token (`training/byte_counts.py`).
+        text_bytes = scored_bytes if table is not None else num_bytes * scored / num_tokens
+        bpb = nll_sum / math.log(2) / text_bytes if text_bytes > 0 else None
     return EvalResult(
         tokens_scored=scored,
         loss=loss,
         perplexity=ppl,
         bits_per_byte=bpb,
+        bytes_scored=text_bytes,
         windows=len(indices),
         seq_len=seq_len,
         stride=stride,
     )
-
-
-def _scorable(num_tokens: int, seq_len: int, stride: int) -> int:
-    """How many tokens a full evaluation scores (without running the model)."""
-    if stride < seq_len:
-        return num_tokens - 1  # overlapping windows: every token but the first
-    # Non-overlapping windows: each window's first token is unscored.
-    return num_tokens - count_windows(num_tokens, seq_len, stride)
 
 
 def _check_arguments(model: torch.nn.Module, tokens, seq_len: int | None, stride: int | None,
@@ -233,9 +238,10 @@ def _check_arguments(model: torch.nn.Module, tokens, seq_len: int | None, stride
 
 def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor, int]], *,
            device: torch.device, amp_dtype: torch.dtype | None,
-           progress_total: int | None, unseen: UnseenTokens | None = None
-           ) -> tuple[float, int]:
-    """(summed negative log-likelihood, tokens scored) over `batches`, in eval mode, no grad."""
+           progress_total: int | None, unseen: UnseenTokens | None = None,
+           token_bytes: torch.Tensor | None = None) -> tuple[float, int, int]:
+    """(summed negative log-likelihood, tokens scored, their bytes by `token_bytes` or 0)
+    over `batches`, in eval mode, no grad."""
     vocab_size = int(_unwrap(model).config.vocab_size)
     bar = None
     if progress_total is not None:
@@ -244,7 +250,7 @@ def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.T
         bar = tqdm(total=progress_total, unit="window", desc="evaluating", dynamic_ncols=True)
     was_training = model.training
     model.eval()
-    nll_sum, scored = 0.0, 0
+    nll_sum, scored, scored_bytes = 0.0, 0, 0
     try:
         with torch.no_grad():
             for inputs, targets, n in batches:
@@ -252,11 +258,14 @@ def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.T
                     if bar is not None:
                         bar.update(n)
                     continue
-                if int(inputs.max()) >= vocab_size:
+                top = max(int(inputs.max()), int(targets.max()))
+                if top >= vocab_size:
                     raise ValueError(
-                        f"token id {int(inputs.max())} is outside the model's vocabulary "
+                        f"token id {top} is outside the model's vocabulary "
                         f"({vocab_size}); was the data encoded with another tokenizer?"
                     )
+                if token_bytes is not None:
+                    scored_bytes += int(token_bytes[targets[targets != -100]].sum())
                 inputs, targets = inputs.to(device), targets.to(device)
                 mask = targets != -100
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -280,7 +289,7 @@ def _score(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.T
         model.train(was_training)
         if bar is not None:
             bar.close()
-    return nll_sum, scored
+    return nll_sum, scored, scored_bytes
 
 
 def sample_text(model: torch.nn.Module, prompt: str, tokens: int, seed: int) -> str:

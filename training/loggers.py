@@ -2,7 +2,8 @@
 
 Each backend gets the same scalars: for training steps `train/loss`, `train/lr`,
 `train/tokens_per_s`, `train/grad_norm` (before clipping) and `train/mfu` (on GPUs whose peak
-is known), for evaluations `val/loss` and `val/ppl`, and with `--eval_tasks` each downstream
+is known), for evaluations `val/loss`, `val/ppl` and `val/bits_per_byte` (where the validation
+text's byte count is known), and with `--eval_tasks` each downstream
 metric as `tasks/<task>/<metric>` (e.g. `tasks/hellaswag/acc_norm`). Only rank 0 logs.
 
 - csv (the default): `<run dir>/metrics.csv` (`training/metrics.py`), which the loss plot and
@@ -31,9 +32,13 @@ class LoggerError(ValueError):
     """A backend asked for by `--log_to` is unavailable (one line)."""
 
 
-def _scalars(kind: str, lr: float, loss: float, tokens_per_s, grad_norm, mfu) -> dict[str, float]:
+def _scalars(kind: str, lr: float, loss: float, tokens_per_s, grad_norm, mfu,
+             bits_per_byte=None) -> dict[str, float]:
     if kind == "val":
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 700))}
+        out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 700))}
+        if bits_per_byte is not None:
+            out["val/bits_per_byte"] = float(bits_per_byte)
+        return out
     out = {"train/loss": loss, "train/lr": lr}
     for key, value in (("train/tokens_per_s", tokens_per_s), ("train/grad_norm", grad_norm),
                        ("train/mfu", mfu)):
@@ -128,13 +133,14 @@ class RunLog:
     def log(self, step: int, kind: str, epoch: float, tokens: int, lr: float, loss: float,
             tokens_per_s: float | None = None, elapsed_s: float | None = None,
             grad_norm: float | None = None, mfu: float | None = None,
-            tasks: dict[str, float] | None = None) -> None:
+            tasks: dict[str, float] | None = None, bits_per_byte: float | None = None) -> None:
         """One row: a training step (kind "train") or an evaluation ("val"); `tasks`: an
-        evaluation's downstream metrics (`task/metric` -> value)."""
+        evaluation's downstream metrics (`task/metric` -> value); `bits_per_byte`: an
+        evaluation's (None: unknown)."""
         if self.csv is not None:
             self.csv.log(step, kind, epoch, tokens, lr, loss, tokens_per_s, elapsed_s,
-                         grad_norm, mfu, extra=tasks)
-        scalars = _scalars(kind, lr, loss, tokens_per_s, grad_norm, mfu)
+                         grad_norm, mfu, extra=tasks, bits_per_byte=bits_per_byte)
+        scalars = _scalars(kind, lr, loss, tokens_per_s, grad_norm, mfu, bits_per_byte)
         scalars.update({f"tasks/{name}": value for name, value in (tasks or {}).items()})
         for backend in self.backends:
             backend.log(step, scalars)

@@ -22,6 +22,7 @@ from model.tokenizer import tokenizer_record
 from training import distributed as D
 from training.budget import Replanner, describe_replan
 from training.build import Parts, Runtime
+from training.byte_counts import byte_table
 from training.config import RunConfig
 from training.evaluation import EvalResult, evaluate_tokens, sample_text
 from training.loggers import RunLog
@@ -74,12 +75,13 @@ class TrainData:
 
     Attributes:
         batches: the training batches. val_tokens: the validation split's tokens;
-        val_bytes: the UTF-8 size of their text (bits per byte). label: the data's short name.
+        val_bytes: the UTF-8 size of their text (bits per byte; None: unknown, no bits per
+        byte). label: the data's short name.
     """
 
     batches: EpochBatches
     val_tokens: np.ndarray
-    val_bytes: int
+    val_bytes: int | None
     label: str
 
 
@@ -116,6 +118,11 @@ class Trainer:
         self.replanner: Replanner | None = None  # a budgeted WSD run's re-plans (`_replan`)
         self.cap: int | None = None  # LM_MAX_STEPS, which a re-plan keeps
         self._tokenizer: dict[str, Any] | None = None  # the snapshots' tokenizer keys
+        # the bytes each token id spells, for exact bits per byte (rank 0 evaluates); made here,
+        # not in the first evaluation, which `--time_budget` times
+        self._byte_table = (byte_table(parts.model.tokenizer, data.val_tokens, data.val_bytes,
+                                       parts.model.config.vocab_size)
+                            if runtime.info.is_main else None)
         peak = datasheet_peak(runtime.device)  # MFU where the peak is known (GPUs)
         self._flops_per_s_peak = peak * 1e12 if peak else None
 
@@ -143,12 +150,14 @@ class Trainer:
     # -- evaluation and sampling ---------------------------------------------------------------
 
     def validation_loss(self, max_windows: int | None) -> EvalResult:
-        """The validation split's loss over `max_windows` windows (None: all)."""
+        """The validation split's loss (and bits per byte) over `max_windows` windows (None:
+        all)."""
         return evaluate_tokens(self.parts.model, self.val_tokens,
                                seq_len=self.config.batch.seq_len,
                                batch_size=self.config.eval.eval_batch_size, max_windows=max_windows,
                                dtype=None if self.amp == torch.float32 else DTYPE_NAMES[self.amp],
-                               num_bytes=self.val_bytes, unseen=self.parts.module.unseen)
+                               num_bytes=self.val_bytes, token_bytes=self._byte_table,
+                               unseen=self.parts.module.unseen)
 
     def evaluate(self, step: int, baseline: bool = False) -> bool:
         """Validate (rank 0), log, plot, sample; returns whether this is the best loss so far.
@@ -164,14 +173,15 @@ class Trainer:
             tasks = self.downstream_metrics()
         if not math.isfinite(res.loss):
             raise DivergedError(f"the validation loss is {res.loss} at step {step}")
-        state.last_val = (res.loss, res.perplexity, step)
+        state.last_val, state.last_bpb = (res.loss, res.perplexity, step), res.bits_per_byte
         is_best = not baseline and (state.best_val is None or res.loss < state.best_val)
         if is_best:
-            state.best_val = res.loss
+            state.best_val, state.best_bpb = res.loss, res.bits_per_byte
         spe = self.batches.steps_per_epoch
         self.metrics.log(step, "val", step / spe, state.tokens_seen, self.lr, res.loss, None,
-                         state.train_time, tasks=tasks)
-        bpb = f" | {res.bits_per_byte:.3f} bits/byte" if res.bits_per_byte else ""
+                         state.train_time, tasks=tasks, bits_per_byte=res.bits_per_byte)
+        bpb = (f" | {res.bits_per_byte:.3f} bits/byte" if res.bits_per_byte is not None
+               else "")
         scores = "".join(f" | {name} {value:.4g}" for name, value in (tasks or {}).items()
                          if name.split("/")[-1] in SHOWN_METRICS)
         self.write(f"step {step:,} | val loss {res.loss:.4f} | ppl {res.perplexity:.1f}{bpb}"
@@ -370,15 +380,20 @@ class Trainer:
             say(f"stopped at step {state.step:,} by {signal.Signals(stop.signum).name}; snapshot "
                 f"written. Continue with --resume auto. ({latest})", flush=True)
             return 128 + stop.signum
-        val = (f"val loss {state.last_val[0]:.4f} (ppl {state.last_val[1]:.1f})"
-               if state.last_val else "no validation")
-        best = (f"; best val loss {state.best_val:.4f} ({self.snap_dir / 'best.pt'})"
-                if state.best_val else "")
+        val = (f"val loss {state.last_val[0]:.4f} (ppl {state.last_val[1]:.1f}"
+               f"{_bpb(state.last_bpb)})" if state.last_val else "no validation")
+        best = (f"; best val loss {state.best_val:.4f}{_bpb(state.best_bpb)} "
+                f"({self.snap_dir / 'best.pt'})" if state.best_val else "")
         say(f"done: step {state.step:,}, {val}{best}; {state.train_time / 60:.1f} min of "
             "training.", flush=True)
         say(f"generate: python generate_lm.py --checkpoint {latest} --prompt "
             f"{'ROMEO:' if self.label == 'shakespeare' else 'The'} --max_length 100", flush=True)
         return 0
+
+
+def _bpb(value: float | None) -> str:
+    """`, 2.110 bits/byte` for the closing line (nothing when unknown)."""
+    return "" if value is None else f", {value:.3f} bits/byte"
 
 
 class _NoBar:

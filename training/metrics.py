@@ -1,9 +1,10 @@
 """The run's metrics: a CSV appended as training goes, and a loss-curve PNG drawn from it.
 
 `metrics.csv` has one row per logged training step (kind "train") and per evaluation (kind
-"val"). Losses are written with Python's `repr`, so they read back bit-exactly. A run with
-`--eval_tasks` adds a column per downstream metric (`hellaswag/acc_norm`, ...) after those, filled
-on its "val" rows.
+"val"). Losses are written with Python's `repr`, so they read back bit-exactly. The "val" rows
+fill `bits_per_byte` (validation nats / ln 2 / UTF-8 bytes of the scored text: comparable across
+tokenizers; empty when the text's byte count is unknown). A run with `--eval_tasks` adds a column
+per downstream metric (`hellaswag/acc_norm`, ...) after those, filled on its "val" rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from common.fileio import atomic_write
 
 FIELDS = ("step", "kind", "epoch", "tokens", "lr", "loss", "ppl", "tokens_per_s", "elapsed_s",
-          "grad_norm", "mfu")
+          "grad_norm", "mfu", "bits_per_byte")
 
 
 def _ppl(loss: float) -> float:
@@ -65,7 +66,7 @@ class MetricsLog:
     def log(self, step: int, kind: str, epoch: float, tokens: int, lr: float, loss: float,
             tokens_per_s: float | None = None, elapsed_s: float | None = None,
             grad_norm: float | None = None, mfu: float | None = None,
-            extra: dict[str, float] | None = None) -> None:
+            extra: dict[str, float] | None = None, bits_per_byte: float | None = None) -> None:
         """Append one row; `extra` (downstream metrics) adds columns the first time it names
         them (the file is rewritten with the wider header)."""
         extra = extra or {}
@@ -79,6 +80,7 @@ class MetricsLog:
                "elapsed_s": "" if elapsed_s is None else f"{elapsed_s:.2f}",
                "grad_norm": "" if grad_norm is None else repr(float(grad_norm)),
                "mfu": "" if mfu is None else f"{mfu:.4f}",
+               "bits_per_byte": "" if bits_per_byte is None else repr(float(bits_per_byte)),
                **{name: repr(float(value)) for name, value in extra.items()}}
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, self.fields, lineterminator="\n", restval="").writerow(row)

@@ -36,6 +36,9 @@ class RunState:
         train_time: seconds spent in training steps (evaluation excluded).
         best_val, best_name: lowest validation loss so far, and the snapshot that holds it.
         last_val: (loss, perplexity, step) of the latest validation, or None.
+        last_bpb, best_bpb: bits per byte of the latest validation and of the best one (None
+            where the validation text's byte count is unknown); saved as "val_bpb" and
+            "best_val_bpb".
         last_train: the latest training loss read back, or None.
         init_from: the `--init_from` source this run started from, or None.
         time_plan: the `--time_budget` plan (`training.budget.TimePlan.to_dict()`), or None.
@@ -51,6 +54,8 @@ class RunState:
     best_val: float | None = None
     best_name: str | None = None
     last_val: tuple[float, float, int] | None = None
+    last_bpb: float | None = None
+    best_bpb: float | None = None
     last_train: float | None = None
     init_from: str | None = None
     time_plan: dict[str, Any] | None = None
@@ -94,7 +99,8 @@ class RunState:
                    tokens_seen=int(ckpt.get("tokens_seen", 0)),
                    train_time=float(ckpt.get("train_time_s", 0.0)),
                    best_val=ckpt.get("best_val_loss"), best_name=ckpt.get("best_snapshot"),
-                   last_val=last_val, last_train=ckpt.get("train_loss"),
+                   last_val=last_val, last_bpb=ckpt.get("val_bpb"),
+                   best_bpb=ckpt.get("best_val_bpb"), last_train=ckpt.get("train_loss"),
                    init_from=ckpt.get("init_from"), time_plan=ckpt.get("time_plan"),
                    tasks=ckpt.get("eval_tasks"))
 
@@ -104,8 +110,9 @@ class RunState:
         return {
             "step": self.step,
             "val_loss": val[0] if val else None, "val_ppl": val[1] if val else None,
-            "val_step": val[2] if val else None,
-            "best_val_loss": self.best_val, "best_snapshot": self.best_name,
+            "val_step": val[2] if val else None, "val_bpb": self.last_bpb,
+            "best_val_loss": self.best_val, "best_val_bpb": self.best_bpb,
+            "best_snapshot": self.best_name,
             "train_loss": self.last_train, "tokens_seen": self.tokens_seen,
             "train_time_s": self.train_time, "init_from": self.init_from,
             "time_plan": self.time_plan, "eval_tasks": self.tasks,

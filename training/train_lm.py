@@ -38,7 +38,13 @@ if __package__ in (None, ""):  # run as a script: make the repo's packages impor
 import torch  # noqa: E402
 
 from corpus.batches import EpochBatches  # noqa: E402
-from corpus.datasets import DataArgs, DataError, describe_split, load_split  # noqa: E402
+from corpus.datasets import (  # noqa: E402
+    DataArgs,
+    DataError,
+    describe_split,
+    load_split,
+    no_bytes_note,
+)
 from model.checkpoint import CheckpointError, DeviceError, pick_device  # noqa: E402
 from model.lm import LMConfig  # noqa: E402
 from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
@@ -100,6 +106,8 @@ def _load_data(data: DataArgs, info: D.DistInfo):
     train, val, val_bytes = result
     if len(val) < 2:
         raise DataError(f"the validation split has {len(val)} token(s); it needs at least 2")
+    if val_bytes is None:
+        _say(info, no_bytes_note(val, "val"))
     return train, val, val_bytes
 
 

@@ -25,6 +25,7 @@ from model.checkpoint import load_model
 from model.hf_interop import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from model.lm import LanguageModel
 from model.tokenizer import load_tokenizer
+from training.byte_counts import byte_table
 from training.evaluation import EvalResult, evaluate_tokens
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,9 +205,14 @@ def test_memmap_input_and_bits_per_byte(tmp_path, random_pair, text_ids):
     b = evaluate_tokens(ours, text_ids)
     assert a.loss == pytest.approx(b.loss, rel=1e-6)
     assert b.bits_per_byte is None
-    assert a.bits_per_byte == pytest.approx(a.loss * a.tokens_scored / math.log(2) / 1400)
+    # Without a byte table the scored tokens count their share of the bytes (the first token
+    # of each of the non-overlapping windows is not scored, and counts no bytes).
+    assert a.tokens_scored < len(text_ids)
+    assert a.bytes_scored == pytest.approx(1400 * a.tokens_scored / len(text_ids))
+    assert a.bits_per_byte == pytest.approx(a.loss * a.tokens_scored / math.log(2)
+                                            / a.bytes_scored)
     assert set(a.to_dict()) == {"tokens_scored", "loss", "perplexity", "bits_per_byte",
-                                "windows", "seq_len", "stride"}
+                                "bytes_scored", "windows", "seq_len", "stride"}
     assert isinstance(a, EvalResult) and json.loads(json.dumps(a.to_dict())) == a.to_dict()
 
 
@@ -274,9 +280,12 @@ def test_cli_file_json_matches_the_function(tiny_checkpoint, tmp_path, capsys):
     text = (REPO / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[-1200:]
     sample = tmp_path / "sample.txt"
     sample.write_text(text, encoding="utf-8")
-    ids = load_tokenizer("gpt2")(text)["input_ids"]
+    tok = load_tokenizer("gpt2")
+    ids = tok(text)["input_ids"]
     model, _ = load_model(tiny_checkpoint, device="cpu")
-    direct = evaluate_tokens(model, torch.tensor(ids), stride=16, num_bytes=len(text.encode()))
+    table = byte_table(tok, np.array(ids), len(text.encode()), model.config.vocab_size)
+    direct = evaluate_tokens(model, torch.tensor(ids), stride=16, num_bytes=len(text.encode()),
+                             token_bytes=table)
     assert evaluate_lm.main(["--checkpoint", str(tiny_checkpoint), "--file", str(sample),
                              "--stride", "16", "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -285,6 +294,9 @@ def test_cli_file_json_matches_the_function(tiny_checkpoint, tmp_path, capsys):
     assert report["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
     assert report["bits_per_byte"] == pytest.approx(direct.bits_per_byte, rel=1e-6)
     assert report["num_bytes"] == len(text.encode()) and report["stride"] == 16
+    # every token but the first is scored: the text's bytes but the first token's
+    assert report["bytes_scored_exact"] is True
+    assert report["bytes_scored"] == len(text.encode()) - len(tok.decode(ids[:1]).encode())
 
 
 def test_cli_dataset_split_text_report(tiny_checkpoint, tmp_path, capsys):

@@ -303,3 +303,22 @@ def server(setup):
     proc = ServerProcess("--checkpoint", str(setup["ckpt"]), "--model_name", "tiny")
     yield proc
     proc.stop()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_logprobs_equal_log_softmax_and_argmax(dtype):
+    """The sliced log-softmax of the scorer: each target's log-probability and whether it is
+    the argmax, as `log_softmax` and `argmax` give them, the logits left as they were."""
+    from downstream.scoring import target_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(70, 501, generator=g)).to(dtype)
+    targets = torch.randint(0, 501, (70,), generator=g)
+    targets[::3] = logits[::3].argmax(dim=-1)  # some targets are the argmax
+    before = logits.clone()
+    chosen, is_top = target_logprobs(logits, targets, rows=16)
+    ref = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    assert torch.equal(logits, before)
+    assert torch.allclose(chosen, ref, atol=1e-5)
+    assert torch.equal(is_top, logits.argmax(dim=-1) == targets)
+    assert is_top.sum() >= 70 // 3

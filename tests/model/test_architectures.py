@@ -144,6 +144,62 @@ def test_static_decode_step_equals_eager(name, monkeypatch):
     assert torch.equal(eager, static)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_half_precision_decode_attention_equals_sdpa(kv_heads):
+    """The bf16 decode attention (two matmuls, float32 softmax; model/lm.py) against float32
+    SDPA on the same values: ragged masks and grouped key/value heads."""
+    from model.lm import _decode_attention
+
+    g = torch.Generator().manual_seed(5)
+    B, H, S, D = 3, 4, 300, 16
+    q, k, v = (torch.randn(B, n, t, D, generator=g).bfloat16()
+               for n, t in ((H, 1), (kv_heads, S), (kv_heads, S)))
+    lengths = torch.tensor([300, 17, 1])
+    mask = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    for m in (mask, None):
+        got = _decode_attention(q, k, v, m).float()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=kv_heads != H)
+        assert got.shape == (B, H, 1, D)
+        assert torch.allclose(got, ref, atol=2e-2), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("name", ["llama", "everything"])
+def test_bf16_model_decodes_alike_with_either_attention(name, monkeypatch):
+    """A model cast to bf16 gives step logits within bf16's rounding of each other whichever
+    decode attention runs (the matmuls above a batch's key count, SDPA below it), and of the
+    float32 model's; rows at different lengths (the engine's mask) included."""
+    from model import lm
+
+    ref = _model(**OPTIONS[name])
+    half = _model(**OPTIONS[name]).to(torch.bfloat16)
+    ids = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor([5, 8, 3])  # each row's cached prefix, then one token per step
+
+    def steps(model: LanguageModel) -> torch.Tensor:
+        out = []
+        with model, torch.no_grad():
+            model.setup_cache(3)
+            model.forward_cached(ids[:, :8], input_pos=0)
+            for t in range(4):
+                pos = lengths + t
+                mask = (torch.arange(12)[None, :] <= pos[:, None])[:, None, None]
+                tok = ids[torch.arange(3), pos][:, None]
+                out.append(model.forward_cached(tok, input_pos=pos, position_ids=pos[:, None],
+                                                attn_mask=mask)[:, -1].float())
+        return torch.stack(out)
+
+    expected = steps(ref)
+    got = {}
+    for threshold in (0, 10**9):
+        monkeypatch.setattr(lm, "_DECODE_ATTENTION_MIN_KEYS", threshold)
+        got[threshold] = steps(half)
+    scale = expected.abs().max()
+    for logits in got.values():
+        assert (logits - expected).abs().max() < 0.05 * scale
+    assert (got[0] - got[10**9]).abs().max() < 0.05 * scale
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
 def test_quantized_decode_runs(fmt):
     model = _model(**OPTIONS["everything"])

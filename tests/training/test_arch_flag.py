@@ -106,3 +106,27 @@ def test_resume_is_exact_for_modern_blocks_with_muon(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 4
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
+
+
+def test_compiled_training_of_modern_blocks_matches_eager(tmp_path):
+    """`--compile` (Inductor on CPU) trains the modern blocks (RoPE, QK-norm, ReLU², GQA,
+    soft-cap, untied) to the losses and weights of eager mode, and its snapshot holds the plain
+    module's keys (no compiled wrapper's prefix)."""
+    from training.metrics import read_metrics
+
+    common = ["--arch", "modern", "--num_kv_heads", "1", "--max_steps", "3", "--dtype",
+              "float32", "--log_interval", "1", "--eval_interval", "3"]
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        assert train_lm.main(tiny_flags(tmp_path, *common, *extra, "--out_dir", str(out))) == 0
+        runs[name] = out
+    losses = {name: [float(r["loss"]) for r in read_metrics(out / "metrics.csv")]
+              for name, out in runs.items()}
+    assert len(losses["eager"]) == 4  # 3 training steps and the evaluation
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    a, b = (torch.load(out / "snapshots" / "latest.pt", weights_only=True)["model_state_dict"]
+            for out in runs.values())
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.allclose(value, b[key], atol=1e-4), key

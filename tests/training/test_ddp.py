@@ -18,9 +18,13 @@ def _losses(run):
     return [float(r["loss"]) for r in read_metrics(run / "metrics.csv") if r["kind"] == "train"]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("blocks", [(), ("--arch", "modern", "--num_kv_heads", "1")],
+                         ids=["gpt2", "modern"])
+def test_two_gloo_processes_match_one_process(tmp_path, blocks):
+    """Also for the modern blocks (RoPE, QK-norm, ReLU², one key/value head, untied, soft-cap):
+    their parameters all get gradients through DDP's buckets."""
     common = ("--max_steps", "4", "--dtype", "float32", "--log_interval", "1",
-              "--eval_interval", "4", "--grad_accum", "2")
+              "--eval_interval", "4", "--grad_accum", "2", *blocks)
     ddp_run, single_run = tmp_path / "ddp", tmp_path / "single"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(

@@ -94,11 +94,19 @@ def test_training_is_the_same_with_and_without_tasks(tmp_path, task_folder):
     ("short", r"--eval_tasks: [1-5] of 6 examples of tiny_mc do not fit the model's context of 8 "
               r"tokens"),
     ("path_alone", r"--eval_tasks_path is a folder of tasks for --eval_tasks"),
+    ("unknown", r"--eval_tasks: unknown task 'no_such_task'"),
+    ("malformed", r"--eval_tasks: task folder .*bad\.yaml is not a valid task file at line 2"),
 ])
 def test_bad_task_settings_are_one_line_exit_2(tmp_path, task_folder, capsys, case, message):
+    folder = task_folder
+    if case == "malformed":
+        folder = tmp_path / "bad_tasks"
+        folder.mkdir()
+        (folder / "bad.yaml").write_text("task: tiny_mc\n  x: [1\n")
     extra = {"short": ("--eval_tasks", "tiny_mc", "--max_seq_len", "8"),
-             "path_alone": ()}[case]
-    flags = tiny_flags(tmp_path, "--max_steps", "2", "--eval_tasks_path", str(task_folder),
+             "path_alone": (), "unknown": ("--eval_tasks", "no_such_task"),
+             "malformed": ("--eval_tasks", "tiny_mc")}[case]
+    flags = tiny_flags(tmp_path, "--max_steps", "2", "--eval_tasks_path", str(folder),
                        *extra)
     assert train_lm.main(flags) == 2
     err = capsys.readouterr().err

@@ -87,17 +87,21 @@ def test_train_explain_evaluate_and_log_to_every_backend(prepared, tmp_path, cap
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["grad_norm"]) > 0 for r in rows) and all(r["mfu"] == "" for r in rows)
     losses = [float(r["loss"]) for r in rows]
-    val = [float(r["loss"]) for r in read_metrics(run / "metrics.csv") if r["kind"] == "val"]
+    val_rows = [r for r in read_metrics(run / "metrics.csv") if r["kind"] == "val"]
+    val = [float(r["loss"]) for r in val_rows]
+    bpb = [float(r["bits_per_byte"]) for r in val_rows]
+    assert len(bpb) == 2 and all(0 < b < 20 for b in bpb)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "val/loss",
-            "val/ppl"} <= set(events.Tags()["scalars"])
+            "val/ppl", "val/bits_per_byte"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.value for e in events.Scalars("val/loss")] == pytest.approx(val, rel=1e-6)
+    assert [e.value for e in events.Scalars("val/bits_per_byte")] == pytest.approx(bpb, rel=1e-6)
 
     # W&B's offline record log holds each scalar as JSON text after its key, as a protobuf
     # string: a length byte, then that many bytes (history rows, then the summary's last values
@@ -107,7 +111,7 @@ def test_train_explain_evaluate_and_log_to_every_backend(prepared, tmp_path, cap
     logged = [float(raw[m.end():m.end() + m.group(1)[0]])
               for m in re.finditer(rb"\ntrain/loss\x82\x01(.)", raw, flags=re.DOTALL)]
     assert list(dict.fromkeys(logged)) == losses
-    assert b"val/loss" in raw and b"train/grad_norm" in raw
+    assert b"val/loss" in raw and b"train/grad_norm" in raw and b"val/bits_per_byte" in raw
 
     assert evaluate_lm.main(["--checkpoint", str(run), "--data", str(prepared), "--json",
                              "--device", "cpu"]) == 0
