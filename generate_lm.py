@@ -26,6 +26,8 @@ examples:
   python generate_lm.py --checkpoint lm_shakespeare --prompt "ROMEO:" --temperature 0.8 --top_p 0.9
   echo "Once upon a time" | python generate_lm.py --prompt - --max_new_tokens 50 --seed 1
   python generate_lm.py --checkpoint lm_wikitext --interactive --temperature 0.8 --top_p 0.9
+  python generate_lm.py --checkpoint HuggingFaceTB/SmolLM2-135M-Instruct --interactive \\
+      --system "Be brief."
 
 --checkpoint accepts a snapshot file, latest.pt, a run directory (lm_x/) or its snapshots/
 directory (the snapshot with the highest step is used), or a .safetensors export.
@@ -48,7 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help='generate from one prompt; "-" reads it from stdin; "" samples '
                            "unconditionally (from the end-of-text token)")
     mode.add_argument("--interactive", action="store_true",
-                      help="interactive prompt: each line is a prompt; /help lists commands")
+                      help="interactive prompt: each line is a prompt (a chat message for a "
+                           "model with a chat template); /help lists commands")
+    c = p.add_argument_group("chat (--interactive, a model whose tokenizer has a chat template)")
+    c.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="auto: chat when the tokenizer has a chat template, else continue text; "
+                        "on: chat, or exit 2 without a template; off: continue each line as "
+                        "plain text (default: auto)")
+    c.add_argument("--system", metavar="TEXT",
+                   help="the chat's system message (kept when old turns are dropped; /system "
+                        "changes it) (default: none)")
 
     g = p.add_argument_group("generation parameters")
     g.add_argument("--max_length", type=number("--max_length", 1, cast=int), default=100,
@@ -247,10 +258,36 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str)
     return 0
 
 
+def _chat_format(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The chat template `--chat` asks for (`model.chat.ChatFormat`), or None for plain
+    continuation; a broken or missing template is a one-line exit 2."""
+    if args.chat == "off":
+        return None
+    from model.chat import ChatTemplateError, chat_format
+
+    try:
+        chat = chat_format(tokenizer)
+    except ChatTemplateError as exc:
+        _fail(f"{exc}; fix the template in the model's tokenizer files, or pass --chat off to "
+              "continue text without it")
+    if chat is None and (args.chat == "on" or args.system is not None):
+        flag = "--chat on" if args.chat == "on" else "--system"
+        _fail(f"{flag}: this model's tokenizer has no chat template (a base model continues "
+              f"text); leave {flag} out")
+    return chat
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not args.interactive and args.prompt is None:
         _fail("give --prompt TEXT (or --prompt - to read stdin) or --interactive")
+    if not args.interactive and (args.chat != "auto" or args.system is not None):
+        _fail("--chat and --system apply to --interactive (--prompt continues the text as "
+              "given); to chat in a script, pipe the messages: echo 'Hi' | python "
+              "generate_lm.py --interactive")
+    if args.chat == "off" and args.system is not None:
+        _fail("--system is the chat's system message, but --chat off continues plain text; "
+              "drop one of them")
     if args.interactive and args.json:
         _fail("--json applies to --prompt; the interactive prompt prints text")
     if args.interactive and args.num_samples != 1:
@@ -269,6 +306,7 @@ def _run(argv: list[str] | None) -> int:
         _fail("--interactive reads prompts from stdin, but stdin is closed")
     prompt = _read_stdin_prompt() if args.prompt == "-" else _from_argv("--prompt", args.prompt)
     args.stop = [_from_argv("--stop", s) for s in args.stop]
+    args.system = _from_argv("--system", args.system)
     if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8":
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal: never crash on output
     loaded = _load(args)
@@ -279,6 +317,7 @@ def _run(argv: list[str] | None) -> int:
 
     from model.repl import Repl
 
+    chat = _chat_format(args, tokenizer)
     settings = _settings(args)
     if args.seed is None:
         settings.seed = None  # fresh samples each time; /set seed N makes them repeatable
@@ -287,7 +326,7 @@ def _run(argv: list[str] | None) -> int:
         sys.stdin.reconfigure(errors="surrogateescape")  # the REPL reports undecodable bytes
     with _compute_context(model, amp_dtype):
         return Repl(model, tokenizer, settings, stream=not args.no_stream,
-                    verbose=args.verbose, info=info,
+                    verbose=args.verbose, info=info, chat=chat, system=args.system,
                     probs_k=5 if args.show_probs is None else args.show_probs).run()
 
 

@@ -34,7 +34,8 @@ examples:
   python serve_lm.py --checkpoint lm_shakespeare --port 8080 --max_batch 8 --quantize int8
   python serve_lm.py --checkpoint lm_wikitext --host 0.0.0.0 --api_key "$SERVE_LM_API_KEY"
 
-Then: POST /v1/completions (the openai client's client.completions.create), GET /v1/models,
+Then: POST /v1/completions (the openai client's client.completions.create), POST
+/v1/chat/completions for a model whose tokenizer has a chat template, GET /v1/models,
 GET /health, and the playground at /.
 """
 API_KEY_ENV = "SERVE_LM_API_KEY"

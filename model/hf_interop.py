@@ -30,9 +30,11 @@ from model.config import LMConfig
 _SAFETENSORS, _SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 _BIN, _BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal masks saved by old transformers
-# What a GPT-2 hub download needs: config, weights (safetensors preferred) and tokenizer files.
+# What a hub download needs: config, weights (safetensors preferred) and tokenizer files, an
+# instruct model's chat template included (newer repos keep it in its own file).
 _HUB_FILES = ["config.json", _SAFETENSORS, _SAFETENSORS_INDEX, "model-*.safetensors",
-              "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"]
+              "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja"]
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 

@@ -1,9 +1,13 @@
 """The interactive prompt of `generate_lm.py --interactive`.
 
 Every line is a prompt, answered by streaming the model's continuation; lines starting with "/"
-are commands (`/help`). Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt leaves. With
-stdin not a terminal (`generate_lm.py --interactive < prompts.txt`) it answers one prompt per
-line, printing prompt plus continuation and no decoration.
+are commands (`/help`). With a model whose tokenizer has a chat template, the REPL chats instead
+(`model.chat`): each line is a user message, the reply is generated from the whole conversation
+with the template applied and ends at the template's end-of-turn token, `/reset` starts over,
+and the oldest turns are dropped, with a notice, when the conversation outgrows the context.
+Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt leaves. With stdin not a terminal
+(`generate_lm.py --interactive < prompts.txt`) it answers one prompt per line, printing prompt
+plus continuation (in chat mode, the reply) and no decoration.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from model.chat import ChatFormat, ChatTemplateError, Conversation
 from model.probview import ansi_color
 from model.textstream import GenerationSettings, TextGeneration
 
@@ -37,6 +43,13 @@ Type a prompt and press Enter; the model continues it. Commands:
   /quit             leave (also Ctrl-D, or Ctrl-C at an empty prompt)
 Ctrl-C while the model writes stops that answer. Start a prompt with "//" to begin it with "/".
 max_length counts prompt plus new tokens; max_new_tokens, when set, replaces it."""
+CHAT_HELP = """
+Chat mode (the model has a chat template): each line is your message and the model replies to
+the whole conversation. A reply is at most max_new_tokens tokens (unset: max_length).
+  /reset            forget the conversation (the system message stays)
+  /system [TEXT]    set the system message (no TEXT: none) and start over
+  /chat on|off      chat, or continue each line as plain text (off)
+  /regen            another reply to your last message"""
 
 
 class Repl:
@@ -52,13 +65,17 @@ class Repl:
         probs_k: alternatives per token in `/probs` and `/score` tables.
         stdin, stdout, stderr: streams (defaults: the process's).
         interactive: prompt decoration, readline and colours; default: stdin is a terminal.
+        chat: the model's chat template (`model.chat.chat_format`): start in chat mode; None:
+            plain continuation only.
+        system: the chat's system message, or None.
     """
 
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings, *,
                  stream: bool = True, verbose: bool = False, info: str = "",
                  stdin: TextIO | None = None, stdout: TextIO | None = None,
                  stderr: TextIO | None = None, interactive: bool | None = None,
-                 probs_k: int = 5) -> None:
+                 probs_k: int = 5, chat: ChatFormat | None = None,
+                 system: str | None = None) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.stream, self.verbose, self.info = stream, verbose, info
         self.stdin = stdin or sys.stdin
@@ -75,6 +92,9 @@ class Repl:
         self._history: Path | None = None
         self._typed = ""
         self._reading = False  # inside input(): Ctrl-C drops the typed line, not an answer
+        self.chat = chat
+        self.chatting = chat is not None  # `/chat off`: plain continuation
+        self.conversation = Conversation(system or None)
 
     # -- output helpers ------------------------------------------------------------------------
 
@@ -171,6 +191,11 @@ class Repl:
 
     def _show(self) -> None:
         text = self.settings.describe() + f"\n{'color':<19} {'on' if self.prob_color else 'off'}"
+        if self.chat is not None:
+            conv = self.conversation
+            text += (f"\n{'chat':<19} {'on' if self.chatting else 'off'} (replies end at "
+                     f"{self.chat.end_names()}; {len(conv.turns)} messages)"
+                     f"\n{'system':<19} {conv.system if conv.system else 'none'}")
         self._say(self.info + "\n" + text if self.info else text)
 
     def _set_color(self, value: str) -> None:
@@ -233,7 +258,9 @@ class Repl:
         if cmd in ("quit", "exit", "q"):
             return False
         if cmd in ("help", "h", "?"):
-            self._say(HELP)
+            self._say(HELP + (CHAT_HELP if self.chat is not None else ""))
+        elif cmd in ("reset", "chat", "system"):
+            self._chat_command(cmd, args.strip())
         elif cmd == "show":
             self._show()
         elif cmd == "set":
@@ -243,17 +270,98 @@ class Repl:
         elif cmd == "score":
             self._score(args)
         elif cmd == "regen":
-            if self.last_prompt is None:
-                self._note("nothing to regenerate yet: type a prompt first")
-            else:
-                self._answer(self.last_prompt)
+            self._regen()
         else:
             self._note(f"unknown command /{cmd}; type /help for the list")
         return True
 
+    def _chat_command(self, cmd: str, args: str) -> None:
+        """/reset, /system TEXT, /chat on|off."""
+        if self.chat is None:
+            self._note(f"/{cmd} is for chat, but this model's tokenizer has no chat template: "
+                       "each line is continued as plain text")
+            return
+        conv = self.conversation
+        if cmd == "reset":
+            conv.reset()
+            self._say("conversation cleared" + (" (the system message stays)"
+                                                if conv.system else ""))
+        elif cmd == "system":
+            conv.system = args or None
+            conv.reset()
+            self._say(f"system message {'set' if args else 'removed'}; conversation cleared")
+        elif args.lower() in ("on", "off"):
+            self.chatting = args.lower() == "on"
+            self._say("chat on: each line is a message" if self.chatting
+                      else "chat off: each line is continued as plain text")
+        else:
+            self._note(f"usage: /chat on|off, got {args!r}")
+
+    def _regen(self) -> None:
+        if not self.chatting:
+            if self.last_prompt is None:
+                self._note("nothing to regenerate yet: type a prompt first")
+            else:
+                self._answer(self.last_prompt)
+            return
+        turns = self.conversation.turns
+        if turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if not turns:
+            self._note("nothing to regenerate yet: type a message first")
+            return
+        self._reply(None)
+
     # -- answering -----------------------------------------------------------------------------
 
+    def _reply(self, message: str | None) -> None:
+        """Chat: add `message` (None: answer the last one again) and print the reply."""
+        conv, context, s = self.conversation, self.model.max_seq_len, self.settings
+        budget = s.max_new_tokens if s.max_new_tokens is not None else s.max_length
+        keep = min(budget, context // 2)  # room kept for the reply
+        if message is not None:
+            conv.add("user", message)
+        try:
+            ids, dropped = conv.prompt_ids(self.chat, context - keep, context)
+        except ChatTemplateError as exc:
+            conv.turns.pop()  # the message the template refused
+            self._note(f"error: {exc}")
+            return
+        except ValueError as exc:
+            self._note(f"error: {exc}")
+            return
+        if dropped:
+            self._note(f"note: the conversation outgrew the model's context ({context} tokens, "
+                       f"{keep} kept for the reply): dropped the oldest {dropped} messages"
+                       + ("; the system message stays" if conv.system else ""))
+        try:
+            gen = TextGeneration(self.model, self.tokenizer, ids, replace(s, max_new_tokens=budget),
+                                 stream=self.stream, top_logprobs=self.probs_k,
+                                 end_tokens=self.chat.end_tokens)
+            pieces = iter(gen)
+        except ValueError as exc:
+            conv.turns.pop()
+            self._note(f"error: {exc}")
+            return
+        self.last_gen = gen
+        reply: list[str] = []
+        try:
+            for piece in pieces:
+                reply.append(piece)
+                self.out.write(ansi_color(piece, gen.last_prob) if self.prob_color else piece)
+                self.out.flush()
+        finally:
+            pieces.close()
+            conv.add("assistant", "".join(reply))  # an interrupted reply, as far as it got
+        self.out.write("\n")
+        self.out.flush()
+        if self.verbose:
+            self._note(gen.summary())
+
     def _answer(self, prompt: str) -> None:
+        if self.chatting:
+            self._reply(prompt)
+            return
         self.last_prompt = prompt
         ids = self.tokenizer.encode(prompt)
         limit = self.model.max_seq_len
@@ -296,7 +404,10 @@ class Repl:
         if self.tty:
             self._setup_readline()
             previous = self._catch_sigint()
-            self._say(self._dim("Type a prompt, or /help. Ctrl-D or /quit to leave."))
+            self._say(self._dim(
+                "Chat mode (the model's chat template): type a message, or /help. /reset starts "
+                "over, /chat off continues text instead. Ctrl-D or /quit to leave."
+                if self.chatting else "Type a prompt, or /help. Ctrl-D or /quit to leave."))
         try:
             with self.model:
                 while True:

@@ -43,10 +43,33 @@ def _byte_level_alphabet() -> dict[str, int]:
 _CHAR_TO_BYTE = _byte_level_alphabet()
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def is_byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer is a byte-level BPE (GPT-2's kind): each token spells bytes."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = getattr(backend, "decoder", None) if backend is not None else None
     return type(decoder).__name__ == "ByteLevel"
+
+
+def token_bytes(tokenizer: Any, token_id: int, byte_level: bool | None = None) -> bytes:
+    """The bytes one token stands for: for a byte-level BPE (GPT-2's) its bytes exactly, even a
+    part of a UTF-8 character; for other tokenizers the UTF-8 of the token decoded alone.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        token_id: the token.
+        byte_level: whether the tokenizer is byte-level (None: find out).
+    """
+    if byte_level is None:
+        byte_level = is_byte_level(tokenizer)
+    if not byte_level:
+        return tokenizer.decode([int(token_id)]).encode("utf-8")
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if piece is None:  # an id beyond the tokenizer's vocabulary decodes to nothing
+        return b""
+    try:  # what the tokenizers library's ByteLevel decoder does, token by token
+        return bytes(_CHAR_TO_BYTE[c] for c in piece)
+    except KeyError:  # e.g. an added token spelled outside the byte alphabet
+        return piece.encode("utf-8")
 
 
 class Detokenizer:
@@ -66,7 +89,7 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Any, prefix_ids: Iterable[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self._byte_level = _is_byte_level(tokenizer)
+        self._byte_level = is_byte_level(tokenizer)
         if self._byte_level:
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
             self._token_bytes: dict[int, bytes] = {}
@@ -80,15 +103,7 @@ class Detokenizer:
     def _bytes_of(self, token_id: int) -> bytes:
         cached = self._token_bytes.get(token_id)
         if cached is None:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if piece is None:  # an id beyond the tokenizer's vocabulary decodes to nothing
-                cached = b""
-            else:
-                try:  # what the tokenizers library's ByteLevel decoder does, token by token
-                    cached = bytes(_CHAR_TO_BYTE[c] for c in piece)
-                except KeyError:  # e.g. an added token spelled outside the byte alphabet
-                    cached = piece.encode("utf-8")
-            self._token_bytes[token_id] = cached
+            cached = self._token_bytes[token_id] = token_bytes(self.tokenizer, token_id, True)
         return cached
 
     def feed(self, token_id: int) -> str:
@@ -280,15 +295,21 @@ class TextGeneration:
         stream: use `model.stream` (True) or one `model.generate` call (False); same text.
         top_logprobs: record each printed token's probabilities with this many alternatives
             (`probabilities()` returns them; `last_prob` is the latest token's); None: don't.
+        end_tokens: the ids that end the generation, not printed (None: the model's
+            `end_token`); a chat model's end of turn (`model.chat.ChatFormat.end_tokens`).
     """
 
     def __init__(self, model: Any, tokenizer: Any, prompt_ids: list[int],
                  settings: GenerationSettings, stream: bool = True,
-                 top_logprobs: int | None = None) -> None:
+                 top_logprobs: int | None = None,
+                 end_tokens: Iterable[int] | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.prompt_ids = list(prompt_ids)
         self.settings, self.stream = settings, stream
         self.top_logprobs = top_logprobs
+        model_end = getattr(model, "end_token", None)
+        self.end_tokens = (frozenset(int(t) for t in end_tokens) if end_tokens is not None
+                           else frozenset() if model_end is None else frozenset([model_end]))
         self.records: list[Any] = []  # one `TokenLogprobs` (row 0) per counted token
         self.new_tokens = 0
         self.seconds = 0.0
@@ -303,7 +324,10 @@ class TextGeneration:
         probs = self.top_logprobs is not None
         if probs:
             kwargs.update(return_logprobs=True, top_logprobs=self.top_logprobs)
-        if not self.stream:
+        # The model stops by itself at its own end token only: other end tokens (a chat's end
+        # of turn) are watched for here, token by token, even when printing at once.
+        others = self.end_tokens - {getattr(self.model, "end_token", None)}
+        if not self.stream and not others:
             out = self.model.generate(self.prompt_ids, **kwargs)
             if not probs:
                 return ((t, None) for t in out[0, len(self.prompt_ids):].tolist())
@@ -323,7 +347,17 @@ class TextGeneration:
             finally:
                 steps.close()  # frees the model's KV cache when we stop early
 
-        return ids()
+        if self.stream:
+            return ids()
+        whole, pairs = [], ids()  # printing at once: generate up to the first end token now
+        try:
+            for item in pairs:
+                whole.append(item)
+                if item[0] in self.end_tokens:
+                    break
+        finally:
+            pairs.close()
+        return iter(whole)
 
     def __iter__(self) -> Iterator[str]:
         """Start generating (raising ValueError for bad settings now); iterate the text."""
@@ -333,12 +367,11 @@ class TextGeneration:
     def _run(self, tokens: Iterator[tuple[int, Any]], start: float) -> Iterator[str]:
         detok = Detokenizer(self.tokenizer, prefix_ids=self.prompt_ids)
         stops = StopFilter(self.settings.stop)
-        end = self.model.end_token
         try:
             for tok, record in tokens:
                 if self.first_token_seconds is None:
                     self.first_token_seconds = time.perf_counter() - start
-                if end is not None and tok == end:
+                if tok in self.end_tokens:
                     self.finish_reason = "end"
                     break
                 self.new_tokens += 1

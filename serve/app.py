@@ -1,4 +1,10 @@
-"""The HTTP routes: OpenAI-compatible completions, models, health, and the playground page.
+"""The HTTP routes: OpenAI-compatible completions and chat completions, models, health, and the
+playground page.
+
+`/v1/chat/completions` serves a model whose tokenizer has a chat template (`model.chat`): the
+messages go through the template, the reply ends at its end-of-turn token, and the rest is the
+completions machinery (`_ChatCompletion`); a base model's gets a 404 that points at
+`/v1/completions`, and a broken template a 400 that says what is wrong with it.
 
 `create_app(server)` builds the FastAPI app around a `Server` (the loaded model, its scheduler
 and the limits). Every error is the OpenAI error body (`serve/protocol.py`): 400 for a bad
@@ -28,10 +34,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from model.chat import ChatFormat, ChatTemplateError, chat_format
 from model.sampling import SEED_LIMIT, Sampling
 from serve.completions import (
     ChoiceText,
     TokenTexts,
+    chat_choice,
+    chat_delta,
+    chat_logprobs,
+    chat_object,
     choice_object,
     completion_object,
     prompt_entries,
@@ -42,9 +53,11 @@ from serve.protocol import (
     MAX_BODY_BYTES,
     MAX_DISCARD_BYTES,
     ApiError,
+    ChatRequest,
     CompletionRequest,
     bad,
     error_body,
+    parse_chat_request,
     parse_completion_request,
     parse_json_body,
 )
@@ -56,6 +69,9 @@ RETRY_AFTER_S = 1
 # Unseeded settings seen recently, each with the one `Sampling` its rows share; a client can send
 # any number of distinct temperatures, so the oldest are forgotten past this many.
 MAX_SHARED_SAMPLINGS = 256
+NOT_CHAT = ("This is not a chat model and thus not supported in the v1/chat/completions "
+            "endpoint: it is a base model that continues text (its tokenizer has no chat "
+            "template). Use v1/completions with a prompt (client.completions.create).")
 
 
 @dataclass
@@ -70,6 +86,8 @@ class Server:
     tokenizer: Any = None
     scheduler: Scheduler | None = None
     info: dict[str, Any] = field(default_factory=dict)  # shown by /health and the playground
+    chat: ChatFormat | None = None  # the chat template, for /v1/chat/completions
+    chat_error: str | None = None  # why the template cannot be used (a broken one)
     created: int = field(default_factory=lambda: int(time.time()))
     _texts: TokenTexts | None = None
     _shared: dict[tuple, Sampling] = field(default_factory=dict)  # unseeded settings -> Sampling
@@ -79,6 +97,14 @@ class Server:
         """The model is loaded: start serving it."""
         self.model, self.tokenizer, self.scheduler = model, tokenizer, scheduler
         self._texts = TokenTexts(tokenizer)
+        try:
+            self.chat = chat_format(tokenizer)
+        except ChatTemplateError as exc:
+            self.chat_error = str(exc)
+            log.warning("%s: /v1/chat/completions answers 400", exc)
+        if self.chat is not None:
+            log.info("chat: /v1/chat/completions applies the tokenizer's chat template; replies "
+                     "end at %s", self.chat.end_names())
         # The longest token, in characters: a text longer than context x this is over the
         # context whatever it encodes to, so it is refused without encoding it.
         pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -119,6 +145,26 @@ class Server:
             raise bad("prompt", f"{where} has {len(ids)} tokens, but the model's context is {W} "
                                 f"tokens; send at most {W} (generation past the context slides "
                                 "the window)", code="context_length_exceeded")
+        return ids
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template applied to `messages`: the prompt's ids (400s for messages the
+        template refuses or that are over the context)."""
+        W = self.model.max_seq_len
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self._max_chars:
+            raise bad("messages", f"the messages are {chars} characters, more than the model's "
+                                  f"context of {W} tokens can hold",
+                      code="context_length_exceeded")
+        try:
+            ids = self.chat.prompt_ids(messages)
+        except ChatTemplateError as exc:
+            raise bad("messages", f"the model's chat template refused these messages: "
+                                  f"{exc.detail}") from None
+        if len(ids) > W:
+            raise bad("messages", f"the messages are {len(ids)} tokens with the chat template, "
+                                  f"but the model's context is {W} tokens; send fewer or "
+                                  "shorter messages", code="context_length_exceeded")
         return ids
 
     def sampling(self, req: CompletionRequest, sample: int) -> Sampling:
@@ -215,33 +261,36 @@ def create_app(server: Server) -> FastAPI:
                                 f"`{server.name}`", param="model", code="model_not_found")
         return JSONResponse(model_card())
 
+    def check_model(name: str) -> None:
+        if name != server.name:
+            raise ApiError(404, f"The model `{name}` does not exist; this server serves "
+                                f"`{server.name}` (GET /v1/models)", param="model",
+                           code="model_not_found")
+
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
+    async def chat(request: Request) -> Response:
         check_access(request)
-        raise ApiError(404, "This is not a chat model and thus not supported in the "
-                            "v1/chat/completions endpoint: it is a base model that continues "
-                            "text. Use v1/completions with a prompt (client.completions.create).",
-                       param="model")
+        if server.chat is None and server.chat_error is None:
+            raise ApiError(404, NOT_CHAT, param="model")
+        chat_req = parse_chat_request(parse_json_body(await _read_body(request)))
+        check_model(chat_req.model)
+        if server.chat is None:
+            raise ApiError(400, f"{server.chat_error}; chat is unavailable until it is fixed "
+                                "(v1/completions still serves the model)",
+                           param="model", code="invalid_chat_template")
+        req = _chat_completion_request(server, chat_req)
+        run = _ChatCompletion(server, req, request, server.chat.end_tokens)
+        return await _respond(run, req)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_access(request)
         req = parse_completion_request(parse_json_body(await _read_body(request)))
-        if req.model != server.name:
-            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
-                                f"`{server.name}` (GET /v1/models)", param="model",
-                           code="model_not_found")
+        check_model(req.model)
         too_many = server.limits.max_tokens_error(req.max_tokens)
         if too_many:
             raise bad("max_tokens", too_many)
-        run = _Completion(server, req, request)
-        run.submit()
-        if req.stream:
-            await run.started()  # a 503 if the server shuts down before it leaves the queue
-            return StreamingResponse(run.sse(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        return JSONResponse(await run.whole())
+        return await _respond(_Completion(server, req, request), req)
 
     @app.get("/")
     async def playground() -> FileResponse:
@@ -255,6 +304,32 @@ def create_app(server: Server) -> FastAPI:
         return FileResponse(STATIC / name, media_type=files[name])
 
     return app
+
+
+async def _respond(run: _Completion, req: CompletionRequest) -> Response:
+    """Queue an accepted request; answer with its stream or its whole response."""
+    run.submit()
+    if req.stream:
+        await run.started()  # a 503 if the server shuts down before it leaves the queue
+        return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    return JSONResponse(await run.whole())
+
+
+def _chat_completion_request(server: Server, chat_req: ChatRequest) -> CompletionRequest:
+    """A chat request as the completions machinery runs it: the template's prompt, and
+    `max_tokens` (when not given: what is left of the context, within the server's limits)."""
+    ids = server.chat_prompt(chat_req.messages)
+    max_tokens = chat_req.max_tokens
+    if max_tokens is None:
+        n, limits = chat_req.fields["n"], server.limits
+        max_tokens = max(1, min(server.model.max_seq_len - len(ids), limits.max_tokens,
+                                (limits.request_tokens - len(ids)) // n))
+    too_many = server.limits.max_tokens_error(max_tokens)
+    if too_many:
+        raise bad("max_completion_tokens", too_many)
+    return chat_req.completion(ids, max_tokens)
 
 
 async def _read_body(request: Request) -> bytes:
@@ -304,11 +379,18 @@ class CompletionError(Exception):
 
 
 class _Completion:
-    """One accepted request: its job in the scheduler and its choices' text."""
+    """One accepted request: its job in the scheduler and its choices' text.
 
-    def __init__(self, server: Server, req: CompletionRequest, request: Request) -> None:
+    `end_tokens`: ids that end a choice besides the model's end-of-text token (a chat's end of
+    turn).
+    """
+
+    ID_PREFIX = "cmpl-"
+
+    def __init__(self, server: Server, req: CompletionRequest, request: Request,
+                 end_tokens: tuple[int, ...] = ()) -> None:
         self.server, self.req, self.request = server, req, request
-        self.id = "cmpl-" + secrets.token_hex(12)
+        self.id = self.ID_PREFIX + secrets.token_hex(12)
         self.created = int(time.time())
         many = len(req.prompts) > 1
         self.prompts = [server.encode(p, i, many) for i, p in enumerate(req.prompts)]
@@ -319,14 +401,15 @@ class _Completion:
         self.choices: list[ChoiceText] = []
         self.echo: list[str] = []  # each choice's echoed prompt text
         specs = []
-        end = server.model.end_token
+        end, ends = server.model.end_token, frozenset(end_tokens)
         for p, ids in enumerate(self.prompts):
             for s in range(req.n):
                 index = p * req.n + s
                 self.choices.append(ChoiceText(server._texts, ids, req.stop, end,
-                                               req.logprobs is not None))
+                                               req.logprobs is not None, end_tokens=ends))
                 if req.max_tokens > 0:
-                    specs.append(ChoiceSpec(index, ids, server.sampling(req, s), req.max_tokens))
+                    specs.append(ChoiceSpec(index, ids, server.sampling(req, s), req.max_tokens,
+                                            ends))
         score = req.echo and req.logprobs is not None
         self.job = Job(self.id, specs, asyncio.get_running_loop(),
                        score_prompts=self.prompts if score else None,
@@ -468,9 +551,30 @@ class _Completion:
             watcher.cancel()
             self.close("")
         want = self.req.logprobs is not None
-        choices = [choice_object(i, "".join(texts[i]), entries[i] if want else None,
+        return self._whole_object({i: "".join(t) for i, t in texts.items()},
+                                  entries if want else None)
+
+    def _whole_object(self, texts: dict[int, str], entries: dict[int, list] | None
+                      ) -> dict[str, Any]:
+        choices = [choice_object(i, texts[i], None if entries is None else entries[i],
                                  ct.finish_reason) for i, ct in enumerate(self.choices)]
         return completion_object(self.id, self.created, self.server.name, choices, self.usage())
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict | None, with_usage: bool
+               ) -> bytes:
+        """One streamed event; `usage` null on all but the last when `with_usage`."""
+        obj = completion_object(self.id, self.created, self.server.name, choices, usage)
+        if not with_usage:
+            del obj["usage"]
+        return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+    def _stream_choice(self, index: int, text: str, entries: list | None,
+                       reason: str | None) -> dict[str, Any]:
+        return choice_object(index, text, entries, reason)
+
+    def _opening(self, with_usage: bool) -> bytes:
+        """What a stream sends before its first piece (nothing for completions)."""
+        return b""
 
     async def _watch_disconnect(self) -> None:
         while True:
@@ -481,22 +585,19 @@ class _Completion:
 
     async def sse(self) -> AsyncIterator[bytes]:
         """The streamed response: one chunk per choice and step (as ready), `[DONE]` last."""
-        usage = {} if self.req.include_usage else None
-
-        def chunk(choices: list[dict[str, Any]], use: dict | None = None) -> bytes:
-            obj = completion_object(self.id, self.created, self.server.name, choices, use)
-            if usage is None:
-                del obj["usage"]
-            return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
+        with_usage = self.req.include_usage
         finished = False
         try:
             try:
+                opening = self._opening(with_usage)
+                if opening:
+                    yield opening
                 async for batch in self.pieces():
-                    yield b"".join(chunk([choice_object(i, text, ents, reason)])
+                    yield b"".join(self._chunk([self._stream_choice(i, text, ents, reason)],
+                                               None, with_usage)
                                    for i, text, ents, reason in batch)
-                if usage is not None:
-                    yield chunk([], self.usage())
+                if with_usage:
+                    yield self._chunk([], self.usage(), True)
             except CompletionError as exc:
                 err = error_body(str(exc), type="server_error")
                 yield b"data: " + json.dumps(err).encode() + b"\n\n"
@@ -505,3 +606,38 @@ class _Completion:
         finally:
             # not finished: the client went away (the task was cancelled) or a send failed
             self.close("" if finished else "disconnect")
+
+
+class _ChatCompletion(_Completion):
+    """A chat completion: the completions machinery on the template's prompt, in OpenAI's chat
+    objects (`message`, streamed `delta`s opened by the assistant's role, logprobs `content`)."""
+
+    ID_PREFIX = "chatcmpl-"
+
+    def _logprobs(self, entries: list | None) -> dict[str, Any] | None:
+        return None if entries is None else chat_logprobs(self.server._texts, entries)
+
+    def _whole_object(self, texts: dict[int, str], entries: dict[int, list] | None
+                      ) -> dict[str, Any]:
+        choices = [chat_choice(i, texts[i], self._logprobs(None if entries is None
+                                                           else entries[i]),
+                               ct.finish_reason) for i, ct in enumerate(self.choices)]
+        return chat_object(self.id, self.created, self.server.name, choices, self.usage())
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict | None, with_usage: bool
+               ) -> bytes:
+        obj = chat_object(self.id, self.created, self.server.name, choices, usage, chunk=True)
+        if not with_usage:
+            del obj["usage"]
+        return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+    def _stream_choice(self, index: int, text: str, entries: list | None,
+                       reason: str | None) -> dict[str, Any]:
+        return chat_delta(index, {"content": text} if text else {}, self._logprobs(entries),
+                          reason)
+
+    def _opening(self, with_usage: bool) -> bytes:
+        """Each choice's first delta: the assistant's role, no text yet."""
+        return b"".join(self._chunk([chat_delta(i, {"role": "assistant", "content": ""}, None,
+                                                None)], None, with_usage)
+                        for i in range(len(self.choices)))

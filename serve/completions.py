@@ -11,6 +11,11 @@ OpenAI and vLLM report them: `tokens` (each token decoded alone), `token_logprob
 them) and `text_offset` (where each token's text starts in the choice's text, the echoed prompt
 included; a token cut off by a stop string, or the end-of-text token, sits at the end).
 `-inf` is written as -9999.0 (JSON has no infinity).
+
+Chat completions (`/v1/chat/completions`) run on the same `ChoiceText`s and are shaped as
+OpenAI's chat objects: `message` (or a streamed `delta`), and logprobs as `content`, one entry
+per token of the reply with its `bytes` and its `top_logprobs` (the k likeliest tokens, a
+list); the token that ended the turn is counted in `usage` but not listed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.textstream import Detokenizer, StopFilter
+from model.textstream import Detokenizer, StopFilter, is_byte_level, token_bytes
 from serve.protocol import NEG_INF_LOGPROB
 
 
@@ -29,6 +34,16 @@ class TokenTexts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+        self._byte_level = is_byte_level(tokenizer)
+
+    def bytes_of(self, token: int) -> list[int]:
+        """The token's bytes (exact for a byte-level BPE, even part of a character)."""
+        out = self._bytes.get(token)
+        if out is None:
+            out = self._bytes[token] = list(token_bytes(self.tokenizer, token,
+                                                        self._byte_level))
+        return out
 
     def __call__(self, token: int) -> str:
         text = self._cache.get(token)
@@ -52,6 +67,9 @@ class Entry:
     logprob: float | None
     top: dict[str, float] | None
     offset: int
+    token_id: int | None = None
+    pairs: list[tuple[int, float]] | None = None  # the likeliest (id, logprob), in order
+    ends: bool = False  # the token that ended the choice (end of text or of the turn)
 
 
 def _top_dict(texts: TokenTexts, top: list[tuple[int, float]], chosen: int,
@@ -94,6 +112,7 @@ class ChoiceText:
         end_token: the end-of-text id (it ends the choice, and has no text).
         logprobs: whether entries are kept.
         start: the text already in front of the choice (the echoed prompt), for offsets.
+        end_tokens: more ids that end the choice like `end_token` (a chat's end of turn).
     """
 
     texts: TokenTexts
@@ -102,6 +121,7 @@ class ChoiceText:
     end_token: int | None
     logprobs: bool
     start: int = 0
+    end_tokens: frozenset[int] = frozenset()
     tokens: int = 0  # generated tokens that count (usage): up to the one that ended the choice
     finish_reason: str | None = None
     _detok: Detokenizer = field(init=False)
@@ -132,11 +152,12 @@ class ChoiceText:
         if self.finished:
             return  # a token decoded before the scheduler saw the stop string
         self.tokens += 1
+        ends = token == self.end_token or token in self.end_tokens
         if self.logprobs:
             self._held.append(Entry(self.texts(token), json_logprob(logprob),
                                     _top_dict(self.texts, top or [], token, logprob),
-                                    self.start + self._raw))
-        if token == self.end_token:
+                                    self.start + self._raw, token, top or [], ends))
+        if ends:
             self.finish("stop")
             return
         piece = self._detok.feed(token)
@@ -200,3 +221,40 @@ def completion_object(cid: str, created: int, model: str, choices: list[dict[str
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# -- chat completions ----------------------------------------------------------------------------
+
+
+def chat_logprobs(texts: TokenTexts, entries: list[Entry]) -> dict[str, Any]:
+    """The chat `logprobs` object of a choice (or of a chunk's part of it): `content`, one
+    entry per token of the reply (the token that ended the turn left out)."""
+    def item(tid: int, token: str, lp: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": texts.bytes_of(tid)}
+
+    content = [{**item(e.token_id, e.token, e.logprob),
+                "top_logprobs": [item(t, texts(t), json_logprob(lp)) for t, lp in e.pairs or []]}
+               for e in entries if not e.ends]
+    return {"content": content, "refusal": None}
+
+
+def chat_choice(index: int, text: str, logprobs: dict[str, Any] | None,
+                finish_reason: str | None) -> dict[str, Any]:
+    """A choice of a whole chat completion."""
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_delta(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None,
+               finish_reason: str | None) -> dict[str, Any]:
+    """A choice of a streamed chat chunk."""
+    return {"index": index, "delta": delta, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_object(cid: str, created: int, model: str, choices: list[dict[str, Any]],
+                usage: dict[str, int] | None, chunk: bool = False) -> dict[str, Any]:
+    """A `chat.completion` object, or a `chat.completion.chunk` of a stream."""
+    return {"id": cid, "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": created, "model": model, "system_fingerprint": None,
+            "choices": choices, "usage": usage}

@@ -210,30 +210,59 @@ def _sampling(body: dict, temperature: float, top_k: int | None,
         raise bad(exc.field, str(exc)) from None
 
 
-def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    """Validate a `/v1/completions` body (already JSON-decoded).
-
-    Raises:
-        ApiError: 400 naming the first bad field.
-    """
-    known = set(OPENAI_FIELDS) | set(EXTENSION_FIELDS)
+def _check_fields(body: dict, known: tuple[str, ...]) -> None:
     for name in body:
         if name not in known:
             raise bad(name, f"Unrecognized request argument supplied: {name}")
+
+
+def _model_field(body: dict) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", f"model is required: the id /v1/models lists, got {_shown(model)}")
-    prompts = _prompts(body)
+    return model
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOPS:
+            raise bad("stop", f"stop takes at most {MAX_STOPS} strings, got {len(stop)}")
+        return tuple(stop)
+    raise bad("stop", f"stop must be a string or an array of up to {MAX_STOPS} strings, got "
+                      f"{_shown(stop)}")
+
+
+def _stream_fields(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad("stream_options", "stream_options is only allowed with stream: true")
+        if not isinstance(options, dict):
+            raise bad("stream_options", f"stream_options must be an object, got "
+                                        f"{_kind(options)}")
+        for key in options:
+            if key not in ("include_usage", "include_obfuscation"):
+                raise bad(f"stream_options.{key}", f"Unrecognized stream option: {key}")
+        include_usage = _bool(options, "include_usage")
+        _bool(options, "include_obfuscation")  # accepted; chunks carry no obfuscation field
+    return stream, include_usage
+
+
+def _generation_fields(body: dict, prompts: int, logprobs: int | None) -> dict[str, Any]:
+    """The fields completions and chat completions share, checked: `CompletionRequest`'s
+    n, temperature, top_p, top_k, repetition_penalty, stop, seed, stream and include_usage."""
     n = _int(body, "n", 1, 1, 128)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
-        if not _is_int(best_of) or best_of < n:
-            raise bad("best_of", f"best_of must be an integer >= n ({n}), got {_shown(best_of)}")
-        raise bad("best_of", "best_of greater than n is not supported: ask for n completions "
-                             "and rank them by their logprobs")
-    if len(prompts) * n > MAX_CHOICES:
-        raise bad("n", f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; at "
-                       f"most {MAX_CHOICES} per request")
+    if prompts * n > MAX_CHOICES:
+        raise bad("n", f"{prompts} prompts x n={n} is {prompts * n} completions; at most "
+                       f"{MAX_CHOICES} per request")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0, what=" (0 is greedy)")
     top_k = body.get("top_k")
     if top_k is not None:
@@ -250,48 +279,169 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     bias = body.get("logit_bias")
     if bias is not None and (not isinstance(bias, dict) or bias):
         raise bad("logit_bias", "logit_bias is not supported")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("user", f"user must be a string, got {_shown(user)}")
+    stops = _stops(body)
+    sampling = _sampling(body, temperature, top_k, logprobs)
+    stream, include_usage = _stream_fields(body)
+    return dict(n=n, temperature=temperature,
+                top_p=None if sampling.top_p == 1.0 else sampling.top_p, top_k=top_k,
+                repetition_penalty=sampling.repetition_penalty, stop=stops, seed=sampling.seed,
+                stream=stream, include_usage=include_usage)
+
+
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    """Validate a `/v1/completions` body (already JSON-decoded).
+
+    Raises:
+        ApiError: 400 naming the first bad field.
+    """
+    _check_fields(body, OPENAI_FIELDS + EXTENSION_FIELDS)
+    model = _model_field(body)
+    prompts = _prompts(body)
+    n = _int(body, "n", 1, 1, 128)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        if not _is_int(best_of) or best_of < n:
+            raise bad("best_of", f"best_of must be an integer >= n ({n}), got {_shown(best_of)}")
+        raise bad("best_of", "best_of greater than n is not supported: ask for n completions "
+                             "and rank them by their logprobs")
     suffix = body.get("suffix")
     if suffix is not None and suffix != "":
         raise bad("suffix", "suffix is not supported: the model continues text, it does not "
                             "fill in between")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad("user", f"user must be a string, got {_shown(user)}")
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > MAX_STOPS:
-            raise bad("stop", f"stop takes at most {MAX_STOPS} strings, got {len(stop)}")
-        stops = tuple(stop)
-    else:
-        raise bad("stop", f"stop must be a string or an array of up to {MAX_STOPS} strings, "
-                          f"got {_shown(stop)}")
     logprobs = body.get("logprobs")
     if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS):
         raise bad("logprobs", f"logprobs must be an integer from 0 to {MAX_LOGPROBS} (how many "
                               f"alternatives per token), got {_shown(logprobs)}")
-    sampling = _sampling(body, temperature, top_k, logprobs)
+    shared = _generation_fields(body, len(prompts), logprobs)
     max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, 2**31 - 1)
-    stream = _bool(body, "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise bad("stream_options", "stream_options is only allowed with stream: true")
-        if not isinstance(options, dict):
-            raise bad("stream_options", f"stream_options must be an object, got "
-                                        f"{_kind(options)}")
-        for key in options:
-            if key not in ("include_usage", "include_obfuscation"):
-                raise bad(f"stream_options.{key}", f"Unrecognized stream option: {key}")
-        include_usage = _bool(options, "include_usage")
-        _bool(options, "include_obfuscation")  # accepted; chunks carry no obfuscation field
-    return CompletionRequest(
-        model=model, prompts=prompts, max_tokens=max_tokens, temperature=temperature,
-        top_p=None if sampling.top_p == 1.0 else sampling.top_p, top_k=top_k,
-        repetition_penalty=sampling.repetition_penalty, n=n, stop=stops, seed=sampling.seed,
-        logprobs=logprobs, echo=_bool(body, "echo"), stream=stream,
-        include_usage=include_usage)
+    return CompletionRequest(model=model, prompts=prompts, max_tokens=max_tokens,
+                             logprobs=logprobs, echo=_bool(body, "echo"), **shared)
+
+
+# -- chat completions ----------------------------------------------------------------------------
+
+# The fields of the openai client's chat CompletionCreateParams that the server honours, then
+# the known ones it cannot honour (accepted only when unset or off: null, false, an empty array
+# or object, or the value named in `_OFF`), then our extensions.
+CHAT_FIELDS = ("model", "messages", "frequency_penalty", "logit_bias", "logprobs",
+               "max_completion_tokens", "max_tokens", "n", "presence_penalty", "seed", "stop",
+               "stream", "stream_options", "temperature", "top_logprobs", "top_p", "user",
+               "prompt_cache_key", "safety_identifier")
+CHAT_UNSUPPORTED = ("audio", "function_call", "functions", "metadata", "modalities",
+                    "parallel_tool_calls", "prediction", "reasoning_effort", "response_format",
+                    "service_tier", "store", "tool_choice", "tools", "verbosity",
+                    "web_search_options")
+_OFF = {"tool_choice": "none", "function_call": "none", "response_format": {"type": "text"},
+        "modalities": ["text"], "service_tier": "auto", "parallel_tool_calls": True}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass
+class ChatRequest:
+    """A validated `POST /v1/chat/completions` body.
+
+    Attributes:
+        model: the model id.
+        messages: `{"role", "content"}` (and `name` when sent) per message, content as text;
+            the role "developer" is given to the template as "system".
+        max_tokens: `max_completion_tokens` (or the older `max_tokens`); None: up to the
+            context.
+        logprobs: `top_logprobs` when `logprobs` is true (0 when not given), else None.
+        fields: the fields shared with completions (`CompletionRequest`'s n, temperature, ...).
+    """
+
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int | None
+    logprobs: int | None
+    fields: dict[str, Any]
+
+    def completion(self, prompt_ids: list[int], max_tokens: int) -> CompletionRequest:
+        """The request as the completions machinery runs it: the templated prompt's ids."""
+        return CompletionRequest(model=self.model, prompts=[prompt_ids], max_tokens=max_tokens,
+                                 logprobs=self.logprobs, **self.fields)
+
+
+def _content(x: Any, where: str) -> str:
+    """A message's content as text: a string, or an array of text parts (joined by newlines)."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, list) and x:
+        texts = []
+        for j, part in enumerate(x):
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else _kind(part)
+                raise bad(f"{where}.content", f"{where}.content[{j}] must be a text part "
+                                              f"{{\"type\": \"text\", \"text\": ...}}, got "
+                                              f"{_shown(kind)}: this model reads text only")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise bad(f"{where}.content", f"{where}.content must be a string or an array of text "
+                                  f"parts, got {_kind(x) if x != [] else 'an empty array'}")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages", "messages is required: a non-empty array of {\"role\", "
+                              "\"content\"} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(where, f"{where} must be an object with role and content, got {_kind(m)}")
+        role = m.get("role")
+        if role in ("tool", "function"):
+            raise bad(f"{where}.role", f"{where}.role {role!r} is not supported: this server "
+                                       "has no tools")
+        if role not in CHAT_ROLES:
+            raise bad(f"{where}.role", f"{where}.role must be one of "
+                                       f"{', '.join(CHAT_ROLES)}, got {_shown(role)}")
+        for key, value in m.items():
+            if key not in ("role", "content", "name") and value not in (None, []):
+                raise bad(f"{where}.{key}", f"{where}.{key} is not supported: messages are "
+                                            "text with a role (and a name)")
+        message = {"role": "system" if role == "developer" else role,
+                   "content": _content(m.get("content"), where)}
+        name = m.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise bad(f"{where}.name", f"{where}.name must be a string, got {_shown(name)}")
+            message["name"] = name
+        out.append(message)
+    return out
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    """Validate a `/v1/chat/completions` body (already JSON-decoded).
+
+    Raises:
+        ApiError: 400 naming the first bad field.
+    """
+    _check_fields(body, CHAT_FIELDS + CHAT_UNSUPPORTED + EXTENSION_FIELDS)
+    for name in CHAT_UNSUPPORTED:
+        value = body.get(name)
+        if value not in (None, False, [], {}) and value != _OFF.get(name):
+            raise bad(name, f"{name} is not supported: the model answers in plain text")
+    model = _model_field(body)
+    messages = _messages(body)
+    for name in ("prompt_cache_key", "safety_identifier"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise bad(name, f"{name} must be a string, got {_shown(body[name])}")
+    want = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    if top is not None and not want:
+        raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+    logprobs = (top or 0) if want else None
+    shared = _generation_fields(body, 1, logprobs)
+    max_tokens = _int(body, "max_completion_tokens", None, 1, 2**31 - 1)
+    older = _int(body, "max_tokens", None, 1, 2**31 - 1)
+    if max_tokens is not None and older is not None and max_tokens != older:
+        raise bad("max_tokens", "max_tokens and max_completion_tokens differ; send one")
+    return ChatRequest(model=model, messages=messages,
+                       max_tokens=max_tokens if max_tokens is not None else older,
+                       logprobs=logprobs, fields=shared)

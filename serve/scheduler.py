@@ -49,6 +49,7 @@ class ChoiceSpec:
     prompt: list[int]
     sampling: Sampling
     max_tokens: int  # >= 1
+    end_tokens: frozenset[int] = frozenset()  # more ids that end it (a chat's end of turn)
 
 
 @dataclass(eq=False)
@@ -60,7 +61,8 @@ class Job:
     once, when the job starts and `score_prompts` is set (echo with logprobs);
     `("tokens", [event, ...])` after a step (see `interval`), an event being
     `(index, token, logprob, top, finish)` with `top` a list of `(id, logprob)` (None without
-    `top_logprobs`) and `finish` "length", "stop" (end-of-text) or None, or
+    `top_logprobs`) and `finish` "length", "stop" (end-of-text, or one of the choice's
+    `end_tokens`) or None, or
     `(index, None, None, None, "length")` for a choice the time limit (`timeout`) ended;
     `("error", message, status)` if generation failed (status: the HTTP status a response not
     yet started gets: 500, or 503 when the server shuts down); `("done",)` for a job without
@@ -418,7 +420,7 @@ class Scheduler:
                 continue
             tok = tokens[slot]
             done = job.generated[spec.index] = job.generated[spec.index] + 1
-            finish = ("stop" if tok == self.end_token
+            finish = ("stop" if tok == self.end_token or tok in spec.end_tokens
                       else "length" if done >= spec.max_tokens else None)
             lp, top = probs.get(slot, (None, None))
             events.setdefault(id(job), (job, []))[1].append((spec.index, tok, lp, top, finish))
