@@ -278,7 +278,8 @@ def generate(model, prompt: Any, max_length: int = 100, temperature: float = 1.0
         pad_token_id: id of padding, in a 2-D prompt and in the output (default: end_token, else 0).
         attention_mask: for a 2-D prompt, 1 where a token is real (default: strip right padding).
         compile: decode with a static-shape step compiled by `torch.compile` (CUDA graphs on
-            CUDA); worth it for long generations on a GPU.
+            CUDA; on CPU one graph per power-of-two bucket of cache lengths, each compiled once
+            per process); worth it for long generations, and on CPU for long-running ones.
         return_logprobs: also return the chosen tokens' log-probabilities and the likeliest
             alternatives, under the sampling and the raw model distribution.
         top_logprobs: how many alternatives `return_logprobs` keeps per step.
