@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from common.cli import OneLineParser
-from common.fileio import atomic_write, fsync_dir
+from common.fileio import atomic_write, write_folder
 
 OUTTYPES = ("f32", "f16", "q8_0")  # --to_gguf's tensor types (model.gguf_export.OUTTYPES)
 
@@ -225,7 +222,7 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False,
         hf.save_pretrained(str(tmp), safe_serialization=True)
         _save_tokenizer(ckpt, tmp, cfg.max_seq_len)
 
-    _atomic_folder(out_dir, write)
+    write_folder(out_dir, write)
     return out_dir
 
 
@@ -392,30 +389,6 @@ def _check_output(path: str | Path, force: bool, folder: bool = False) -> Path:
         if path.exists() and not force:
             raise ConvertError(f"{path} exists; pass --force to replace it")
     return path
-
-
-def _atomic_folder(path: Path, write) -> None:
-    """Fill a temporary sibling folder, then rename it into place: no half-written outputs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = None
-    try:
-        write(tmp)
-        if path.exists():  # --force: move the old folder aside first, delete it last
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                os.replace(old / path.name, path)  # put the old folder back
-                raise
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _note_llama_cpp_ffn(folder: Path) -> None:
