@@ -20,6 +20,8 @@ budgets.
 
     python bench/quality.py                  # the preset's 10 minutes each: about 21 minutes
     python bench/quality.py --minutes 2      # a quicker look (both recipes get 2 minutes)
+    python bench/quality.py --recipes ours,modern --out bench/results/quality_blocks_cpu_2core.txt \
+        --png bench/results/quality_blocks_cpu_2core.png   # GPT-2's blocks vs the modern ones
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "reference": dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100,
                       schedule="cosine", ema=0.0, beta1=0.9, beta2=0.99, weight_decay=0.1,
                       dropout=0.2, unseen_tokens="full"),
+    # ingredients (`--recipes ours,modern`): the preset with the modern blocks (RoPE, RMSNorm,
+    # QK-norm, ReLU², untied head with a soft-cap) instead of GPT-2's
+    "modern": dict(arch="modern"),
 }
 
 
@@ -119,13 +124,14 @@ def table_lines(results: list[dict]) -> list[str]:
         lines.append(f"{r['name']:<10} {r['plan']['step_s']:>7.3f} {r['plan']['steps']:>6} "
                      f"{r['train_min']:>9.2f} {r['wall_s']:>7.1f} {r['val_loss']:>9.4f} "
                      f"{bpb(r['bpb']):>9} {r['ppl']:>7.1f}  {flags}")
-    ours, ref = results[0], results[1]
-    diff = ref["val_loss"] - ours["val_loss"]
-    bits = (f", {ref['bpb'] - ours['bpb']:.4f} bits/byte lower"
-            if ours["bpb"] is not None and ref["bpb"] is not None else "")
-    lines.append(f"ours is {diff:.4f} nats/token lower ({math.exp(diff):.2f}x lower perplexity)"
-                 f"{bits}; validation loss: evaluate_lm.py on each run's best.pt, the whole "
-                 "validation split (fp32)")
+    ours = results[0]
+    for other in results[1:]:
+        diff = other["val_loss"] - ours["val_loss"]
+        bits = (f", {other['bpb'] - ours['bpb']:.4f} bits/byte lower"
+                if ours["bpb"] is not None and other["bpb"] is not None else "")
+        lines.append(f"{ours['name']} is {diff:.4f} nats/token lower than {other['name']} "
+                     f"({math.exp(diff):.2f}x lower perplexity){bits}; validation loss: "
+                     "evaluate_lm.py on each run's best.pt, the whole validation split (fp32)")
     return lines
 
 
@@ -170,9 +176,15 @@ def main() -> int:
     p.add_argument("--out", default="bench/results/quality_cpu_2core.txt",
                    help="where to write the table (also printed)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--recipes", default="ours,reference",
+                   help=f"which recipes, in order, the first compared with each other "
+                        f"(of {', '.join(RECIPES)})")
     args = p.parse_args()
     if not args.minutes > 0:
         p.error("--minutes must be positive")
+    names = [n for n in args.recipes.split(",") if n]
+    if len(names) < 2 or len(set(names)) != len(names) or not set(names) <= set(RECIPES):
+        p.error(f"--recipes needs two or more different names of {', '.join(RECIPES)}")
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,9 +193,9 @@ def main() -> int:
         data = DataArgs.from_dict(vars(parse_args(["--preset", "cpu-10min", *common])[0]))
         load_split(data, "val")  # tokenizes both splits' cache once, outside the runs
         load_split(data, "train")
-        results = [run_recipe(name, [*common, *_flags(recipe)], Path(tmp) / name,
+        results = [run_recipe(name, [*common, *_flags(RECIPES[name])], Path(tmp) / name,
                               Path(tmp) / f"{name}.log")
-                   for name, recipe in RECIPES.items()]
+                   for name in names]
         for r in results:
             r.update(scores(evaluate(r.pop("best"), f"{tmp}/cache", args.device)))
 
