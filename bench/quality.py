@@ -127,10 +127,11 @@ def table_lines(results: list[dict]) -> list[str]:
     ours = results[0]
     for other in results[1:]:
         diff = other["val_loss"] - ours["val_loss"]
-        bits = (f", {other['bpb'] - ours['bpb']:.4f} bits/byte lower"
+        bits = (f", {abs(other['bpb'] - ours['bpb']):.4f} bits/byte lower"
                 if ours["bpb"] is not None and other["bpb"] is not None else "")
-        lines.append(f"{ours['name']} is {diff:.4f} nats/token lower than {other['name']} "
-                     f"({math.exp(diff):.2f}x lower perplexity){bits}; validation loss: "
+        low, high = (ours, other) if diff >= 0 else (other, ours)
+        lines.append(f"{low['name']} is {abs(diff):.4f} nats/token lower than {high['name']} "
+                     f"({math.exp(abs(diff)):.2f}x lower perplexity){bits}; validation loss: "
                      "evaluate_lm.py on each run's best.pt, the whole validation split (fp32)")
     return lines
 

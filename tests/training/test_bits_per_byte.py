@@ -322,6 +322,9 @@ def test_quality_bench_reports_bits_per_byte():
     assert row_ours.split()[5:7] == ["4.5000", "2.1000"]
     assert row_ref.split()[5:7] == ["5.0000", "2.3000"]
     assert "0.5000 nats/token lower" in summary and "0.2000 bits/byte lower" in summary
+    # the lower of the two is named first, whichever recipe came first
+    assert table_lines([ref, ours])[-1].startswith(
+        "ours is 0.5000 nats/token lower than reference (1.65x lower perplexity), 0.2000 bits")
     old = {**ref, **scores({"loss": 5.0, "perplexity": 148.4})}  # no bits per byte recorded
     assert table_lines([ours, old])[2].split()[6] == "n/a"
     rows = [{"kind": "val", "elapsed_s": "60", "loss": "4.5", "bits_per_byte": "2.1"},
