@@ -103,21 +103,49 @@ def test_train_explain_evaluate_and_log_to_every_backend(prepared, tmp_path, cap
     assert [e.value for e in events.Scalars("val/loss")] == pytest.approx(val, rel=1e-6)
     assert [e.value for e in events.Scalars("val/bits_per_byte")] == pytest.approx(bpb, rel=1e-6)
 
-    # W&B's offline record log holds each scalar as JSON text after its key, as a protobuf
-    # string: a length byte, then that many bytes (history rows, then the summary's last values
-    # again). What follows the text is the next field, whatever byte that starts with.
+    # W&B's offline record log, read record by record (its history rows, each scalar as JSON)
     (record,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    raw = record.read_bytes()
-    logged = [float(raw[m.end():m.end() + m.group(1)[0]])
-              for m in re.finditer(rb"\ntrain/loss\x82\x01(.)", raw, flags=re.DOTALL)]
-    assert list(dict.fromkeys(logged)) == losses
-    assert b"val/loss" in raw and b"train/grad_norm" in raw and b"val/bits_per_byte" in raw
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in r.history.item}
+               for r in _wandb_records(record) if r.WhichOneof("record_type") == "history"]
+    assert [h["train/loss"] for h in history if "train/loss" in h] == pytest.approx(losses,
+                                                                                  rel=1e-6)
+    assert [h["val/loss"] for h in history if "val/loss" in h] == pytest.approx(val, rel=1e-6)
+    assert [h["val/bits_per_byte"] for h in history if "val/bits_per_byte" in h] \
+        == pytest.approx(bpb, rel=1e-6)
+    assert all("train/grad_norm" in h for h in history if "train/loss" in h)
 
     assert evaluate_lm.main(["--checkpoint", str(run), "--data", str(prepared), "--json",
                              "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_tokens"] == manifest["splits"]["val"]["tokens"]
     assert str(prepared) in report["data"] and "val split" in report["data"]
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of a W&B offline run file: a 7-byte header, then LevelDB's log
+    format (32 KiB blocks; each chunk a 7-byte header: crc32, length, kind; a record spans
+    chunks FIRST, MIDDLE..., LAST; a block's tail under 7 bytes is padding)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, parts = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # padding to the block's end
+            pos += left
+            continue
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+            parts = b""
 
 
 def _one_error(argv: list[str], capsys, main=train_lm.main) -> str:
