@@ -20,15 +20,15 @@ budgets.
 
     python bench/quality.py                  # the preset's 10 minutes each: about 21 minutes
     python bench/quality.py --minutes 2      # a quicker look (both recipes get 2 minutes)
-    python bench/quality.py --recipes ours,modern --out bench/results/quality_blocks_cpu_2core.txt \
-        --png bench/results/quality_blocks_cpu_2core.png   # GPT-2's blocks vs the modern ones
+    python bench/quality.py --recipes gpt2,modern,tok2k,tok4k,modern-2k,modern-4k \
+        --out bench/results/quality_ingredients_cpu_2core.txt \
+        --png bench/results/quality_ingredients_cpu_2core.png  # each ingredient, about an hour
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from corpus.datasets import DataArgs, load_split  # noqa: E402
+from corpus.split_tokenizer import with_split_tokenizer  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.options import DTYPE_NAMES, PRESETS, parse_args, resolve_dtype  # noqa: E402
 
@@ -52,10 +53,19 @@ RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "reference": dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100,
                       schedule="cosine", ema=0.0, beta1=0.9, beta2=0.99, weight_decay=0.1,
                       dropout=0.2, unseen_tokens="full"),
-    # ingredients (`--recipes ours,modern`): the preset with the modern blocks (RoPE, RMSNorm,
-    # QK-norm, ReLU², untied head with a soft-cap) instead of GPT-2's
-    "modern": dict(arch="modern"),
+    # ingredients (`--recipes gpt2,modern,tok2k,...`): the blocks, the tokenizer and the dropout
+    # set explicitly, so that each name is the same run whatever the preset holds. gpt2: GPT-2's
+    # blocks and tokens; modern: the modern blocks (RoPE, RMSNorm, QK-norm, ReLU², untied head
+    # with a soft-cap); tokN: a BPE of N tokens trained on the training split (its steps are
+    # cheaper, so the run makes more passes: dropout 0.1 against the overfitting); both.
+    "gpt2": dict(arch="gpt2", train_tokenizer=0, dropout=0.0),
+    "modern": dict(arch="modern", train_tokenizer=0, dropout=0.0),
+    "tok2k": dict(arch="gpt2", train_tokenizer=2048, dropout=0.1),
+    "tok4k": dict(arch="gpt2", train_tokenizer=4096, dropout=0.1),
+    "modern-2k": dict(arch="modern", train_tokenizer=2048, dropout=0.1),
+    "modern-4k": dict(arch="modern", train_tokenizer=4096, dropout=0.1),
 }
+INGREDIENTS = "gpt2,modern,tok2k,tok4k,modern-2k,modern-4k"
 
 
 def _flags(d: dict) -> list[str]:
@@ -98,6 +108,16 @@ def run_recipe(name: str, extra: list[str], out: Path, log: Path) -> dict:
                 train_min=float(rows[-1]["elapsed_s"]) / 60)
 
 
+def prepare(name: str, common: list[str]) -> None:
+    """Train the recipe's tokenizer (if it trains one) and tokenize both splits into the cache
+    its run reads, so that no run's budget pays for what the others found ready."""
+    args, explicit = parse_args(["--preset", "cpu-10min", *common, *_flags(RECIPES[name])])
+    data = with_split_tokenizer(DataArgs.from_dict(vars(args)), "tokenizer" in explicit,
+                                "train_tokenizer" in explicit, print)
+    load_split(data, "val")
+    load_split(data, "train")
+
+
 def val_curve(rows: list[dict[str, str]]) -> list[tuple[float, float]]:
     """(training minutes, validation bits per byte) of a run's `metrics.csv` rows; the loss
     in nats per token where the run recorded no bits per byte."""
@@ -124,15 +144,17 @@ def table_lines(results: list[dict]) -> list[str]:
         lines.append(f"{r['name']:<10} {r['plan']['step_s']:>7.3f} {r['plan']['steps']:>6} "
                      f"{r['train_min']:>9.2f} {r['wall_s']:>7.1f} {r['val_loss']:>9.4f} "
                      f"{bpb(r['bpb']):>9} {r['ppl']:>7.1f}  {flags}")
-    ours = results[0]
+    first = results[0]
     for other in results[1:]:
-        diff = other["val_loss"] - ours["val_loss"]
-        bits = (f", {abs(other['bpb'] - ours['bpb']):.4f} bits/byte lower"
-                if ours["bpb"] is not None and other["bpb"] is not None else "")
-        low, high = (ours, other) if diff >= 0 else (other, ours)
-        lines.append(f"{low['name']} is {abs(diff):.4f} nats/token lower than {high['name']} "
-                     f"({math.exp(abs(diff)):.2f}x lower perplexity){bits}; validation loss: "
-                     "evaluate_lm.py on each run's best.pt, the whole validation split (fp32)")
+        if first["bpb"] is not None and other["bpb"] is not None:  # any two tokenizers
+            diff, unit = other["bpb"] - first["bpb"], "bits/byte"
+        else:
+            diff, unit = other["val_loss"] - first["val_loss"], "nats/token"
+        low, high = (first, other) if diff >= 0 else (other, first)
+        lines.append(f"{low['name']} is {abs(diff):.4f} {unit} lower than {high['name']}")
+    lines.append("validation: evaluate_lm.py on each run's best.pt, the whole validation split "
+                 "(fp32); bits per byte compare runs with different tokenizers, nats per token "
+                 "do not")
     return lines
 
 
@@ -191,9 +213,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--device", args.device, "--cache_dir", f"{tmp}/cache",
                   "--time_budget", f"{args.minutes:g}"]
-        data = DataArgs.from_dict(vars(parse_args(["--preset", "cpu-10min", *common])[0]))
-        load_split(data, "val")  # tokenizes both splits' cache once, outside the runs
-        load_split(data, "train")
+        for name in names:  # each recipe's tokenizer and token cache, once, outside the runs
+            prepare(name, common)
         results = [run_recipe(name, [*common, *_flags(RECIPES[name])], Path(tmp) / name,
                               Path(tmp) / f"{name}.log")
                    for name in names]
@@ -208,11 +229,12 @@ def main() -> int:
     say(f"device: {device} ({where}; {torch.get_num_threads()} threads, {amp} training); "
         f"torch {torch.__version__}; model {PRESET['num_layers']} layers x {PRESET['d_model']}, "
         f"context {PRESET['max_seq_len']}, batch {PRESET['batch_size']}; Tiny Shakespeare, "
-        "GPT-2 tokens")
+        "GPT-2's tokens unless the recipe trains its own (--train_tokenizer)")
     say(f"each recipe: python training/train_lm.py --preset cpu-10min --time_budget "
         f"{args.minutes:g} [flags] (wall: the whole command, timed from outside, budget "
         f"{args.minutes * 60:g} s)")
-    say("ours: " + " ".join(_flags({k: v for k, v in PRESET.items() if k != "time_budget"})))
+    preset = {k: v for k, v in PRESET.items() if k != "time_budget"}
+    say("--preset cpu-10min: " + " ".join(_flags(preset)))
     lines += table_lines(results)
     png = Path(args.png)
     png.parent.mkdir(parents=True, exist_ok=True)

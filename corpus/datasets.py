@@ -28,7 +28,7 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ from corpus.shards import DataError, TokenShards, open_split, read_manifest
 from corpus.sources import HubDataset, LocalFiles
 
 __all__ = ["DataArgs", "DataError", "add_data_args", "dataset_label", "default_cache_dir",
-           "describe_split", "load_split", "no_bytes_note", "adopt_data_tokenizer", "data_folder"]
+           "describe_split", "load_split", "no_bytes_note", "adopt_data_tokenizer", "data_folder",
+           "split_source"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SHAKESPEARE = REPO_ROOT / "data" / "tinyshakespeare.txt"
@@ -63,6 +64,8 @@ class DataArgs:
         dataset: the built-in dataset (`--dataset`).
         data_dir, train_file, val_file, test_file: local text for the built-in data.
         tokenizer: the tokenizer name or folder the splits are encoded with.
+        train_tokenizer: N > 0: train a BPE of N tokens on the training split and encode with
+            it (`corpus.split_tokenizer`; training only, resolved into `tokenizer`).
         cache_dir: where the built-in data's shards go (None: `<out_dir>/cache`).
         out_dir: the run directory whose `cache/` holds them (None: `lm_<label>`).
     """
@@ -76,6 +79,11 @@ class DataArgs:
     tokenizer: str = "gpt2"
     cache_dir: str | None = None
     out_dir: str | None = None
+    train_tokenizer: int = field(default=0, metadata={"saved_if_set": True})
+
+    def __post_init__(self) -> None:
+        if self.train_tokenizer < 0:
+            raise DataError(f"--train_tokenizer must be >= 0 (0: none), got {self.train_tokenizer}")
 
     @classmethod
     def from_dict(cls, flags: Mapping[str, Any]) -> DataArgs:
@@ -83,7 +91,7 @@ class DataArgs:
         their defaults, other keys are ignored."""
         given = {f.name: flags[f.name] for f in dataclasses.fields(cls)
                  if flags.get(f.name) is not None}
-        return cls(**{k: str(v) for k, v in given.items()})
+        return cls(**{k: int(v) if k == "train_tokenizer" else str(v) for k, v in given.items()})
 
     @property
     def label(self) -> str:
@@ -91,8 +99,9 @@ class DataArgs:
         return dataset_label(self)
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Add the data flags shared by training and evaluation to `parser`."""
+def add_data_args(parser: argparse.ArgumentParser, train_tokenizer: bool = False) -> None:
+    """Add the data flags shared by training and evaluation to `parser` (and training's
+    `--train_tokenizer` when `train_tokenizer`)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="a folder of token shards made by prepare_data.py (any corpus size)")
@@ -109,6 +118,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="tokenizer name or folder (default: gpt2, bundled)")
     g.add_argument("--cache_dir", default=None,
                    help="where the built-in datasets' shards go (default: <run dir>/cache)")
+    if train_tokenizer:
+        g.add_argument("--train_tokenizer", type=_tokens_or_none, default=0, metavar="N",
+                       help="train a byte-level BPE of N tokens on the training split of text "
+                            "data (the built-in data or --train_file; cached in --cache_dir) "
+                            "and encode with it; 0: none. --tokenizer, --data and --init_from "
+                            "name a tokenizer instead")
+
+
+def _tokens_or_none(text: str) -> int:
+    """`--train_tokenizer`: a vocabulary size, or 0 for none."""
+    if not re.fullmatch(r"\d+", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a vocabulary size (e.g. 4096) or 0, got "
+                                         f"{text!r}")
+    return int(text)
 
 
 def dataset_label(data: DataArgs) -> str:
@@ -164,7 +187,7 @@ def _text(path: Path, title: str, char_range: tuple[float, float] | None = None,
     return LocalFiles(str(path), [path], docs, char_range=char_range, title=title)
 
 
-def _split_source(data: DataArgs, split: str):
+def split_source(data: DataArgs, split: str) -> LocalFiles | HubDataset | None:
     """The source of one split of the built-in data, or None when the data has no such split.
 
     Raises:
@@ -226,7 +249,7 @@ def _builtin_config(data: DataArgs, split: str) -> PrepareConfig:
     Raises:
         DataError: the split is unavailable (with how to get it).
     """
-    src = _split_source(data, split)
+    src = split_source(data, split)
     if src is None:
         raise _missing_split(data, split)
     tok = str(data.tokenizer or "gpt2")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,28 @@ def assert_usage_errors(script: Path, cases: dict[str, tuple[list, str]], cwd: P
         assert len(lines) == 1 and lines[0].startswith(prefix), (name, err)
         assert expect in lines[0], (name, lines[0])
         assert out == "", (name, out)
+
+
+def run_main_many(module: str, commands: list[tuple[list[str], bytes | None]], cwd: Path,
+                  env: dict[str, str], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """`<module>.main(argv)` for each (argv, stdin bytes or None) in one child interpreter
+    (each start imports torch: seconds on a busy machine); (status, stdout, stderr) of each,
+    split out of the child's whole output (stdout strictly UTF-8)."""
+    code = ("import io, sys, " + module + "\n"
+            f"for argv, data in {commands!r}:\n"
+            "    if data is not None:\n"
+            "        sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding='utf-8')\n"
+            "    try:\n"
+            f"        rc = {module}.main(argv)\n"
+            "    except SystemExit as exc:\n"
+            "        rc = exc.code\n"
+            "    for stream in (sys.stdout, sys.stderr):\n"
+            "        stream.write(f'<<rc={rc}>>\\n')\n"
+            "        stream.flush()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=cwd, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr.decode()
+    outs = re.split(r"<<rc=(\w+)>>\n", proc.stdout.decode("utf-8"))
+    errs = re.split(r"<<rc=\w+>>\n", proc.stderr.decode("utf-8", errors="replace"))
+    assert len(outs) == 2 * len(commands) + 1, proc.stderr.decode()
+    return [(int(outs[2 * i + 1]), outs[2 * i], errs[i]) for i in range(len(commands))]

@@ -7,8 +7,8 @@ The layers, each replacing the one before for the flags it sets:
    being fine-tuned from (the model's shape and tokenizer; `training.start`);
 3. the flags given on the command line;
 4. derived defaults (`--seq_len`, `--min_lr`, `--save_interval`, `--eval_batch_size`,
-   `--out_dir`) and what the data says (`--data`'s tokenizer, a resumed run's global batch and
-   time plan).
+   `--out_dir`) and what the data says (`--data`'s tokenizer, `--train_tokenizer`'s trained one,
+   a resumed run's global batch and time plan).
 
 The result is a `RunConfig` of small frozen slices; each part of the trainer receives the slice
 it uses. `RunConfig.to_dict()` is the flat dict of flags a snapshot stores under "args" (the
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.datasets import DataArgs, adopt_data_tokenizer, dataset_label
+from corpus.split_tokenizer import with_split_tokenizer
 from training.budget import TimePlan, resolve_plan
 from training.errors import UsageError
 from training.optim import OptimArgs, ScheduleArgs
@@ -296,7 +297,10 @@ def resolve_config(args: argparse.Namespace, explicit: set[str], *, world_size: 
     config = _build(_derive(flags))
     # --data: its tokenizer, unless --tokenizer or --init_from's model names one (then they
     # must be the same)
-    data = adopt_data_tokenizer(config.data, "tokenizer" in explicit or start.kind == "init")
+    named = "tokenizer" in explicit or start.kind == "init"
+    data = adopt_data_tokenizer(config.data, named)
+    # --train_tokenizer (a preset's or given): a BPE trained on the training split, cached
+    data = with_split_tokenizer(data, named, "train_tokenizer" in explicit, say)
     grad_accum = keep_global_batch(config.batch.batch_size, config.batch.grad_accum, explicit,
                                    start, world_size, say)
     windows = windows_per_eval(config.eval.eval_windows)  # after a resume set the flag

@@ -107,7 +107,7 @@ def build_parser() -> OneLineParser:
                         "finetune: a small learning rate, to train on from --init_from weights")
     p.add_argument("--explain", action="store_true",
                    help="print what this command would do (sizes, time, memory, paths) and exit")
-    add_data_args(p)
+    add_data_args(p, train_tokenizer=True)
     _add_model_flags(p)
     _add_training_flags(p)
     _add_speed_flags(p)

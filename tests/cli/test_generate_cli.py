@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_cases import run_main_many
 
 from model.checkpoint import load_model
 from model.tokenizer import load_tokenizer
@@ -34,23 +34,10 @@ def run_many(commands: list[list[str]], cwd: Path, timeout: float = 300
              ) -> list[subprocess.CompletedProcess]:
     """Run `generate_lm.main(argv)` for each argv in one interpreter (imports cost seconds);
     return one CompletedProcess-like result per command, its output split out of the whole."""
-    code = ("import sys, generate_lm\n"
-            f"for argv in {commands!r}:\n"
-            "    try:\n"
-            "        rc = generate_lm.main(argv)\n"
-            "    except SystemExit as exc:\n"
-            "        rc = exc.code\n"
-            "    for stream in (sys.stdout, sys.stderr):\n"
-            "        stream.write(f'<<rc={rc}>>\\n')\n"
-            "        stream.flush()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=cwd, env=ENV,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr.decode()
-    outs = re.split(r"<<rc=(\w+)>>\n", proc.stdout.decode("utf-8"))
-    errs = re.split(r"<<rc=\w+>>\n", proc.stderr.decode("utf-8", errors="replace"))
-    assert len(outs) == 2 * len(commands) + 1, proc.stderr.decode()
-    return [subprocess.CompletedProcess(argv, int(outs[2 * i + 1]), outs[2 * i], errs[i])
-            for i, argv in enumerate(commands)]
+    results = run_main_many("generate_lm", [(argv, None) for argv in commands], cwd, ENV,
+                            timeout)
+    return [subprocess.CompletedProcess(argv, rc, out, err)
+            for argv, (rc, out, err) in zip(commands, results, strict=True)]
 
 
 PARSER_ERROR = "generate_lm.py: error: "  # the parser's (common.cli.OneLineParser) prefix

@@ -7,13 +7,13 @@ template, --chat on for a base model) are one line and exit 2."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 
 import pexpect
 import pytest
 import torch
 from chat_model import BROKEN, CHATML, CONTEXT, IM_END, STOPPING, save_chat_checkpoint
+from cli_cases import run_main_many
 from test_repl import PROMPT, SCRIPT, _command, _env, _exit_status
 
 from model.loading import load_for_inference
@@ -122,25 +122,8 @@ def test_chat_session(checkpoints, local, tmp_path):
 
 def run_many(commands: list[tuple[list[str], bytes]], tmp_path) -> list[tuple[int, str, str]]:
     """`generate_lm.main(argv)` with `stdin` piped in, for each (argv, stdin), in one
-    interpreter (each start imports torch: seconds on a busy machine); (status, stdout,
-    stderr) of each."""
-    code = ("import io, sys, generate_lm\n"
-            f"for argv, data in {commands!r}:\n"
-            "    sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding='utf-8')\n"
-            "    try:\n"
-            "        rc = generate_lm.main(argv)\n"
-            "    except SystemExit as exc:\n"
-            "        rc = exc.code\n"
-            "    for stream in (sys.stdout, sys.stderr):\n"
-            "        stream.write(f'<<rc={rc}>>\\n')\n"
-            "        stream.flush()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=tmp_path,
-                          env=_env(tmp_path), timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()
-    outs = re.split(r"<<rc=(\w+)>>\n", proc.stdout.decode("utf-8"))
-    errs = re.split(r"<<rc=\w+>>\n", proc.stderr.decode("utf-8", errors="replace"))
-    assert len(outs) == 2 * len(commands) + 1, proc.stderr.decode()
-    return [(int(outs[2 * i + 1]), outs[2 * i], errs[i]) for i in range(len(commands))]
+    interpreter; (status, stdout, stderr) of each."""
+    return run_main_many("generate_lm", commands, tmp_path, _env(tmp_path))
 
 
 def test_piped_chat_a_base_model_and_bad_starts(checkpoints, local, tmp_path):
