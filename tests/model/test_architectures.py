@@ -410,7 +410,8 @@ def test_convert_to_hf_and_back(tmp_path):
     back = LanguageModel.from_hf_gpt2(out)
     assert back.config == model.config
     ids = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
+    with torch.no_grad():  # both in evaluation mode: the same attention kernel
+        model.eval(), back.eval()
         assert torch.equal(back(ids), model(ids))
     assert check_exportable(model.config, model.state_dict(), "f32") == "qwen3"
     everything = _model(**OPTIONS["everything"])

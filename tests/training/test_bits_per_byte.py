@@ -317,16 +317,19 @@ def test_quality_bench_reports_bits_per_byte():
             "wall_s": 563.0, **scores(report)}
     ref = {**ours, "name": "reference", **scores({**report, "loss": 5.0,
                                                    "bits_per_byte": 2.3})}
-    header, row_ours, row_ref, summary = table_lines([ours, ref])
+    header, row_ours, row_ref, summary, note = table_lines([ours, ref])
     assert header.split()[8:11] == ["val", "loss", "bits/byte"]
     assert row_ours.split()[5:7] == ["4.5000", "2.1000"]
     assert row_ref.split()[5:7] == ["5.0000", "2.3000"]
-    assert "0.5000 nats/token lower" in summary and "0.2000 bits/byte lower" in summary
+    # runs compare in bits per byte (any tokenizers), in nats per token only without them
+    assert summary == "ours is 0.2000 bits/byte lower than reference"
+    assert "nats per token do not" in note
     # the lower of the two is named first, whichever recipe came first
-    assert table_lines([ref, ours])[-1].startswith(
-        "ours is 0.5000 nats/token lower than reference (1.65x lower perplexity), 0.2000 bits")
+    assert table_lines([ref, ours])[-2] == "ours is 0.2000 bits/byte lower than reference"
     old = {**ref, **scores({"loss": 5.0, "perplexity": 148.4})}  # no bits per byte recorded
-    assert table_lines([ours, old])[2].split()[6] == "n/a"
+    lines = table_lines([ours, old])
+    assert lines[2].split()[6] == "n/a"
+    assert lines[3] == "ours is 0.5000 nats/token lower than reference"
     rows = [{"kind": "val", "elapsed_s": "60", "loss": "4.5", "bits_per_byte": "2.1"},
             {"kind": "train", "elapsed_s": "61", "loss": "4.4", "bits_per_byte": ""}]
     assert val_curve(rows) == [(1.0, 2.1)]

@@ -100,6 +100,17 @@ def test_a_snapshot_of_the_old_code_resumes_exactly(tmp_path, monkeypatch, capsy
     (b / "run" / "snapshots").mkdir(parents=True)
     shutil.copy(fixture / "step4.pt", b / "run" / "snapshots" / "latest.pt")
     old = torch.load(fixture / "step4.pt", weights_only=True)
+    # the fixture's dropout drew its masks with PyTorch's own samplers (F.dropout, SDPA's):
+    # this code's cheaper CPU masks (model/dropout.py) draw others, so run with those
+    import torch.nn.functional as F
+
+    import model.dropout
+    import model.lm
+
+    monkeypatch.setattr(model.dropout, "dropout", F.dropout)
+    monkeypatch.setattr(model.lm, "causal_attention_with_dropout",
+                        lambda q, k, v, p: F.scaled_dot_product_attention(
+                            q, k, v, is_causal=True, dropout_p=p))
 
     monkeypatch.chdir(a)
     assert train_lm.main(list(PRE_CONFIG_FLAGS)) == 0
