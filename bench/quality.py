@@ -20,7 +20,7 @@ budgets.
 
     python bench/quality.py                  # the preset's 10 minutes each: about 21 minutes
     python bench/quality.py --minutes 2      # a quicker look (both recipes get 2 minutes)
-    python bench/quality.py --recipes gpt2,modern,tok2k,tok4k,modern-2k,modern-4k \
+    python bench/quality.py --recipes gpt2,modern,tok2k,tok4k,tok8k,modern-2k \
         --out bench/results/quality_ingredients_cpu_2core.txt \
         --png bench/results/quality_ingredients_cpu_2core.png  # each ingredient, about an hour
 """
@@ -47,7 +47,7 @@ from corpus.split_tokenizer import with_split_tokenizer  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.options import DTYPE_NAMES, PRESETS, parse_args, resolve_dtype  # noqa: E402
 
-PRESET = PRESETS["cpu-10min"]
+QUALITY_PRESETS = ("cpu-10min", "demo")  # the presets judged by their quality
 RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "ours": {},
     "reference": dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100,
@@ -57,15 +57,16 @@ RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     # set explicitly, so that each name is the same run whatever the preset holds. gpt2: GPT-2's
     # blocks and tokens; modern: the modern blocks (RoPE, RMSNorm, QK-norm, ReLU², untied head
     # with a soft-cap); tokN: a BPE of N tokens trained on the training split (its steps are
-    # cheaper, so the run makes more passes: dropout 0.1 against the overfitting); both.
+    # cheaper, so the run makes more passes: dropout 0.2 against the overfitting); both.
     "gpt2": dict(arch="gpt2", train_tokenizer=0, dropout=0.0),
     "modern": dict(arch="modern", train_tokenizer=0, dropout=0.0),
-    "tok2k": dict(arch="gpt2", train_tokenizer=2048, dropout=0.1),
-    "tok4k": dict(arch="gpt2", train_tokenizer=4096, dropout=0.1),
-    "modern-2k": dict(arch="modern", train_tokenizer=2048, dropout=0.1),
-    "modern-4k": dict(arch="modern", train_tokenizer=4096, dropout=0.1),
+    "tok2k": dict(arch="gpt2", train_tokenizer=2048, dropout=0.2),
+    "tok4k": dict(arch="gpt2", train_tokenizer=4096, dropout=0.2),
+    "tok8k": dict(arch="gpt2", train_tokenizer=8192, dropout=0.2),
+    "modern-2k": dict(arch="modern", train_tokenizer=2048, dropout=0.2),
+    "modern-4k": dict(arch="modern", train_tokenizer=4096, dropout=0.2),
 }
-INGREDIENTS = "gpt2,modern,tok2k,tok4k,modern-2k,modern-4k"
+INGREDIENTS = "gpt2,modern,tok2k,tok4k,tok8k,modern-2k"
 
 
 def _flags(d: dict) -> list[str]:
@@ -89,9 +90,9 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def run_recipe(name: str, extra: list[str], out: Path, log: Path) -> dict:
-    """Run `train_lm.py --preset cpu-10min EXTRA` as its own process; its plan, curve, wall."""
-    cmd = [sys.executable, str(REPO / "training" / "train_lm.py"), "--preset", "cpu-10min",
+def run_recipe(preset: str, name: str, extra: list[str], out: Path, log: Path) -> dict:
+    """Run `train_lm.py --preset PRESET EXTRA` as its own process; its plan, curve, wall."""
+    cmd = [sys.executable, str(REPO / "training" / "train_lm.py"), "--preset", preset,
            *extra, "--out_dir", str(out)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -103,15 +104,19 @@ def run_recipe(name: str, extra: list[str], out: Path, log: Path) -> dict:
     rows = read_metrics(out / "metrics.csv")
     curve = val_curve(rows)
     best = out / "snapshots" / "best.pt"
-    plan = torch.load(best, map_location="cpu", weights_only=True)["time_plan"]
+    plan = torch.load(best, map_location="cpu", weights_only=True).get("time_plan")
+    train = [r for r in rows if r["kind"] == "train"]
+    if plan is None:  # a run of a fixed number of steps: its own mean step
+        steps = int(train[-1]["step"])
+        plan = {"steps": steps, "step_s": float(train[-1]["elapsed_s"]) / steps}
     return dict(name=name, plan=plan, wall_s=wall, curve=curve, best=best,
                 train_min=float(rows[-1]["elapsed_s"]) / 60)
 
 
-def prepare(name: str, common: list[str]) -> None:
+def prepare(preset: str, name: str, common: list[str]) -> None:
     """Train the recipe's tokenizer (if it trains one) and tokenize both splits into the cache
     its run reads, so that no run's budget pays for what the others found ready."""
-    args, explicit = parse_args(["--preset", "cpu-10min", *common, *_flags(RECIPES[name])])
+    args, explicit = parse_args(["--preset", preset, *common, *_flags(RECIPES[name])])
     data = with_split_tokenizer(DataArgs.from_dict(vars(args)), "tokenizer" in explicit,
                                 "train_tokenizer" in explicit, print)
     load_split(data, "val")
@@ -192,8 +197,10 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=PRESET["time_budget"],
-                   help="each recipe's --time_budget (default: the preset's)")
+    p.add_argument("--preset", choices=QUALITY_PRESETS, default="cpu-10min",
+                   help="the preset the recipes change (default cpu-10min)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="each recipe's --time_budget (default: the preset's, if it has one)")
     p.add_argument("--png", default="bench/results/quality_cpu_2core.png",
                    help="where to draw the curves")
     p.add_argument("--out", default="bench/results/quality_cpu_2core.txt",
@@ -201,9 +208,11 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--recipes", default="ours,reference",
                    help=f"which recipes, in order, the first compared with each other "
-                        f"(of {', '.join(RECIPES)})")
+                        f"(of {', '.join(RECIPES)}; each ingredient: {INGREDIENTS})")
     args = p.parse_args()
-    if not args.minutes > 0:
+    preset = PRESETS[args.preset]
+    minutes = args.minutes if args.minutes is not None else preset.get("time_budget")
+    if minutes is not None and not minutes > 0:
         p.error("--minutes must be positive")
     names = [n for n in args.recipes.split(",") if n]
     if len(names) < 2 or len(set(names)) != len(names) or not set(names) <= set(RECIPES):
@@ -211,12 +220,13 @@ def main() -> int:
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        common = ["--device", args.device, "--cache_dir", f"{tmp}/cache",
-                  "--time_budget", f"{args.minutes:g}"]
+        common = ["--device", args.device, "--cache_dir", f"{tmp}/cache"]
+        if minutes is not None:
+            common += ["--time_budget", f"{minutes:g}"]
         for name in names:  # each recipe's tokenizer and token cache, once, outside the runs
-            prepare(name, common)
-        results = [run_recipe(name, [*common, *_flags(RECIPES[name])], Path(tmp) / name,
-                              Path(tmp) / f"{name}.log")
+            prepare(args.preset, name, common)
+        results = [run_recipe(args.preset, name, [*common, *_flags(RECIPES[name])],
+                              Path(tmp) / name, Path(tmp) / f"{name}.log")
                    for name in names]
         for r in results:
             r.update(scores(evaluate(r.pop("best"), f"{tmp}/cache", args.device)))
@@ -227,19 +237,20 @@ def main() -> int:
     amp = DTYPE_NAMES[resolve_dtype("auto", device)]
     where = machine() if device.type == "cpu" else torch.cuda.get_device_name(device)
     say(f"device: {device} ({where}; {torch.get_num_threads()} threads, {amp} training); "
-        f"torch {torch.__version__}; model {PRESET['num_layers']} layers x {PRESET['d_model']}, "
-        f"context {PRESET['max_seq_len']}, batch {PRESET['batch_size']}; Tiny Shakespeare, "
-        "GPT-2's tokens unless the recipe trains its own (--train_tokenizer)")
-    say(f"each recipe: python training/train_lm.py --preset cpu-10min --time_budget "
-        f"{args.minutes:g} [flags] (wall: the whole command, timed from outside, budget "
-        f"{args.minutes * 60:g} s)")
-    preset = {k: v for k, v in PRESET.items() if k != "time_budget"}
-    say("--preset cpu-10min: " + " ".join(_flags(preset)))
+        f"torch {torch.__version__}; model {preset['num_layers']} layers x {preset['d_model']}, "
+        f"context {preset['max_seq_len']}, batch {preset['batch_size']}; Tiny Shakespeare; "
+        "recipes may change these (flags)")
+    budget = (f" --time_budget {minutes:g} [flags] (wall: the whole command, timed from outside, "
+              f"budget {minutes * 60:g} s)" if minutes is not None else
+              " [flags] (wall: the whole command, timed from outside)")
+    say(f"each recipe: python training/train_lm.py --preset {args.preset}{budget}")
+    shown = {k: v for k, v in preset.items() if k != "time_budget"}
+    say(f"--preset {args.preset}: " + " ".join(_flags(shown)))
     lines += table_lines(results)
     png = Path(args.png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    plot(results, png, f"Tiny Shakespeare, {PRESET['num_layers']}x{PRESET['d_model']} model, "
-                       f"--time_budget {args.minutes:g} each ({where})")
+    each = f"--time_budget {minutes:g} each" if minutes is not None else "its steps each"
+    plot(results, png, f"Tiny Shakespeare, --preset {args.preset}, {each} ({where})")
     say(f"curves: {png}; bench/quality.py took {time.perf_counter() - started:.0f} s in all")
     text = "\n".join(lines) + "\n"
     print(text, end="")
