@@ -58,6 +58,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from bench.record import machine  # noqa: E402
+
 SHARED = REPO.parent / "shared"
 
 
@@ -382,22 +384,6 @@ def loader_rates(out: Path, seconds: float = 3.0) -> list[dict]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _cpu() -> str:
-    """The CPU's model name and its widest vector instructions (tokenizers depend on them)."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = ("AVX-512" if any(f.startswith("avx512") for f in flags) else
-            "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
-    return f"{name} ({simd})"
-
-
 def _ours(corpus: Path, out: Path, procs: int, tokenizer: str = "gpt2") -> dict:
     import shutil
 
@@ -414,7 +400,7 @@ def _header(procs: int) -> None:
     import tiktoken
     import tokenizers
 
-    print(f"device: {_cpu()}, {procs} processes; Python {platform.python_version()}, tiktoken "
+    print(f"device: {machine()}, {procs} processes; Python {platform.python_version()}, tiktoken "
           f"{tiktoken.__version__}, tokenizers {tokenizers.__version__}, numpy {np.__version__}")
 
 

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -40,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.record import machine  # noqa: E402
 
 SHAPES = {  # LanguageModel arguments
     "default": {},  # LMConfig's defaults: 4 layers of 256, context 256
@@ -76,23 +76,6 @@ def make_task(folder: Path, examples: int = 400, seed: int = 0) -> Path:
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n",
         encoding="utf-8")
     return folder
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has AVX-512 / AMX (figures depend on them)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    simd = ("AVX-512" if "avx512f" in flags else "no AVX-512") + (
-        ", AMX" if "amx_tile" in flags else ", no AMX")
-    return f"{name} ({simd}, {os.cpu_count()} cores)"
 
 
 def _timed(run) -> tuple[float, dict]:
@@ -134,7 +117,7 @@ def time_tasks(checkpoint: str, limit: int, batch_size: int, dtype: str,
                         include_path=make_task(Path(tempfile.mkdtemp()) / "tasks"))
     lines = [f"--eval_tasks {TASK} --eval_tasks_limit {limit}: one evaluation of {checkpoint} "
              f"({model.num_params(non_embedding=False) / 1e6:.1f}M parameters), batch "
-             f"{batch_size}, {dtype}", f"machine: {cpu_name()}, torch {torch.__version__}"]
+             f"{batch_size}, {dtype}", f"machine: {machine()}, torch {torch.__version__}"]
     for _ in range(3):
         wall, cpu = time.perf_counter(), time.process_time()
         metrics, _ = runner.run(model, model.tokenizer, batch_size=batch_size,
@@ -218,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         f"downstream speed: {TASK}, {args.limit} questions x 4 endings, model shape "
         f"{args.shape} ({model.num_params(non_embedding=False) / 1e6:.1f}M parameters, "
         f"context {model.max_seq_len}), random weights, float32",
-        f"machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"machine: {machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "",
         "backend  batch  seconds  CPU seconds",
         *[f"{n:7} {b:6} {s:8.2f} {c:12.2f}" for n, b, s, _, c in rows],

@@ -24,8 +24,6 @@ f32) then loads each file, and the run prints per family and type:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +32,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.record import machine  # noqa: E402
 
 # Text llama.cpp must split as the tokenizer does: digits, contractions, runs of spaces and
 # newlines, punctuation, accents and an emoji.
@@ -144,23 +144,6 @@ def hf_model(family: str) -> Any:
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _cpu() -> str:
-    """The CPU's model name and its widest vector instructions (llama.cpp's kernels depend on
-    them)."""
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = ("AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags
-            else "no AVX2") + (", AMX" if any(f.startswith("amx") for f in flags) else "")
-    return f"{name} ({simd})"
-
-
 def _measure(llama_cpp: Any, path: Path, model: Any, tok: Any) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -206,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import load_model
 
     torch.set_num_threads(1)
-    lines = [f"# {time.strftime('%Y-%m-%d', time.gmtime())}, {os.cpu_count()}-core {_cpu()}, "
+    lines = [f"# {time.strftime('%Y-%m-%d', time.gmtime())}, {machine()}, "
              f"torch {torch.__version__}"
              f", llama-cpp-python {llama_cpp.__version__} (1 thread, f32 KV cache)",
              " ".join(["# python bench/gguf_families.py",

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.record import machine  # noqa: E402
 from corpus.datasets import DataArgs, load_split  # noqa: E402
 from corpus.split_tokenizer import with_split_tokenizer  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
@@ -71,23 +70,6 @@ INGREDIENTS = "gpt2,modern,tok2k,tok4k,tok8k,modern-2k"
 
 def _flags(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k}", str(v))]
-
-
-def machine() -> str:
-    """This machine's processor in words, e.g. 'AMD EPYC, 2 cores, AVX2'."""
-    name = platform.processor() or platform.machine()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines()
-                    if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in info.splitlines()
-                         if line.startswith("flags")))
-        simd = [f.upper().replace("_", "-") for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
-                if f in flags]
-        name += f", {simd[0]}" if simd else ""
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def run_recipe(preset: str, name: str, extra: list[str], out: Path, log: Path) -> dict:

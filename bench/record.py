@@ -1,7 +1,8 @@
-"""What the benchmark scripts share: the CPU's name, and a copy of what they print to a file."""
+"""What the benchmark scripts share: the CPU in words, and a copy of what they print to a file."""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Iterator
@@ -9,15 +10,34 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo; the platform's processor name elsewhere)."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return name, flags
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor name elsewhere)."""
+    return _cpuinfo()[0]
+
+
+def machine() -> str:
+    """The CPU in the words every benchmark records, e.g. 'AMD EPYC (AVX-512 with BF16, no AMX;
+    2 cores)': its name, its widest vector instructions and AMX (kernels and figures depend on
+    them), and its core count."""
+    name, flags = _cpuinfo()
+    simd = ("AVX-512 with BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+            else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+    amx = "AMX" if any(f.startswith("amx") for f in flags) else "no AMX"
+    return f"{name} ({simd}, {amx}; {os.cpu_count()} cores)"
 
 
 class _Tee:

@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.record import printed_to  # noqa: E402
+from bench.record import machine, printed_to  # noqa: E402
 
 CONFIGS = {
     "default": dict(),
@@ -273,25 +273,6 @@ def main() -> None:
         run(args)
 
 
-def cpu_name() -> str:
-    """The CPU's model name and its widest vector extension (figures depend on both)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == (platform.processor()
-                                                             or platform.machine()):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    simd = ("AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags
-            else "")
-    return f"{name} ({simd})" if simd else name
-
-
 def print_side_by_side(rows: dict[tuple, Result], pairs: dict[tuple, list[float]],
                        max_batch: int) -> None:
     """The comparisons of our continuous batching against the other rows, with the issue's
@@ -335,7 +316,7 @@ def run(args: argparse.Namespace) -> None:
     from serve_lm import STREAM_INTERVAL_MS
 
     cores = os.cpu_count() or 1
-    cpu = cpu_name()
+    cpu = machine()
     interval = STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms
     clients = [int(c) for c in args.clients.split(",")]
     samplings = args.samplings.split(",")

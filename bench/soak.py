@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.record import printed_to  # noqa: E402
+from bench.record import machine, printed_to  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
            PYTHONUNBUFFERED="1")
@@ -90,24 +90,6 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_name() -> str:
-    """lscpu's model name, and whether the CPU has AVX-512 and AMX."""
-    name, flags = platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    avx = "AVX-512" if "avx512f" in flags else "no AVX-512"
-    amx = "AMX" if any(f.startswith("amx") for f in flags) else "no AMX"
-    return f"{name} ({avx}, {amx}), {os.cpu_count()} cores"
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -360,7 +342,7 @@ def report(tally: Tally, seconds: float, args: argparse.Namespace, log: str,
 def run(args: argparse.Namespace) -> bool:
     import torch
 
-    print(f"cpu: {cpu_name()} | torch {torch.__version__} | python {platform.python_version()}")
+    print(f"cpu: {machine()} | torch {torch.__version__} | python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
         log = Path(tmp) / "server.log"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.record import machine  # noqa: E402
 from model.lm import LanguageModel  # noqa: E402
 from training.fused_loss import TrainingModule  # noqa: E402
 from training.mfu import GPU_PEAKS, flops_per_token  # noqa: E402
@@ -81,15 +81,7 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float, st
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{machine()}, {torch.get_num_threads()} threads"
 
 
 def reference_step(model, optimizer, x, y, device):
