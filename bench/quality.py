@@ -1,28 +1,35 @@
 #!/usr/bin/env python
-"""Model quality for the same wall-clock budget: a reference recipe vs ours, one invocation.
+"""Model quality for the same wall-clock budget: recipes side by side, one invocation.
 
-The quality twin of `bench/training.py`. Both recipes train the same model shape on the same data
-(Tiny Shakespeare, GPT-2 tokens) with `training/train_lm.py` itself, one after the other, each as
-the whole command a user would type, timed from outside, with the same `--time_budget`:
-- ours: `--preset cpu-10min` exactly as it is (Muon + AdamW, warmup-stable-decay, the unseen
-  tokens' shared head column; the run plans its steps from a step it measures, and again from
-  its own steps before the cool-down, so that the whole command ends within ten minutes);
-- reference: the same preset with AdamW + cosine decay and nanoGPT's Shakespeare hyper-parameters
-  (peak 1e-3 down to 1e-4, 100 warm-up steps, betas 0.9/0.99, weight decay 0.1, dropout 0.2,
-  clipping at 1.0), every column of the LM head computed (`--unseen_tokens full`, as nanoGPT
-  does), which plans its own steps for the same budget.
+The quality twin of `bench/training.py`. Each recipe is `training/train_lm.py --preset P` plus
+its flags (`RECIPES`), run one after the other on Tiny Shakespeare, each as the whole command a
+user would type, timed from outside, with the same `--time_budget` (the preset's, or
+`--minutes`; `--preset demo` runs a fixed number of steps instead):
+- ours: the preset exactly as it is (for cpu-10min: the modern blocks, a 2,048-token BPE
+  trained on the training split, dropout 0.2, Muon + AdamW, warmup-stable-decay, an average of
+  the weights; the run plans its steps from a step it measures, and again from its own steps
+  before the cool-down, so that the whole command ends within ten minutes);
+- reference: nanoGPT's Shakespeare recipe on the same model shape, with GPT-2's blocks and
+  tokens as nanoGPT trains: AdamW + cosine decay (peak 1e-3 down to 1e-4, 100 warm-up steps,
+  betas 0.9/0.99, weight decay 0.1, dropout 0.2, clipping at 1.0), every column of the LM head
+  computed (`--unseen_tokens full`), planning its own steps for the same budget;
+- the ingredients (gpt2, modern, tok2k, tok4k, tok8k, modern-2k): GPT-2's or the modern blocks,
+  GPT-2's tokens or a BPE trained on the training split, set explicitly (see `RECIPES`).
 The score is the validation loss over the whole validation split of each run's `best.pt`, from
 `evaluate_lm.py --json` run on it, in nats per token and in bits per byte (the same loss over the
-UTF-8 bytes of the text: the figure that compares runs with different tokenizers). The curves
-(validation bits per byte against training minutes, from each run's `metrics.csv`) go to a PNG
-next to the table, and the table to `--out`. The data is tokenized once first, outside the
-budgets.
+UTF-8 bytes of the text: the figure that compares runs with different tokenizers, and the one
+the comparison lines use). The curves (validation bits per byte against training minutes, from
+each run's `metrics.csv`) go to a PNG next to the table, and the table to `--out`. Each recipe's
+tokenizer is trained and its data tokenized once first, outside the budgets.
 
-    python bench/quality.py                  # the preset's 10 minutes each: about 21 minutes
-    python bench/quality.py --minutes 2      # a quicker look (both recipes get 2 minutes)
+    python bench/quality.py                  # ours vs reference, 10 minutes each: ~21 minutes
+    python bench/quality.py --minutes 2      # a quicker look (each recipe gets 2 minutes)
     python bench/quality.py --recipes gpt2,modern,tok2k,tok4k,tok8k,modern-2k \
         --out bench/results/quality_ingredients_cpu_2core.txt \
         --png bench/results/quality_ingredients_cpu_2core.png  # each ingredient, about an hour
+    python bench/quality.py --preset demo --recipes demo-gpt2,ours \
+        --out bench/results/quality_demo_cpu_2core.txt \
+        --png bench/results/quality_demo_cpu_2core.png   # the demo preset, before and now
 """
 
 from __future__ import annotations
@@ -49,9 +56,10 @@ from training.options import DTYPE_NAMES, PRESETS, parse_args, resolve_dtype  # 
 QUALITY_PRESETS = ("cpu-10min", "demo")  # the presets judged by their quality
 RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "ours": {},
-    "reference": dict(optimizer="adamw", lr=1e-3, min_lr=1e-4, warmup_steps=100,
-                      schedule="cosine", ema=0.0, beta1=0.9, beta2=0.99, weight_decay=0.1,
-                      dropout=0.2, unseen_tokens="full"),
+    # nanoGPT's Shakespeare recipe on GPT-2's blocks and tokens, as nanoGPT trains
+    "reference": dict(arch="gpt2", train_tokenizer=0, optimizer="adamw", lr=1e-3, min_lr=1e-4,
+                      warmup_steps=100, schedule="cosine", ema=0.0, beta1=0.9, beta2=0.99,
+                      weight_decay=0.1, dropout=0.2, unseen_tokens="full"),
     # ingredients (`--recipes gpt2,modern,tok2k,...`): the blocks, the tokenizer and the dropout
     # set explicitly, so that each name is the same run whatever the preset holds. gpt2: GPT-2's
     # blocks and tokens; modern: the modern blocks (RoPE, RMSNorm, QK-norm, ReLU², untied head
