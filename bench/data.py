@@ -51,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,8 +91,11 @@ def source_documents() -> list[str]:
     return docs
 
 
-def build_corpus(path: Path, size_mb: float) -> Path:
-    """A JSONL corpus of at least `size_mb` MB (10^6 bytes), made once."""
+def build_corpus(path: Path, size_mb: float,
+                 vary: Callable[[str, int], str] | None = None) -> Path:
+    """A JSONL corpus of at least `size_mb` MB (10^6 bytes), made once: the source documents
+    again and again, each pass in its own shuffled order; from the second pass on, each
+    document through `vary(text, pass)` when given (new words that grow with the corpus)."""
     target = int(size_mb * 1e6)
     if path.is_file() and path.stat().st_size >= target:
         return path
@@ -103,9 +107,12 @@ def build_corpus(path: Path, size_mb: float) -> Path:
             order = list(range(len(docs)))
             random.Random(rep).shuffle(order)
             for i in order:
-                line = json.dumps({"text": docs[i]}, ensure_ascii=False) + "\n"
+                text = vary(docs[i], rep) if vary is not None and rep else docs[i]
+                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
                 f.write(line)
                 size += len(line.encode("utf-8"))
+                if size >= target:
+                    break
             rep += 1
     tmp.replace(path)
     return path

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -67,29 +66,11 @@ def _new_words(text: str, rep: int) -> str:
 
 
 def build_corpus(path: Path, size_mb: float) -> Path:
-    """The JSONL corpus of at least `size_mb` MB (10^6 bytes), made once."""
-    from bench.data import source_documents
+    """The JSONL corpus of at least `size_mb` MB (10^6 bytes), made once: `bench/data.py`'s,
+    with new words in every pass after the first (a vocabulary that grows with the text)."""
+    from bench.data import build_corpus as repeated
 
-    target = int(size_mb * 1e6)
-    if path.is_file() and path.stat().st_size >= target:
-        return path
-    docs = source_documents()
-    tmp = path.with_suffix(".tmp")
-    size, rep = 0, 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        while size < target:
-            order = list(range(len(docs)))
-            random.Random(rep).shuffle(order)
-            for i in order:
-                text = docs[i] if rep == 0 else _new_words(docs[i], rep)
-                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-                f.write(line)
-                size += len(line.encode("utf-8"))
-                if size >= target:
-                    break
-            rep += 1
-    tmp.replace(path)
-    return path
+    return repeated(path, size_mb, vary=_new_words)
 
 
 def whole_text(corpus: str, vocab_size: int, out: str) -> None:
