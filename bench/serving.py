@@ -124,15 +124,17 @@ class Proc:
             time.sleep(0.2)  # a bench may poll; tests wait on events
         raise RuntimeError(f"server not ready after {timeout} s; see {self.log}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM; the exit status (SIGKILL after `timeout` seconds)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.fh.close()
+        return self.proc.returncode
 
 
 async def load(url: str, model: str, clients: int, requests: int, max_tokens: int,

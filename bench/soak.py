@@ -33,10 +33,7 @@ import json
 import os
 import platform
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.record import machine, printed_to  # noqa: E402
+from bench.serving import Proc, make_checkpoint  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT),
            PYTHONUNBUFFERED="1")
@@ -90,58 +88,6 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def make_checkpoint(folder: Path) -> Path:
-    """Random weights of the default config (seeded), in the trainer's checkpoint format."""
-    import torch
-
-    from model.lm import LanguageModel
-
-    torch.manual_seed(0)
-    model = LanguageModel(dropout=0.0)
-    path = folder / "soak.pt"
-    torch.save({"model_config": model.config.to_dict(), "model_state_dict": model.state_dict(),
-                "tokenizer": "gpt2"}, path)
-    return path
-
-
-class Server:
-    """`serve_lm.py --port 0` with its log in a file; `url` once /health answers 200."""
-
-    def __init__(self, checkpoint: Path, extra: list[str], log: Path) -> None:
-        self.log = log
-        self.fh = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "serve_lm.py"), "--checkpoint", str(checkpoint),
-             "--port", "0", "--model_name", "soak", "--no_access_log", *extra],
-            stdout=self.fh, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT,
-            stdin=subprocess.DEVNULL)
-        self.url = ""
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"error: the server exited ({self.proc.returncode}):\n"
-                                 + log.read_text())
-            text = log.read_text()
-            m = re.search(r"serving \S+ on (http://\S+) ", text)
-            if m and "ready: " in text:
-                self.url = m.group(1)
-                return
-            time.sleep(0.2)  # a bench may poll; the tests wait on events
-        raise SystemExit(f"error: the server was not ready in 300 s; see {log}")
-
-    def stop(self) -> int:
-        """SIGTERM; the exit status (SIGKILL after 60 s)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.fh.close()
-        return self.proc.returncode
 
 
 def request_for(kind: str, rng: random.Random) -> dict | bytes:
@@ -344,10 +290,16 @@ def run(args: argparse.Namespace) -> bool:
 
     print(f"cpu: {machine()} | torch {torch.__version__} | python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp))
+        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint("default", Path(tmp))
         log = Path(tmp) / "server.log"
         extra = args.server_args.split()
-        srv = Server(ckpt, extra, log)
+        srv = Proc([sys.executable, str(ROOT / "serve_lm.py"), "--checkpoint", str(ckpt),
+                    "--port", "0", "--model_name", "soak", "--no_access_log", *extra], log,
+                   url=None, env=ENV)
+        try:
+            srv.wait_ready(300)
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}\n{log.read_text()[-3000:]}") from None
         print(f"server: serve_lm.py {' '.join(extra) or '(default flags)'}; model "
               f"{'random weights, default config' if not args.checkpoint else ckpt.name}")
         what = f"{args.minutes} minutes" if args.minutes else f"{args.requests} requests"
@@ -358,7 +310,7 @@ def run(args: argparse.Namespace) -> bool:
             probe_checks = probes(srv.url, srv.proc.pid, args.target_400_ms)
             seconds = asyncio.run(load(srv.url, srv.proc.pid, args, tally))
         finally:
-            status = srv.stop()
+            status = srv.stop(60)
         text = log.read_text(errors="replace")
         ok = report(tally, seconds, args, text, status, probe_checks)
         if not ok or args.show_log:
