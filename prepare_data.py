@@ -187,11 +187,9 @@ def verify(directory: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    args = build_parser().parse_or_status(argv)
+    if isinstance(args, int):
+        return args
     try:
         if args.verify:
             return verify(args.verify)

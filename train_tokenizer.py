@@ -65,11 +65,9 @@ def _check_out(out: Path, force: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+    args = build_parser().parse_or_status(argv)
+    if isinstance(args, int):
+        return args
     try:
         from corpus.tokenizer_training import TokenizerTrainConfig, check_config, train_tokenizer
 

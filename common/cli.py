@@ -32,6 +32,14 @@ class OneLineParser(argparse.ArgumentParser):
         """Print `<prog>: error: <message> (see --help)` on stderr and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_or_status(self, argv: list[str]) -> argparse.Namespace | int:
+        """The parsed flags, or the exit status argparse chose instead (0 after `--help`, 2
+        after a usage error, already printed): what a script's `main(argv)` returns then."""
+        try:
+            return self.parse_args(argv)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 2
+
 
 # -- range-checked argument types -----------------------------------------------------------------
 
