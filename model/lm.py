@@ -124,22 +124,25 @@ class Linear(nn.Linear):
         return {**self.__dict__, "decode_w": None, "_decode_key": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = self.decode_format
-        if (torch.is_grad_enabled()
-                or (fmt == "none" and (self.decode_w is None or torch.is_autocast_enabled("cpu")
-                                       or x.dtype != self.weight.dtype))):
+        wd = self._decode_copy(x)
+        if wd is None:
             return F.linear(x, self.weight, self.bias)
+        return wd.linear(x, self.bias)
+
+    def _decode_copy(self, x: torch.Tensor) -> FloatWeight | Bf16Weight | Int8Weight | None:
+        """The decode copy to multiply `x` by (made or refreshed here), or None: `F.linear`."""
         wd = self.decode_w
+        if torch.is_grad_enabled() or (self.decode_format == "none" and (
+                wd is None or torch.is_autocast_enabled("cpu") or x.dtype != self.weight.dtype)):
+            return None
         if torch.compiler.is_compiling():
             # The compiled decode step (model/engine.py; its eager prefill made the copy
-            # current): the packed float copy through an op the compiler keeps, else F.linear.
-            if isinstance(wd, FloatWeight) and wd.packed:
-                return wd.linear(x, self.bias)
-            return F.linear(x, self.weight, self.bias)
+            # current): the packed float copy goes through an op the compiler keeps.
+            return wd if isinstance(wd, FloatWeight) and wd.packed else None
         w = self.weight
         if wd is None or self._decode_key != (w.data_ptr(), w._version, w.dtype):
             wd = self._refresh()
-        return wd.linear(x, self.bias)
+        return wd
 
 
 class RMSNorm(nn.Module):
