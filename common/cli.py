@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "bf16", "int8")  # model.quant.FORMATS, named here without importing torch
+# model.quant.FORMATS, named here without importing torch
+QUANTIZE = ("none", "bf16", "int8", "int4")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -162,9 +163,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser | Any, *, tokenizer: bool 
                             "CPU, bfloat16 means --quantize bf16 and float16 is autocast, which "
                             "is slower than float32 there (default: float32)"))
     parser.add_argument("--quantize", default="none", choices=QUANTIZE,
-                        help="CPU weight format for decoding: none (float32), bf16 or int8 "
-                             "(per-channel int8 weights, fastest); checkpoints are not changed "
-                             "(default: none)")
+                        help="CPU weight format for decoding: none (float32), bf16, int8 "
+                             "(per-channel int8 weights) or int4 (llama.cpp's Q4_0 scheme); "
+                             "checkpoints are not changed (default: none)")
     if tokenizer:
         parser.add_argument("--tokenizer", metavar="NAME",
                             help="gpt2 (the bundled copy), a local tokenizer folder or a hub "

@@ -466,7 +466,7 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device | None = 
             other than GPT-2's); else none is attached (str prompts use the bundled GPT-2).
         dtype: optional weight dtype (default: as stored, float32).
         allow_nonfinite: load NaN/inf weights instead of refusing them (to debug a diverged run).
-        quantize: the weight format of inference on CPU, "none", "bf16" or "int8" (see
+        quantize: the weight format of inference on CPU, "none", "bf16", "int8" or "int4" (see
             `LanguageModel.quantize`; the model's parameters stay as loaded).
 
     Returns:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from model.config import LMConfig  # re-exported: `from model.lm import LMConfig` stays
 from model.dropout import Dropout, causal_attention_with_dropout
-from model.quant import Bf16Weight, FloatWeight, Int8Weight, check_format
+from model.quant import Bf16Weight, FloatWeight, Int4Weight, Int8Weight, check_format
 
 
 class KVCache(nn.Module):
@@ -97,8 +97,8 @@ class Linear(nn.Linear):
     without gradients (autocast or not) and stays until the format is set back to "none".
     """
 
-    decode_w: FloatWeight | Bf16Weight | Int8Weight | None = None
-    decode_format: str = "none"  # "none" (float32), "bf16" or "int8"
+    decode_w: FloatWeight | Bf16Weight | Int8Weight | Int4Weight | None = None
+    decode_format: str = "none"  # "none" (float32), "bf16", "int8" or "int4"
     _decode_key: tuple | None = None
 
     @property
@@ -111,10 +111,11 @@ class Linear(nn.Linear):
         if enabled:
             self._refresh()
 
-    def _refresh(self) -> FloatWeight | Bf16Weight | Int8Weight:
+    def _refresh(self) -> FloatWeight | Bf16Weight | Int8Weight | Int4Weight:
         w = self.weight.detach()
         self._decode_key = (w.data_ptr(), w._version, w.dtype)
-        kind = {"none": FloatWeight, "bf16": Bf16Weight, "int8": Int8Weight}[self.decode_format]
+        kind = {"none": FloatWeight, "bf16": Bf16Weight, "int8": Int8Weight,
+                "int4": Int4Weight}[self.decode_format]
         self.decode_w = kind(w)
         return self.decode_w
 
@@ -129,7 +130,8 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return wd.linear(x, self.bias)
 
-    def _decode_copy(self, x: torch.Tensor) -> FloatWeight | Bf16Weight | Int8Weight | None:
+    def _decode_copy(self, x: torch.Tensor
+                     ) -> FloatWeight | Bf16Weight | Int8Weight | Int4Weight | None:
         """The decode copy to multiply `x` by (made or refreshed here), or None: `F.linear`."""
         wd = self.decode_w
         if torch.is_grad_enabled() or (self.decode_format == "none" and (
@@ -593,11 +595,13 @@ class LanguageModel(nn.Module):
     # -- inference weight formats (model/quant.py) ----------------------------------------------
 
     def quantize(self, fmt: str = "int8") -> None:
-        """Choose the weight format of inference on CPU: "none" (float32), "bf16" or "int8".
+        """Choose the weight format of inference on CPU: "none" (float32), "bf16", "int8" or
+        "int4".
 
         Every forward pass without gradients (generation, evaluation) then multiplies by bf16
-        copies of the weights, or by symmetric per-output-channel int8 weights (LM head
-        included), made now from the float32 weights; these replace the float32 decode copies.
+        copies of the weights, by symmetric per-output-channel int8 weights, or by 4-bit weights
+        in llama.cpp's Q4_0 scheme (LM head included), made now from the float32 weights; these
+        replace the float32 decode copies.
         It is a view for inference: the parameters, training, `state_dict`, checkpoints and
         exports stay float32, and the copies are remade if the weights change. See
         `model/quant.py`. `quantize("none")` goes back to float32.
@@ -621,7 +625,7 @@ class LanguageModel(nn.Module):
 
     @property
     def quantization(self) -> str:
-        """The weight format of inference set by `quantize`: "none", "bf16" or "int8"."""
+        """The weight format of inference set by `quantize`: "none", "bf16", "int8" or "int4"."""
         return self.lm_head.decode_format
 
     def free_kv_cache(self) -> None:

@@ -11,6 +11,8 @@ the copies are made from them, and remade if they change.
 - "int8": symmetric per-output-channel int8 weights (a quarter of the bytes), LM head included:
   `w[o, i] ~= q[o, i] * scale[o]` with `q` in [-127, 127] and `scale[o] = max_i |w[o, i]| / 127`
   (`Int8Weight`).
+- "int4": llama.cpp's Q4_0 scheme, LM head included: per block of 32 inputs of a row, one
+  scale d (bf16) and 4-bit values q with `w ~= (q - 8) * d` (4.5 bits a weight; `Int4Weight`).
 
 Decoding at small batch sizes is memory-bound (every weight is read once per token), so fewer
 bytes per weight is most of the speed-up, and the kernel that streams them fastest differs
@@ -34,6 +36,9 @@ reference product (checked once per process), in an order measured on the CPUs w
   fallback: the int8 weight converted to the input's dtype for one `F.linear`, then scaled.
   fbgemm's int8 weights go through PyTorch's quantized tensors, which torch 2.13 marks as
   deprecated; when they are gone the check fails and int8 takes the next kernel.
+- int4: PyTorch's packed 4-bit CPU kernel (`_weight_int4pack_mm_for_cpu`, what torchao's int4
+  weight-only configuration runs on CPU), float32 inputs as they are (bf16 ones as bf16); where
+  it is missing or disagrees with the grid, the weight dequantized for one `F.linear`.
 
 Rows of a batch never share a quantization: one row goes to fbgemm as it is (it picks the
 row's own [min, max] range); several rows are each divided by their largest |value| first
@@ -51,7 +56,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-FORMATS = ("none", "bf16", "int8")
+FORMATS = ("none", "bf16", "int8", "int4")
 
 # Set to False to force the int8 fallback everywhere (tests compare the kernels).
 INT8_KERNEL = True
@@ -369,3 +374,94 @@ class Int8Weight:
         # one float32 op (dtype promotion) where `.to()` then `add_` would be two.
         y = y.to(x.dtype) if bias is None else y + bias
         return y.view(*x.shape[:-1], y.size(-1))
+
+
+# -- int4 ------------------------------------------------------------------------------------------
+
+INT4_GROUP = 32  # inputs per scale: llama.cpp's Q4_0 block
+_INT4_ROWS = 16  # the packed kernel takes weights with a multiple of 16 rows (outputs)
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's symmetric 4-bit scheme for an (out, in) weight, per block of `INT4_GROUP` inputs
+    of each row: `d = m / -8`, m the block's value of largest magnitude (its sign kept, so m
+    itself is exact), `q = clamp(round(w / d) + 8, 0, 15)`, `w ~= (q - 8) * d`.
+
+    Returns:
+        `(q, d)`: q (out, in') uint8 in [0, 15] and d (out, in' / 32) bf16 (the kernel's
+        dtype; q is rounded against the bf16 d). in' is `in` rounded up to a multiple of 32;
+        the padding holds q = 8, a zero weight.
+    """
+    w = w.detach().float()
+    out, inp = w.shape
+    pad = -inp % INT4_GROUP
+    blocks = F.pad(w, (0, pad)).view(out, -1, INT4_GROUP)  # (out, blocks, 32)
+    m = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))  # (out, blocks, 1)
+    d = (m / -8.0).to(torch.bfloat16)
+    df = d.float()
+    q = torch.round(blocks / torch.where(df == 0, 1.0, df)).add_(8).clamp_(0, 15)
+    return q.to(torch.uint8).view(out, -1), d.squeeze(-1)
+
+
+def dequantize_int4(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The float32 (out, in') weight that `(q, d)` of `quantize_int4` stand for."""
+    out = q.size(0)
+    return ((q.view(out, -1, INT4_GROUP).float() - 8) * d.float()[..., None]).view(out, -1)
+
+
+def _pack_int4(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed kernel's weight and its (blocks, out', 2) scales and zero points (all zero:
+    symmetric), out' padded to a multiple of 16 rows of zero weights."""
+    pad = -q.size(0) % _INT4_ROWS
+    q = F.pad(q.to(torch.int32), (0, 0, 0, pad), value=8)
+    d = F.pad(d, (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales_zeros = torch.stack([d, torch.zeros_like(d)], dim=-1).transpose(0, 1).contiguous()
+    return packed, scales_zeros
+
+
+@functools.cache
+def int4_kernel_works() -> bool:
+    """Whether PyTorch's packed 4-bit CPU kernel exists here and agrees with the grid (once)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") or not _X86_64:
+        return False
+    w, x = _probe(width=96)
+    q, d = quantize_int4(w)
+    try:
+        packed, sz = _pack_int4(q, d)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, sz.float())
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return False
+    return _rel_err(y[:, :w.size(0)], F.linear(x, dequantize_int4(q, d))) < 1e-5
+
+
+class Int4Weight:
+    """An (out, in) weight in Q4_0's scheme (`quantize_int4`: 4 bits and one bf16 scale per 32
+    inputs, 4.5 bits a weight), multiplied by PyTorch's packed 4-bit CPU kernel
+    (`_weight_int4pack_mm_for_cpu`, torchao's int4 weight-only one; the inputs stay float32)
+    where it works, else by the dequantized weight."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.out_features, self.in_features = w.shape
+        self.q, self.d = quantize_int4(w)
+        self.kernel = ("int4pack" if w.device.type == "cpu" and INT8_KERNEL
+                       and int4_kernel_works() else "fallback")
+        self._packed = self._sz = None
+        if self.kernel == "int4pack":
+            self._packed, sz = _pack_int4(self.q, self.d)
+            self._sz = {torch.bfloat16: sz, torch.float32: sz.float()}
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`F.linear(x, w, bias)` for x (..., in); the result has x's dtype."""
+        x2 = x.reshape(-1, x.size(-1))  # (M, in)
+        if self.q.size(1) != self.in_features:  # the padding's inputs are zero
+            x2 = F.pad(x2, (0, self.q.size(1) - self.in_features))
+        if self.kernel == "int4pack":
+            xk = x2 if x2.dtype in self._sz else x2.float()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self._packed, INT4_GROUP,
+                                                           self._sz[xk.dtype])
+            y = y[:, :self.out_features]
+        else:
+            y = F.linear(x2, dequantize_int4(self.q, self.d).to(x2.dtype))
+        y = y.to(x.dtype) if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)

@@ -42,21 +42,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_size=16, optimizer="muon", muon_lr=0.02, lr=2e-3, min_lr=0.0,
                  schedule="wsd", cooldown=0.3, warmup_steps=30, max_steps=300,
                  eval_interval=100, eval_windows=100, sample_tokens=80),
-    # The best validation loss we found in a 10-minute budget (--time_budget) of a 2-core CPU:
-    # a few hundred steps there, so no dropout, a short warm-up and higher rates than a longer
-    # run would take (AdamW 6e-3 and Muon 0.03 beat 3e-3/0.02 and 1.5e-2/0.05). The unseen
-    # tokens' shared head column makes a step ~3x cheaper, which buys a 256-wide model for
-    # three to four passes over the data (128 wide overfits with the steps it then gets; 384
-    # wide gets too few); Muon's weight decay 0.1 and a 60% cool-down hold the overfitting
-    # back (0.3 decays too much for so few steps); an average of the weights (EMA 0.99, about
-    # the last 100 steps) is what gets evaluated and saved, and beat batch 8 (more, noisier
-    # steps). Figures and the runs behind them in docs/training.md ("Training recipe") and
-    # bench/results/quality_cpu_2core.txt.
+    # The lowest validation bits per byte we found in a 10-minute budget (--time_budget) of a
+    # 2-core CPU, on text data: the modern blocks (RoPE, RMSNorm, QK-norm, ReLU², an untied
+    # soft-capped head) and a 2,048-token BPE trained on the training split (--train_tokenizer;
+    # its small head makes a step cheaper than GPT-2's 50,257 columns, so the run makes about
+    # seven passes, held back by dropout 0.2), Muon 0.03 with weight decay 0.1 and AdamW 6e-3,
+    # a 10-step warm-up and a 60% cool-down, and an average of the weights (EMA 0.99) as what
+    # is evaluated and saved. What each ingredient bought:
+    # bench/results/quality_ingredients_cpu_2core.txt (docs/benchmarks.md); the runs behind the
+    # optimizer settings: docs/training.md ("Training recipe"), bench/results/quality_history.md.
     "cpu-10min": dict(d_model=256, num_heads=4, num_layers=4, d_ff=1024, max_seq_len=128,
-                      dropout=0.0, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,
+                      dropout=0.2, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,
                       min_lr=0.0, schedule="wsd", cooldown=0.6, warmup_steps=10,
                       muon_weight_decay=0.1, ema=0.99, time_budget=10.0, eval_interval=150,
-                      eval_windows=0, unseen_tokens="shared"),
+                      eval_windows=0, unseen_tokens="shared", arch="modern",
+                      train_tokenizer=2048),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
                       dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,

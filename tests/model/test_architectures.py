@@ -232,7 +232,7 @@ def test_bf16_model_decodes_alike_with_either_attention(name, monkeypatch):
     assert (got[0] - got[10**9]).abs().max() < 0.05 * scale
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_quantized_decode_runs(fmt):
     model = _model(**OPTIONS["everything"])
     prompt = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(5))

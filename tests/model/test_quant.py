@@ -84,9 +84,10 @@ def restore(random_model, trained_model):
 # weight and input is off by at most 2**-9 (0.2%) and the errors of a sum partly cancel; we
 # measure ~0.35% here, so 1% leaves a 3x margin. int8 per-channel: a weight is off by at most
 # scale / 2 = max|w_row| / 254, about 0.6% of a Gaussian row's spread on average (max ~ 3 std);
-# with the bf16 inputs we measure ~0.8%, so 3% leaves the same margin. A real bug (wrong scale,
-# a transposed weight, a dropped bias) gives errors of order 100%.
-@pytest.mark.parametrize("fmt, tol", [("bf16", 0.01), ("int8", 0.03)])
+# with the bf16 inputs we measure ~0.8%, so 3% leaves the same margin. int4 (Q4_0's blocks of
+# 32, 16 levels): a weight is off by up to d / 2 = max|w_block| / 16; we measure ~10%, so 30%.
+# A real bug (wrong scale, a transposed weight, a dropped bias) gives errors of order 100%.
+@pytest.mark.parametrize("fmt, tol", [("bf16", 0.01), ("int8", 0.03), ("int4", 0.3)])
 def test_logits_close_to_float32(random_model, restore, fmt, tol):
     idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -99,11 +100,11 @@ def test_logits_close_to_float32(random_model, restore, fmt, tol):
     assert 0 < err < tol, err  # > 0: the format is really used
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_trained_greedy_continuation_agrees(trained_model, restore, fmt):
     """Greedy choices agree with float32 at (almost) every position, compared on the float32
     greedy continuation (teacher-forced, so one early flip does not derail the rest). Measured:
-    100% for both formats, with logits off by 0.4% (bf16) and 0.7% (int8) while no position's
+    100% for all three formats, with logits off by 0.4% (bf16) and 0.7% (int8) while no position's
     top two logits are within 0.1 of each other: a trained model's choice is far ahead of the
     runner-up, so only near-ties can flip. 95% allows a few such flips among the 96 positions
     (another build's kernels round differently); a broken format agrees about 1 time in 256."""
@@ -282,8 +283,10 @@ def test_evaluate_cli(tiny_checkpoint, tmp_path):
     assert reports["int8"]["perplexity"] != ppl
     for f in ("bf16", "int8"):
         assert abs(reports[f]["perplexity"] / ppl - 1) < 0.01, reports[f]
+    assert reports["int4"]["perplexity"] != ppl
+    assert abs(reports["int4"]["perplexity"] / ppl - 1) < 0.1, reports["int4"]
     assert_usage_errors(REPO / "evaluate_lm.py", {
-        "bad": ([*base, "--quantize", "int4"], "--quantize"),
+        "bad": ([*base, "--quantize", "int3"], "--quantize"),
         "combo": ([*base, "--quantize", "bf16", "--dtype", "bfloat16"], "drop --dtype"),
     }, tmp_path)
 
@@ -331,3 +334,39 @@ def test_one_row_products_follow_the_bias_and_match_several_rows(fmt):
         lin.bias.sub_(5.0)
         assert rel_err(lin(x[:1]), ref[:1]) < tol
         assert rel_err(lin(x[:1].bfloat16()).float(), ref[:1]) < tol  # other input dtypes
+
+
+@pytest.mark.parametrize("shape", [(300, 64), (50, 70), (7, 32)])
+def test_int4_is_q4_0s_grid_and_the_kernel_computes_it(shape, monkeypatch):
+    """int4 holds llama.cpp's Q4_0 values: per 32 inputs, d = (value of largest magnitude) / -8
+    and q in [0, 15] with w ~= (q - 8) * d, within d / 2 of w (within d where +8 d is clamped
+    to the grid's 7 d; the extreme value on q = 0); the
+    packed kernel's product equals the exact one on that grid for float32 inputs, the
+    fallback's too; odd widths and row counts are padded and sliced back."""
+    out, inp = shape
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(4))
+    w[0, :] = 0.0  # an all-zero row: d = 0, q = 8
+    q, d = quant.quantize_int4(w)
+    assert q.shape == (out, -(-inp // 32) * 32) and d.shape == (out, q.size(1) // 32)
+    assert d.dtype == torch.bfloat16 and int(q.min()) >= 0 and int(q.max()) <= 15
+    back = quant.dequantize_int4(q, d)[:, :inp]
+    blocks = torch.nn.functional.pad(w, (0, q.size(1) - inp)).view(out, -1, 32)
+    err, step = (back - w).abs(), d.float().abs().repeat_interleave(32, dim=1)[:, :inp]
+    top = q[:, :inp] == 15  # +8 d is past the grid's top (7 d): off by up to d (and by 8 d's
+    assert torch.all(err[~top] <= step[~top] / 2 + 1e-6)  # share of the bf16 rounding of d)
+    assert torch.all(err <= step * (1 + 8 * 2**-8) + 1e-6)
+    extreme = blocks.abs().argmax(-1)  # the block's largest magnitude maps to q = 0 (-8 d)
+    assert torch.all(q.view(out, -1, 32).gather(-1, extreme[..., None])[d != 0] == 0)
+    assert torch.all(back[0] == 0)
+    x = torch.randn(3, inp, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(out)
+    exact = torch.nn.functional.linear(x, back, bias)
+    iw = quant.Int4Weight(w)
+    if quant.int4_kernel_works():
+        assert iw.kernel == "int4pack"
+        assert rel_err(iw.linear(x, bias), exact) < 1e-5
+        assert rel_err(iw.linear(x.bfloat16(), bias).float(), exact) < 2e-2  # bf16 inputs
+    monkeypatch.setattr(quant, "INT8_KERNEL", False)
+    slow = quant.Int4Weight(w)
+    assert slow.kernel == "fallback" and rel_err(slow.linear(x, bias), exact) < 1e-5
+    assert slow.linear(x[:, None, :]).shape == (3, 1, out)
