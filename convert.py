@@ -15,7 +15,8 @@
 
     # Our checkpoint (or run directory, or safetensors export) -> one GGUF file for llama.cpp,
     # Ollama, LM Studio (llama.cpp's gpt2, llama, qwen2 or qwen3 architecture, with the model's
-    # tokenizer): f32 (exact), f16 or q8_0 (llama.cpp's 8-bit format); see model/gguf_export.py
+    # tokenizer): f32 (exact), f16, q8_0 or q4_0 (llama.cpp's 8- and 4-bit formats); see
+    # model/gguf_export.py
     python convert.py --to_gguf model.gguf --checkpoint lm_shakespeare --outtype f16
 
 Every conversion checks its result: the converted model's logits must match the source's on a
@@ -35,7 +36,7 @@ from typing import Any
 from common.cli import OneLineParser
 from common.fileio import atomic_write, write_folder
 
-OUTTYPES = ("f32", "f16", "q8_0")  # --to_gguf's tensor types (model.gguf_export.OUTTYPES)
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")  # --to_gguf's tensor types (model.gguf_export.OUTTYPES)
 
 
 class ConvertError(ValueError):
@@ -236,7 +237,7 @@ def to_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f16", *,
         checkpoint: our checkpoint, run directory, snapshots directory or `.safetensors` export
             (anything `model.checkpoint.read_weights_source` reads, Hugging Face folders too).
         out: the .gguf file to write; its folder must exist.
-        outtype: "f32" (exact), "f16" or "q8_0"; see `model/gguf_export.py`.
+        outtype: "f32" (exact), "f16", "q8_0" or "q4_0"; see `model/gguf_export.py`.
         force: replace an existing `out`.
         verify: read the file back and compare every tensor with the source before it
             replaces `out` (a few seconds: the reader parses the 50,257-token vocabulary).
@@ -430,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--to_gguf", metavar="FILE",
                       help="write --checkpoint as one GGUF file (llama.cpp, Ollama, LM Studio)")
     p.add_argument("--outtype", choices=OUTTYPES, default=None,
-                   help="tensor type of --to_gguf: f32 (exact), f16 (default) or q8_0 "
-                        "(llama.cpp's 8-bit format)")
+                   help="tensor type of --to_gguf: f32 (exact), f16 (default), q8_0 or q4_0 "
+                        "(llama.cpp's 8- and 4-bit formats)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="our checkpoint, run directory or .safetensors export (for --to_hf, "
                         "--to_safetensors and --to_gguf)")

@@ -30,17 +30,18 @@ The tokenizer (`model.gguf_vocab`): the bundled GPT-2 one by name, or any byte-l
 tokenizer whose pre-tokenizer llama.cpp knows by name, with its bos/eos ids and whether prompts
 get BOS, as our tools encode them.
 
-Types (`--outtype`): "f32" writes every tensor exactly; "f16" and "q8_0" convert the weight
-matrices (llama.cpp's 8-bit format: blocks of 32 weights sharing one f16 scale) and keep norms,
+Types (`--outtype`): "f32" writes every tensor exactly; "f16", "q8_0" and "q4_0" convert the
+weight matrices (llama.cpp's 8-bit and 4-bit formats: blocks of 32 weights sharing one f16
+scale; q4_0 is what `--quantize int4` computes with, up to its bf16 scale) and keep norms,
 biases and GPT-2's position embedding in f32, as llama.cpp's own converter does. A model that
 llama.cpp cannot hold exactly is refused with one line (`GGUFExportError`) before anything is
 written: an architecture no llama.cpp architecture computes (ReLU² or GELU with RoPE, LayerNorm
 with RoPE, a soft-cap, norms without weight, learned positions with other non-GPT-2 fields,
 Qwen3 with attention biases, ...), a tokenizer llama.cpp would split or merge differently, a
-vocabulary smaller than the tokenizer's, f16 weights out of range, q8_0 rows whose width is not
-a multiple of 32. Every file is read back (`check_gguf`) before it replaces its target: the
-metadata and tensor shapes llama.cpp's loader expects, and every tensor equal to the source
-(f32) or within its type's rounding (f16, q8_0).
+vocabulary smaller than the tokenizer's, f16 weights out of range, q8_0 or q4_0 rows whose
+width is not a multiple of 32. Every file is read back (`check_gguf`) before it replaces its
+target: the metadata and tensor shapes llama.cpp's loader expects, and every tensor equal to the
+source (f32) or within its type's rounding (f16, q8_0, q4_0).
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ from model.gguf_vocab import (  # noqa: F401 - re-exported: the export's error a
 )
 from model.lm import LMConfig
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCHES = ("gpt2", "llama", "qwen2", "qwen3")
 LAYER_NORM_EPS = 1e-5
-Q8_0_BLOCK = 32  # weights per q8_0 block (one f16 scale each)
+Q8_0_BLOCK = 32  # weights per q8_0 (and q4_0) block (one f16 scale each)
 F16_MAX = 65504.0
 
 # Our state-dict names -> llama.cpp's (per block: {i}); the tied lm_head is not written.
@@ -103,12 +104,13 @@ def _gguf():
 
 def _qtypes() -> dict[str, Any]:
     q = _gguf().GGMLQuantizationType
-    return {"f32": q.F32, "f16": q.F16, "q8_0": q.Q8_0}
+    return {"f32": q.F32, "f16": q.F16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}
 
 
 def _file_type(outtype: str):
     ft = _gguf().LlamaFileType
-    return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "q8_0": ft.MOSTLY_Q8_0}[outtype]
+    return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "q8_0": ft.MOSTLY_Q8_0,
+            "q4_0": ft.MOSTLY_Q4_0}[outtype]
 
 
 # -- which llama.cpp architecture ----------------------------------------------------------------
@@ -293,14 +295,14 @@ def check_exportable(cfg: LMConfig, tensors: dict[str, torch.Tensor], outtype: s
     Args:
         cfg: the model's config.
         tensors: what will be written (llama.cpp's names, or ours: only values are checked).
-        outtype: "f32", "f16" or "q8_0".
+        outtype: "f32", "f16", "q8_0" or "q4_0".
 
     Returns:
         The llama.cpp architecture (`gguf_arch`).
 
     Raises:
         GGUFExportError: unknown outtype, an architecture no llama.cpp architecture computes,
-            f16 weights out of range, or q8_0 rows not a multiple of 32 wide.
+            f16 weights out of range, or q8_0/q4_0 rows not a multiple of 32 wide.
     """
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
@@ -313,10 +315,10 @@ def check_exportable(cfg: LMConfig, tensors: dict[str, torch.Tensor], outtype: s
                 raise GGUFExportError(
                     f"{name} holds a weight of magnitude {big:.3g}, beyond f16's range "
                     f"({F16_MAX:g}); use --outtype f32")
-        elif kind == "q8_0" and value.size(-1) % Q8_0_BLOCK:
+        elif kind in ("q8_0", "q4_0") and value.size(-1) % Q8_0_BLOCK:
             raise GGUFExportError(
-                f"q8_0 needs rows whose width is a multiple of {Q8_0_BLOCK}, but {name} has rows "
-                f"of {value.size(-1)}; use --outtype f16 or f32")
+                f"{kind} needs rows whose width is a multiple of {Q8_0_BLOCK}, but {name} has "
+                f"rows of {value.size(-1)}; use --outtype f16 or f32")
     return arch
 
 
@@ -342,14 +344,13 @@ def export_vocab(tokenizer: Any, vocab_size: int) -> Vocab:
 
 
 def _encode(value: torch.Tensor, kind: str) -> np.ndarray:
-    """A tensor as the numpy array the writer stores: float32, float16, or q8_0 bytes."""
+    """A tensor as the numpy array the writer stores: float32, float16, or q8_0/q4_0 bytes."""
     array = value.numpy()
     if kind == "f32":
         return array
     if kind == "f16":
         return array.astype(np.float16)
-    gguf = _gguf()
-    return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+    return _gguf().quants.quantize(array, _qtypes()[kind])
 
 
 def _add_metadata(writer: Any, cfg: LMConfig, arch: str, outtype: str, vocab: Vocab) -> None:
@@ -480,9 +481,15 @@ def rounding_bound(value: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.zeros_like(value)
     if kind == "f16":  # half an f16 ulp (relative 2**-11), and subnormals' fixed step
         return value.abs() * 2.0**-11 + 2.0**-25
+    blocks = value.reshape(-1, Q8_0_BLOCK)
+    if kind == "q4_0":
+        # q4_0: per block of 32, d = (value of largest magnitude) / -8 in f16, q - 8 in [-8, 7]:
+        # error <= d / 2, or d where +8 d is clamped to 7 d, plus the scale's own rounding
+        # times |q - 8| <= 8.
+        d = blocks.abs().amax(dim=1, keepdim=True) / 8.0
+        return (d * (1 + 8 * 2.0**-11) + 1e-12).expand_as(blocks).reshape(value.shape)
     # q8_0: per block of 32, scale d = amax / 127 stored in f16; error <= d / 2 plus the scale's
     # own rounding times |q| <= 127.
-    blocks = value.reshape(-1, Q8_0_BLOCK)
     d = blocks.abs().amax(dim=1, keepdim=True) / 127.0
     bound = d * (0.5 + 127 * 2.0**-11) + 1e-12
     return bound.expand_as(blocks).reshape(value.shape)

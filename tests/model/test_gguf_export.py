@@ -22,6 +22,7 @@ from cli_cases import assert_usage_errors
 import convert
 from model import gguf_export
 from model.checkpoint import load_model
+from model.quant import dequantize_int4, quantize_int4
 
 gguf = pytest.importorskip("gguf")
 
@@ -57,7 +58,7 @@ def checkpoints(make_tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 
 
 # What is exported: the default shape in every type, the 4x shape in f32.
-EXPORTS = [("x2", "f32"), ("x2", "f16"), ("x2", "q8_0"), ("x4", "f32")]
+EXPORTS = [("x2", "f32"), ("x2", "f16"), ("x2", "q8_0"), ("x2", "q4_0"), ("x4", "f32")]
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +129,22 @@ def test_read_back_equals_the_source(checkpoints, exports, outtype):
             assert torch.equal(got, src), name
         elif kind == "f16":
             assert torch.equal(got, src.half().float()), name
-        else:  # q8_0: blocks of 32 sharing an f16 scale d = amax / 127; |error| <= 0.57 d
+        elif kind == "q8_0":  # blocks of 32 sharing an f16 scale d = amax / 127; error <= 0.57 d
             blocks = src.reshape(-1, 32)
             d = blocks.abs().amax(1, keepdim=True) / 127
             assert ((got.reshape(-1, 32) - blocks).abs() <= 0.57 * d + 1e-9).all(), name
             assert not torch.equal(got, src)
+        else:  # q4_0: blocks of 32, d = amax / 8 in f16, 16 levels; error <= d (+8 d -> 7 d)
+            blocks = src.reshape(-1, 32)
+            d = blocks.abs().amax(1, keepdim=True) / 8
+            err = (got.reshape(-1, 32) - blocks).abs()
+            assert (err <= 1.01 * d + 1e-9).all() and err.mean() < 0.3 * d.mean(), name
+            # our --quantize int4 holds the same grid but for its scale's rounding (bf16, not
+            # f16), which may move a value across a rounding midpoint: a step d apart there
+            q, dq = quantize_int4(src)
+            apart = (dequantize_int4(q, dq) - got).abs().reshape(-1, 32)
+            assert (apart <= 1.05 * d + 1e-6).all(), name
+            assert (apart <= 8 * 2**-8 * d + 1e-6).float().mean() > 0.95, name
     # 1-D tensors and the position embedding stay f32 in every type, as llama.cpp writes them.
     assert names["position_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     assert names["blk.0.attn_norm.bias"].tensor_type == gguf.GGMLQuantizationType.F32
@@ -240,9 +252,11 @@ def llama(request):
 
 PROMPT = "To be, or not to be: that is"
 # Largest logit difference allowed per type on these models (logits up to about 8; measured:
-# 6e-3 f32, 1.7e-2 f16, 0.23 q8_0, which also rounds activations to 8 bits).
+# 6e-3 f32, 1.7e-2 f16, 0.23 q8_0, which also rounds activations to 8 bits; q4_0, against our
+# int4 on nearly its grid, 2.5: random weights at 4 bits, activations at 8, and the scales'
+# bf16-vs-f16 rounding moving values across midpoints; its greedy check is then mostly void).
 # f32 is not bit-exact: llama.cpp's GELU reads an f16 table and its KV cache is f16 by default.
-LOGIT_TOL = {"f32": 1e-2, "f16": 3e-2, "q8_0": 4e-1}
+LOGIT_TOL = {"f32": 1e-2, "f16": 3e-2, "q8_0": 4e-1, "q4_0": 4.0}
 
 
 def _their_logits(llm, tokens: list[int]) -> torch.Tensor:
@@ -256,6 +270,8 @@ def test_llama_cpp_loads_it_and_agrees(checkpoints, exports, llama, shape, outty
     from model.tokenizer import load_tokenizer
 
     model, _ = load_model(checkpoints[shape], device="cpu")
+    if outtype == "q4_0":  # llama.cpp's q4_0 against ours on (almost) the same 4-bit grid
+        model.quantize("int4")
     llm = llama(exports[shape, outtype], model.max_seq_len)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
     assert prompt == load_tokenizer("gpt2").encode(PROMPT)  # llama.cpp tokenizes as we do
