@@ -72,6 +72,9 @@ RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "tok8k": dict(arch="gpt2", train_tokenizer=8192, dropout=0.2),
     "modern-2k": dict(arch="modern", train_tokenizer=2048, dropout=0.2),
     "modern-4k": dict(arch="modern", train_tokenizer=4096, dropout=0.2),
+    # `--preset demo` as it was before the modern blocks and the trained tokenizer
+    "demo-gpt2": dict(arch="gpt2", train_tokenizer=0, dropout=0.0, max_steps=300,
+                      eval_interval=100),
 }
 INGREDIENTS = "gpt2,modern,tok2k,tok4k,tok8k,modern-2k"
 
