@@ -341,8 +341,9 @@ def test_int4_is_q4_0s_grid_and_the_kernel_computes_it(shape, monkeypatch):
     """int4 holds llama.cpp's Q4_0 values: per 32 inputs, d = (value of largest magnitude) / -8
     and q in [0, 15] with w ~= (q - 8) * d, within d / 2 of w (within d where +8 d is clamped
     to the grid's 7 d; the extreme value on q = 0); the
-    packed kernel's product equals the exact one on that grid for float32 inputs, the
-    fallback's too; odd widths and row counts are padded and sliced back."""
+    packed kernel's product equals the exact one on that grid for inputs rounded to bf16, the
+    fallback's for float32 inputs; odd widths and row counts are
+    padded and sliced back."""
     out, inp = shape
     w = torch.randn(out, inp, generator=torch.Generator().manual_seed(4))
     w[0, :] = 0.0  # an all-zero row: d = 0, q = 8
@@ -362,10 +363,10 @@ def test_int4_is_q4_0s_grid_and_the_kernel_computes_it(shape, monkeypatch):
     bias = torch.randn(out)
     exact = torch.nn.functional.linear(x, back, bias)
     iw = quant.Int4Weight(w)
-    if quant.int4_kernel_works():
+    if quant.int4_kernel_works():  # on inputs rounded to bf16 (2**-9 relative each)
         assert iw.kernel == "int4pack"
-        assert rel_err(iw.linear(x, bias), exact) < 1e-5
-        assert rel_err(iw.linear(x.bfloat16(), bias).float(), exact) < 2e-2  # bf16 inputs
+        assert 0 < rel_err(iw.linear(x, bias), exact) < 1e-2
+        assert rel_err(iw.linear(x.bfloat16(), bias).float(), exact) < 2e-2
     monkeypatch.setattr(quant, "INT8_KERNEL", False)
     slow = quant.Int4Weight(w)
     assert slow.kernel == "fallback" and rel_err(slow.linear(x, bias), exact) < 1e-5
