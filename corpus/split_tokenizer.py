@@ -96,7 +96,8 @@ def _train(data: DataArgs, vocab_size: int, folder: Path):
         try:
             summary = train_tokenizer(cfg)
         except DataError as exc:
-            raise DataError(f"--train_tokenizer {vocab_size}: {exc}") from None
+            raise DataError(f"--train_tokenizer {vocab_size}: {exc} (or --tokenizer gpt2)"
+                            ) from None
         try:
             os.replace(tmp / "tok", folder)
         except OSError:

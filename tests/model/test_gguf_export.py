@@ -189,7 +189,7 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_file(checkpoints, make_tiny
     cases = {
         "missing folder": (["--to_gguf", tmp_path / "no" / "such" / "m.gguf", "--checkpoint",
                             ckpt], "does not exist"),
-        "bad outtype": (["--to_gguf", out, "--checkpoint", ckpt, "--outtype", "q4_0"],
+        "bad outtype": (["--to_gguf", out, "--checkpoint", ckpt, "--outtype", "q4_k"],
                         "invalid choice"),
         "outtype without to_gguf": (["--to_hf", tmp_path / "hf", "--checkpoint", ckpt,
                                      "--outtype", "f16"], "--outtype is for --to_gguf"),

@@ -206,8 +206,8 @@ def test_seeded_sampling_is_reproducible_within_a_format(random_model, restore):
 
 
 def test_bad_formats_and_combinations_raise(random_model, restore):
-    with pytest.raises(ValueError, match="unknown weight format 'int4'"):
-        random_model.quantize("int4")
+    with pytest.raises(ValueError, match="unknown weight format 'int3'"):
+        random_model.quantize("int3")
     random_model.quantize("bf16")
     with pytest.raises(ValueError, match="compile=True"):
         random_model.generate([1, 2], max_new_tokens=2, compile=True)
@@ -218,7 +218,7 @@ def test_load_model_quantize(tiny_checkpoint):
     assert model.quantization == "int8"
     assert isinstance(model.lm_head.decode_w, quant.Int8Weight)
     with pytest.raises(ValueError, match="unknown weight format"):
-        load_model(tiny_checkpoint, device="cpu", quantize="int4")
+        load_model(tiny_checkpoint, device="cpu", quantize="int3")
 
 
 def test_cli_choices_match_the_formats():
@@ -236,7 +236,7 @@ def test_generate_cli_formats(tiny_checkpoint, tmp_path):
         "plain": base,
         "int8": [*base, "--quantize", "int8"],
         "bf16 dtype": [*base, "--dtype", "bfloat16"],
-        "bad": [*base, "--quantize", "int4"],
+        "bad": [*base, "--quantize", "int3"],
         "combo": [*base, "--quantize", "int8", "--dtype", "bfloat16"],
     }
     res = run_many(REPO / "generate_lm.py", cases, tmp_path)
@@ -246,7 +246,7 @@ def test_generate_cli_formats(tiny_checkpoint, tmp_path):
     assert "cpu, float32)" in res["none"][2]
     assert "cpu, int8 weights)" in res["int8"][2]
     assert "cpu, bf16 weights)" in res["bf16 dtype"][2]  # says what --dtype bfloat16 does here
-    for name, needle, prefix in (("bad", "invalid choice: 'int4'", "generate_lm.py: error: "),
+    for name, needle, prefix in (("bad", "invalid choice: 'int3'", "generate_lm.py: error: "),
                                  ("combo", "drop --dtype bfloat16", "error: ")):
         code, out, err = res[name]
         assert code == 2 and out == "", (name, err)

@@ -19,7 +19,8 @@ def _resolve(tmp_path, *extra: str) -> RunConfig:
 
 
 def test_config_is_frozen_and_round_trips_through_its_dict(tmp_path):
-    config = _resolve(tmp_path, "--max_steps", "5", "--preset", "demo")
+    # (the demo's own 2,048-token vocabulary needs more text than the tiny one here)
+    config = _resolve(tmp_path, "--max_steps", "5", "--preset", "demo", "--train_tokenizer", "0")
     flags = config.to_dict()
     dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
     # every flag, as the snapshot's "args" always held them; flags added since (--eval_tasks')
@@ -33,7 +34,7 @@ def test_config_is_frozen_and_round_trips_through_its_dict(tmp_path):
     assert set(with_tasks) == dests - {"eval_tasks_path", "train_tokenizer"}
     assert RunConfig.from_dict(with_tasks).eval.eval_tasks_limit == 50
     assert config.batch.seq_len == 32 and config.optim.schedule.min_lr == 0.0  # demo's
-    assert config.log.save_interval == config.eval.eval_interval == 100
+    assert config.log.save_interval == config.eval.eval_interval == 300  # demo's
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.optim.schedule.lr = 1.0
 
