@@ -34,27 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from bandwidth import our_token_bytes, read_bandwidth  # noqa: E402
 from generation import CASES, build, timed  # noqa: E402
 
 from model.lm import Linear  # noqa: E402
 from model.quant import FORMATS  # noqa: E402
-
-
-def read_bandwidth(repeats: int) -> float:
-    """GB/s of `sum` over a 512 MiB float32 tensor (best of `repeats`)."""
-    x = torch.ones(128 * 2**20)
-    (t,) = timed([lambda: x.sum()], torch.device("cpu"), repeats)
-    return x.numel() * 4 / t / 1e9
-
-
-def weight_bytes(model: nn.Module, fmt: str) -> int:
-    """Bytes of every `Linear` weight in format `fmt` (int8 counts its per-row bf16 scales)."""
-    per = {"none": 4, "bf16": 2, "int8": 1}[fmt]
-    total = 0
-    for m in model.modules():
-        if isinstance(m, Linear):
-            total += m.weight.numel() * per + (2 * m.out_features if fmt == "int8" else 0)
-    return total
 
 
 def matmul_pass(modules: list[nn.Module], rows: int, times: int):
@@ -108,7 +92,7 @@ def main() -> None:
             t_mm = [t / args.passes for t in times[:len(passes)]]
             t_step = times[len(passes):]
             for i, fmt in enumerate([*models, "HF"]):
-                nbytes = hf_bytes if fmt == "HF" else weight_bytes(models[fmt], fmt)
+                nbytes = hf_bytes if fmt == "HF" else our_token_bytes(models[fmt], fmt)
                 name = {"none": "float32", "HF": "HF fp32"}.get(fmt, fmt)
                 step = t_step[i] / args.new_tokens * 1e3 if fmt != "HF" else None
                 tail = f"{step:>9.2f}{step - t_mm[i] * 1e3:>10.2f}" if step else ""

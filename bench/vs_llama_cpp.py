@@ -13,12 +13,17 @@ tokens (--new_tokens, no end token), at batch 1 with the same threads, under two
 - "top-k": llama.cpp's defaults, temperature 0.8, top-k 40, top-p 0.9 and min-p 0.05 (ours: the
   same without min-p, which we do not have; after top-k 40 it is a cheap filter).
 
-Pairs: our float32 / llama.cpp f32, our bf16 (`--quantize bf16`) / f16, our int8 / q8_0.
+Pairs: our float32 / llama.cpp f32, our bf16 (`--quantize bf16`) / f16, our int8 / q8_0, our
+int4 / q4_0 (the same 4-bit blocks of 32; `convert.py --to_gguf --outtype q4_0`).
 llama.cpp runs as `llama-server` with one client and one slot; its rate is its own timing,
 `timings.predicted_per_second` (generated tokens over the generation time, after the prompt).
 Ours is measured the same way through the Python API: `model.stream(...)`, generated tokens
-after the first over the time from the first to the last. Best of --repeats; ours and
-llama.cpp's alternate within each round, so a slow spell of a shared machine hits both.
+after the first over the time from the first to the last. Batch 1 is bound by memory bandwidth,
+so each rate is also given as a fraction of it: tokens/s x the weight bytes a token reads in
+that format (every matrix product's weights, the LM head included; bench/bandwidth.py) over the
+read bandwidth this process measures with the same threads (`sum` over 512 MiB). Best of
+--repeats; ours and llama.cpp's alternate within each round, so a slow spell of a shared
+machine hits both.
 
 After the pairs: where one of our batch-1 steps goes (its matrix products alone, every `Linear`
 through the kernels decoding uses, and the rest), next to llama.cpp's whole step; then ours at
@@ -65,6 +70,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import convert  # noqa: E402
+from bench.bandwidth import GGUF, our_token_bytes, read_bandwidth, token_bytes  # noqa: E402
 from bench.record import cpu_name  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.lm import LanguageModel, Linear, LMConfig  # noqa: E402
@@ -74,7 +80,7 @@ CASES = {
                           dropout=0.0),
     "default": LMConfig(dropout=0.0),
 }
-PAIRS = [("none", "f32"), ("bf16", "f16"), ("int8", "q8_0")]  # ours (--quantize), llama.cpp
+PAIRS = [("none", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0")]  # ours, llama.cpp
 SAMPLINGS = {
     "top-p": dict(ours=dict(temperature=0.8, top_p=0.9),
                   llama=dict(temperature=0.8, top_p=0.9, top_k=0, min_p=0.0)),
@@ -193,8 +199,11 @@ def speed(args, binary: str | None, tmp: Path) -> None:
     if binary is None:
         print("llama-server not found (--llama_server, LLAMA_SERVER or PATH): llama.cpp columns "
               "skipped; see this script's docstring for how to build it")
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth {bandwidth:.1f} GB/s ({threads} threads); 'of bw': tokens/s x "
+          f"weight bytes per token over it")
     print(f"{'case':<11}{'sampling':>9}{'ours':>9}{'llama.cpp':>11}{'ours tok/s':>12}"
-          f"{'llama tok/s':>13}{'ratio':>8}")
+          f"{'llama tok/s':>13}{'ratio':>8}{'ours of bw':>12}{'llama of bw':>13}")
     split = []  # (case, format, ours ms/token, products ms, llama.cpp ms/token) at top-k
     for case in args.cases.split(","):
         cfg = CASES[case]
@@ -208,6 +217,7 @@ def speed(args, binary: str | None, tmp: Path) -> None:
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
         for fmt, outtype in PAIRS:
             model, _ = load_model(ckpt, device="cpu", quantize=fmt)
+            our_bytes, theirs_bytes = our_token_bytes(model, fmt), token_bytes(model, GGUF[outtype])
             server = None
             if binary is not None:
                 gguf = convert.to_gguf(ckpt, tmp / f"{case}-{outtype}.gguf", outtype,
@@ -229,10 +239,13 @@ def speed(args, binary: str | None, tmp: Path) -> None:
                                                        f"{t['timings']['predicted_n']} tokens")
                                 theirs.append(t["timings"]["predicted_per_second"])
                         o = max(ours)
+                        frac = f"{o * our_bytes / 1e9 / bandwidth:>12.0%}"
+                        if theirs:
+                            frac += f"{max(theirs) * theirs_bytes / 1e9 / bandwidth:>13.0%}"
                         cols = (f"{max(theirs):>13.0f}{o / max(theirs):>7.2f}x" if theirs
                                 else f"{'-':>13}{'-':>8}")
                         label = "float32" if fmt == "none" else fmt
-                        print(f"{case:<11}{name:>9}{label:>9}{outtype:>11}{o:>12.0f}{cols}",
+                        print(f"{case:<11}{name:>9}{label:>9}{outtype:>11}{o:>12.0f}{cols}{frac}",
                               flush=True)
                         if name == "top-k":
                             split.append((case, label, 1e3 / o, products_ms(model, 1),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from corpus.datasets import DataArgs, default_cache_dir, split_source
 from corpus.shards import DataError
+from corpus.sources import HubDataset, LocalFiles
 
 __all__ = ["with_split_tokenizer", "split_tokenizer_folder"]
 
@@ -38,9 +39,18 @@ def split_tokenizer_folder(data: DataArgs, vocab_size: int) -> Path:
     Raises:
         DataError: the data has no training split here (one line, with how to get it).
     """
+    return _folder(data, _train_source(data), vocab_size)
+
+
+def _train_source(data: DataArgs) -> LocalFiles | HubDataset:
+    """The text source of `data`'s training split (raises DataError when there is none)."""
     source = split_source(data, "train")
     if source is None:
         raise DataError(f"{data.label} has no training split to train a tokenizer on")
+    return source
+
+
+def _folder(data: DataArgs, source: LocalFiles | HubDataset, vocab_size: int) -> Path:
     identity = json.dumps({"source": source.identity(), "vocab_size": vocab_size},
                           sort_keys=True)
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
@@ -75,15 +85,16 @@ def with_split_tokenizer(data: DataArgs, tokenizer_given: bool, train_given: boo
             raise DataError(f"--train_tokenizer {n} trains a tokenizer for text data; {named} "
                             f"already names the tokenizer: drop one of them")
         return dataclasses.replace(data, train_tokenizer=0)  # the preset's, overridden
-    folder = split_tokenizer_folder(data, n)
+    source = _train_source(data)
+    folder = _folder(data, source, n)
     if not (folder / "tokenizer.json").is_file():
-        summary = _train(data, n, folder)
+        summary = _train(source, n, folder)
         say(f"trained a byte-level BPE of {n:,} tokens on the training split "
             f"({summary.train_bytes / 1e6:.2f} MB) in {summary.seconds:.1f} s: {folder}")
     return dataclasses.replace(data, tokenizer=str(folder))
 
 
-def _train(data: DataArgs, vocab_size: int, folder: Path):
+def _train(source: LocalFiles | HubDataset, vocab_size: int, folder: Path):
     """Train into a private folder, then move it into place (another process training the same
     tokenizer at once, as DDP's ranks do, writes identical files: the first one stays)."""
     from corpus.tokenizer_training import TokenizerTrainConfig, train_tokenizer
@@ -91,7 +102,7 @@ def _train(data: DataArgs, vocab_size: int, folder: Path):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        cfg = TokenizerTrainConfig(sources=[split_source(data, "train")], out=tmp / "tok",
+        cfg = TokenizerTrainConfig(sources=[source], out=tmp / "tok",
                                    vocab_size=vocab_size, held_out=0.0, progress=False)
         try:
             summary = train_tokenizer(cfg)

@@ -59,8 +59,9 @@ import torch.nn.functional as F
 
 FORMATS = ("none", "bf16", "int8", "int4")
 
-# Set to False to force the int8 fallback everywhere (tests compare the kernels).
-INT8_KERNEL = True
+# Set to False to force the int8 and int4 fallbacks (the weight dequantized for one `F.linear`)
+# everywhere: tests compare the packed kernels against them.
+PACKED_KERNELS = True
 # Rows up to which torch._weight_int8pack_mm is used where fbgemm is missing (its cost grows
 # with each row; the fallback's hardly until its product is compute-bound).
 INT8_KERNEL_MAX_ROWS = 8
@@ -324,7 +325,7 @@ class Int8Weight:
         """The kernel of a product with `rows` input rows: "w8a8" (fbgemm), "int8pack"
         (`torch._weight_int8pack_mm`) or "fallback"."""
         dev = self.q.device.type
-        if not INT8_KERNEL or dev != "cpu" or not _X86_64:
+        if not PACKED_KERNELS or dev != "cpu" or not _X86_64:
             return "fallback"
         if w8a8_works():
             return "w8a8"
@@ -446,7 +447,7 @@ class Int4Weight:
     def __init__(self, w: torch.Tensor) -> None:
         self.out_features, self.in_features = w.shape
         self.q, self.d = quantize_int4(w)
-        self.kernel = ("int4pack" if w.device.type == "cpu" and INT8_KERNEL
+        self.kernel = ("int4pack" if w.device.type == "cpu" and PACKED_KERNELS
                        and int4_kernel_works() else "fallback")
         self._packed = self._sz = None
         if self.kernel == "int4pack":

@@ -127,11 +127,11 @@ def test_int8_kernels_agree_with_the_int8_grid(random_model, restore, monkeypatc
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
     iw = quant.Int8Weight(w)
     exact = torch.nn.functional.linear(x, iw.q.float() * iw.scale.float()[:, None])
-    monkeypatch.setattr(quant, "INT8_KERNEL", False)
+    monkeypatch.setattr(quant, "PACKED_KERNELS", False)
     assert iw.kernel(3) == "fallback"
     slow = iw.linear(x)
     assert rel_err(slow, exact) < 2**-7
-    monkeypatch.setattr(quant, "INT8_KERNEL", True)
+    monkeypatch.setattr(quant, "PACKED_KERNELS", True)
     if quant.w8a8_works():
         assert iw.kernel(1) == iw.kernel(64) == "w8a8"
         fast = iw.linear(x)
@@ -151,7 +151,7 @@ def test_int8_kernels_agree_with_the_int8_grid(random_model, restore, monkeypatc
         random_model.quantize("int8")
         prompt = torch.tensor([[5, 6, 7]])
         a = random_model.generate(prompt, max_new_tokens=20, temperature=0)
-        monkeypatch.setattr(quant, "INT8_KERNEL", False)
+        monkeypatch.setattr(quant, "PACKED_KERNELS", False)
         b = random_model.generate(prompt, max_new_tokens=20, temperature=0)
         assert torch.equal(a, b)
 
@@ -367,7 +367,7 @@ def test_int4_is_q4_0s_grid_and_the_kernel_computes_it(shape, monkeypatch):
         assert iw.kernel == "int4pack"
         assert 0 < rel_err(iw.linear(x, bias), exact) < 1e-2
         assert rel_err(iw.linear(x.bfloat16(), bias).float(), exact) < 2e-2
-    monkeypatch.setattr(quant, "INT8_KERNEL", False)
+    monkeypatch.setattr(quant, "PACKED_KERNELS", False)
     slow = quant.Int4Weight(w)
     assert slow.kernel == "fallback" and rel_err(slow.linear(x, bias), exact) < 1e-5
     assert slow.linear(x[:, None, :]).shape == (3, 1, out)
