@@ -306,9 +306,13 @@ def _ggml_gelu(h: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def ggml_gelu(model: LanguageModel):
-    """Our model with llama.cpp's GELU in every block (to show what the logit differences are)."""
+    """Our model with llama.cpp's GELU in every block (to show what the logit differences are);
+    a model without GELU (SwiGLU) as it is."""
     pre: dict[int, torch.Tensor] = {}
     handles = []
+    if model.config.mlp != "gelu":
+        yield model
+        return
     for i, block in enumerate(model.transformer.h):
         handles.append(block.mlp.c_fc.register_forward_hook(
             lambda mod, inp, out, i=i: pre.__setitem__(i, out)))
@@ -329,10 +333,10 @@ def agreement(args, tmp: Path) -> None:
         return
     import numpy as np
 
-    from model.tokenizer import load_tokenizer
+    from model.tokenizer import load_checkpoint_tokenizer
 
     model, ckpt = load_model(args.agreement, device="cpu")
-    tok = load_tokenizer("gpt2")
+    tok = load_checkpoint_tokenizer(ckpt)  # the run's own (a preset's trained BPE, or GPT-2's)
     prompt = tok.encode(args.agree_prompt)
     n = min(args.agree_tokens, model.max_seq_len - len(prompt))
     mine = model.generate(prompt, max_new_tokens=n, temperature=0)[0, len(prompt):].tolist()
