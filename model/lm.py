@@ -85,10 +85,11 @@ class Linear(nn.Linear):
     `nn.Linear`'s (out, in) layout PyTorch's CPU kernels stream it at about half the machine's
     bandwidth. So `setup_cache` (on CPU only, so by the first generation) makes a copy laid out
     for such products (`model.quant.FloatWeight`: oneDNN's packed layout on x86-64 with more
-    than one torch thread, else a plain (in, out) transpose). The copy is refreshed if the
-    weight changes in place, used only with gradients and autocast off and outside
-    `torch.compile`, and kept until `clear_cache` (or the end of a `with model:` block): the
-    weights take twice their memory meanwhile. Parameters and `state_dict` are those of
+    than one torch thread, else a plain (in, out) transpose); a single row goes through our
+    own product on the weight itself where it builds (`model/native.py`). The copy is
+    refreshed if the weight changes in place, used only with gradients and autocast off, and
+    kept until `clear_cache` (or the end of a `with model:` block): the weights take twice
+    their memory meanwhile. Parameters and `state_dict` are those of
     `nn.Linear`.
 
     `decode_format` (set by `LanguageModel.quantize`, see `model/quant.py`) makes the copy bf16

@@ -20,6 +20,10 @@ between CPUs. Each copy takes the first kernel of its list that exists here and 
 reference product (checked once per process), in an order measured on the CPUs we have
 (`bench/decode_matmuls.py`; GPT-2 124M's LM head, 768 x 50,257, one row, 2 threads):
 
+- one row (decoding at batch 1), float32 and bf16: our own product (`model/native.py`, built
+  for this CPU on first use), where it builds: it streams the weights at about the machine's
+  read bandwidth, 1.3-2x oneDNN's rate for one row (a 2-core Zen 5 EPYC). It takes the
+  float32 weight itself (no copy) and keeps bf16's inputs float32.
 - float32: oneDNN's packed layout with more than one thread (27 GB/s on a 2-core AMD EPYC with
   AVX2; 3x faster than the others at 8 rows), else a plain (in, out) copy.
 - bf16: oneDNN's packed bf16 layout where oneDNN has bf16 kernels (AVX-512-BF16, AMX: fastest
@@ -28,7 +32,9 @@ reference product (checked once per process), in an order measured on the CPUs w
   on an (in, out) copy); else `F.linear` on the bf16 copy. The oneDNN and `F.linear` kernels
   round the inputs to bf16 too; fbgemm's keeps them float32 (its weights hold the bf16 values
   exactly, up to 3e-8 below 2**-17).
-- int8: fbgemm's dynamic int8 linear (W8A8: the inputs are quantized too, per row, to 7 bits
+- int8: one row (decoding at batch 1) through our own weight-only product (`model/native.py`:
+  float32 inputs, 1.2-1.4x fbgemm's rate on GPT-2 124M's shapes, Zen 5 EPYC); more rows through
+  fbgemm's dynamic int8 linear (W8A8: the inputs are quantized too, per row, to 7 bits
   as x86's fbgemm needs without VNNI; as llama.cpp's q8_0 does, which uses 8 bits per block of
   32): 1.5 ms at one row and 2.4 ms at eight on that EPYC, where `torch._weight_int8pack_mm`
   (bf16 inputs) takes 3.5 and 10.3 ms and oneDNN's quantized linear 5.0 and 11.5 ms. Where
@@ -56,6 +62,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from model import native
 
 FORMATS = ("none", "bf16", "int8", "int4")
 
@@ -135,10 +143,15 @@ def _onednn_linear_shape(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tens
 
 
 class FloatWeight:
-    """A float32 (or the model's dtype) decode copy of an (out, in) weight."""
+    """A float32 (or the model's dtype) decode copy of an (out, in) weight.
+
+    One input row goes through our own product (`model/native.py`) on the weight itself (no
+    copy), where it is built; more rows through oneDNN's packed copy (or the (in, out) one).
+    """
 
     def __init__(self, w: torch.Tensor) -> None:
         w = w.detach()
+        self.row_w = w if native.usable(w) else None  # the parameter, read as it is
         # With one thread the plain (in, out) copy was faster at batch 1.
         packed = onednn_weight(w) if torch.get_num_threads() > 1 else None
         self.packed = packed is not None
@@ -146,6 +159,9 @@ class FloatWeight:
         self.out_features = w.size(0)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.row_w is not None and x.numel() == x.size(-1)
+                and not torch.compiler.is_compiling()):
+            return native.linear_row(x, self.row_w, bias).to(x.dtype)
         if self.packed:
             return _onednn_product(x, self.w, bias)
         x2 = x.reshape(-1, x.size(-1))  # (B*T, in)
@@ -207,6 +223,7 @@ class Bf16Weight:
     def __init__(self, w: torch.Tensor) -> None:
         wb = w.detach().to(torch.bfloat16)
         self.out_features = wb.size(0)
+        self.row_w = wb if native.usable(wb) else None  # one row: our product on this copy
         packed = onednn_weight(wb)
         if packed is not None:
             self.kernel, self.w = "onednn", packed
@@ -225,6 +242,8 @@ class Bf16Weight:
         self._bias_key = _bias_key(bias)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.row_w is not None and x.numel() == x.size(-1):
+            return native.linear_row(x, self.row_w, bias).to(x.dtype)  # x stays float32
         if self.kernel == "fbgemm_fp16" and x.dtype == torch.float32:
             # One op, (..., in) as it is, the bias inside (packed with the weight, again if
             # it changes): a decode step makes ~50 of these, and each op costs ~5 us.
@@ -316,17 +335,21 @@ class Int8Weight:
 
     def __init__(self, w: torch.Tensor) -> None:
         self.q, self.scale = quantize_int8(w)
+        # one row: our own weight-only product (model/native.py) on q and float32 scales
+        self._native_scale = self.scale.float() if native.usable(self.q) else None
         # fbgemm's packed weight: as is with the bias (for one row; `_one_key`: which bias),
         # and with 2 zero columns, no bias (for several rows)
         self._one = self._one_key = self._many = None
         self._pm: dict[int, torch.Tensor] = {}  # rows -> their (rows, 2) +1/-1 inputs
 
     def kernel(self, rows: int) -> str:
-        """The kernel of a product with `rows` input rows: "w8a8" (fbgemm), "int8pack"
-        (`torch._weight_int8pack_mm`) or "fallback"."""
+        """The kernel of a product with `rows` input rows: "native" (one row, `model/native.py`),
+        "w8a8" (fbgemm), "int8pack" (`torch._weight_int8pack_mm`) or "fallback"."""
         dev = self.q.device.type
         if not PACKED_KERNELS or dev != "cpu" or not _X86_64:
             return "fallback"
+        if rows == 1 and self._native_scale is not None:
+            return "native"
         if w8a8_works():
             return "w8a8"
         # The kernel reads the inputs 16 at a time without a tail: other widths give wrong
@@ -361,6 +384,8 @@ class Int8Weight:
         """`F.linear(x, w, bias)` for x (..., in); the result has x's dtype."""
         rows = x.numel() // x.size(-1)
         kernel = self.kernel(rows)
+        if kernel == "native":  # float32 inputs as they are: weight-only int8
+            return native.linear_row(x, self.q, bias, self._native_scale).to(x.dtype)
         if kernel == "w8a8":
             if x.dtype == torch.float32 and rows == 1:
                 return self._w8a8_one(x, bias)

@@ -16,7 +16,7 @@ import evaluate_lm
 import generate_lm
 import serve_lm
 from common import cli
-from model import quant
+from model import native, quant
 from model.checkpoint import load_model
 from model.lm import LanguageModel, Linear
 
@@ -132,8 +132,12 @@ def test_int8_kernels_agree_with_the_int8_grid(random_model, restore, monkeypatc
     slow = iw.linear(x)
     assert rel_err(slow, exact) < 2**-7
     monkeypatch.setattr(quant, "PACKED_KERNELS", True)
+    if native.library() is not None:  # one row: our weight-only product, inputs as they are
+        assert iw.kernel(1) == "native"
+        assert rel_err(iw.linear(x[1:2]), exact[1:2]) < 1e-5
     if quant.w8a8_works():
-        assert iw.kernel(1) == iw.kernel(64) == "w8a8"
+        assert iw.kernel(64) == "w8a8"
+        assert iw.kernel(1) == ("native" if native.library() is not None else "w8a8")
         fast = iw.linear(x)
         assert 0 < rel_err(fast, exact) < 3e-2
         assert rel_err(iw.linear(x[1:2]), exact[1:2]) < 3e-2  # one row: fbgemm's own range
@@ -141,6 +145,8 @@ def test_int8_kernels_agree_with_the_int8_grid(random_model, restore, monkeypatc
         assert torch.equal(iw.linear(x * torch.tensor([[1.0], [1e3], [1.0]]))[0], fast[0])
     if quant._X86_64 and quant._kernel_works("cpu"):
         monkeypatch.setattr(quant, "w8a8_works", lambda: False)
+        monkeypatch.setattr(quant.native, "usable", lambda w: False)  # int8pack at one row too
+        iw = quant.Int8Weight(w)
         assert iw.kernel(3) == "int8pack" and iw.kernel(quant.INT8_KERNEL_MAX_ROWS + 1) == \
             "fallback"
         assert quant.Int8Weight(torch.randn(8, 40)).kernel(1) == "fallback"  # width % 16 != 0
