@@ -6,9 +6,9 @@
  * rows are split over OpenMP threads (PyTorch's own runtime, so both share one thread pool).
  * Built and loaded by model/native.py, which checks every kernel against F.linear first.
  *
- * Every function: x (k) float32; weights of n rows of k inputs, row-major; bias (n) float32 or
- * NULL; y (n) float32; threads: how many OpenMP threads (torch.get_num_threads(), as PyTorch's
- * own ops pass theirs).
+ * Every function: x (k) float32; weights of n rows of k inputs, row-major; scale (n) float32 or
+ * NULL; bias (n) float32 or NULL; y (n) float32; threads: how many OpenMP threads
+ * (torch.get_num_threads(), as PyTorch's own ops pass theirs).
  */
 #include <stdint.h>
 #include <string.h>
@@ -79,52 +79,35 @@ static inline float bf16_to_f32(uint16_t h) {
     for (int64_t i = 0; i < k; i++) acc += LOADS(i) * x[i];
 #endif
 
-void gemv_f32(const float *restrict x, int64_t k, const float *restrict w, int64_t n,
-              const float *restrict bias, float *restrict y, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j++) {
-        const float *wj = w + j * k;
-#define LV(i) vload(wj + (i))
-#define LS(i) wj[i]
-        DOT(LV, LS)
-#undef LV
-#undef LS
-        y[j] = bias ? acc + bias[j] : acc;
+/* One kernel per weight type T: the weights' row j read as floats by LOADV / LOADS (see DOT),
+ * times scale[j] when a scale is given (int8), plus bias[j] when a bias is given. */
+#define GEMV(NAME, T, LOADV, LOADS)                                                         \
+    void NAME(const float *restrict x, int64_t k, const T *restrict w,                      \
+              const float *restrict scale, int64_t n, const float *restrict bias,           \
+              float *restrict y, int threads) {                                             \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                  \
+        for (int64_t j = 0; j < n; j++) {                                                   \
+            const T *wj = w + j * k;                                                        \
+            DOT(LOADV, LOADS)                                                               \
+            if (scale) acc *= scale[j];                                                     \
+            y[j] = bias ? acc + bias[j] : acc;                                              \
+        }                                                                                   \
     }
-}
 
+#define F32_V(i) vload(wj + (i))
+#define F32_S(i) wj[i]
+#define BF16_V(i) vload_bf16(wj + (i))
+#define BF16_S(i) bf16_to_f32(wj[i])
+#define INT8_V(i) vload_i8(wj + (i))
+#define INT8_S(i) ((float)wj[i])
+
+/* float32 weights */
+GEMV(gemv_f32, float, F32_V, F32_S)
 /* bf16 weights (their bits as uint16), products and sums in float32 */
-void gemv_bf16(const float *restrict x, int64_t k, const uint16_t *restrict w, int64_t n,
-               const float *restrict bias, float *restrict y, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j++) {
-        const uint16_t *wj = w + j * k;
-#define LV(i) vload_bf16(wj + (i))
-#define LS(i) bf16_to_f32(wj[i])
-        DOT(LV, LS)
-#undef LV
-#undef LS
-        y[j] = bias ? acc + bias[j] : acc;
-    }
-}
-
+GEMV(gemv_bf16, uint16_t, BF16_V, BF16_S)
 /* int8 weights with one scale per row (w[j, i] = q[j, i] * scale[j]), float32 inputs: the
  * inputs are not rounded at all (weight-only int8) */
-void gemv_int8(const float *restrict x, int64_t k, const int8_t *restrict q,
-               const float *restrict scale, int64_t n, const float *restrict bias,
-               float *restrict y, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t j = 0; j < n; j++) {
-        const int8_t *qj = q + j * k;
-#define LV(i) vload_i8(qj + (i))
-#define LS(i) (float)qj[i]
-        DOT(LV, LS)
-#undef LV
-#undef LS
-        acc *= scale[j];
-        y[j] = bias ? acc + bias[j] : acc;
-    }
-}
+GEMV(gemv_int8, int8_t, INT8_V, INT8_S)
 
 /* The float lanes of the vector code this library was built with (0: plain C, which PyTorch's
  * own kernels beat: not used). */

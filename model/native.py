@@ -84,11 +84,9 @@ def _build(compiler: str) -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for fn in (lib.gemv_f32, lib.gemv_bf16):
-        fn.argtypes = [p, i64, p, i64, p, p, i32]  # x, k, w, n, bias, y, threads
+    for fn in (lib.gemv_f32, lib.gemv_bf16, lib.gemv_int8):
+        fn.argtypes = [p, i64, p, p, i64, p, p, i32]  # x, k, w, scale, n, bias, y, threads
         fn.restype = None
-    lib.gemv_int8.argtypes = [p, i64, p, p, i64, p, p, i32]  # x, k, q, scale, n, bias, y, threads
-    lib.gemv_int8.restype = None
     lib.native_lanes.argtypes, lib.native_lanes.restype = [], i32
     return lib
 
@@ -157,15 +155,15 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
     y = torch.empty(*x.shape[:-1], n)
     bf = None if bias is None else bias.detach().float().contiguous()
     b_ptr = None if bf is None else bf.data_ptr()
-    threads = torch.get_num_threads()
+    s_ptr = None
     if w.dtype == torch.int8:
         if scale is None or scale.dtype != torch.float32 or scale.numel() != n:
             raise ValueError("linear_row: int8 weights need their float32 scale per row")
-        lib.gemv_int8(xf.data_ptr(), xf.numel(), w.data_ptr(), scale.data_ptr(), n, b_ptr,
-                      y.data_ptr(), threads)
-    else:
-        fn = lib.gemv_f32 if w.dtype == torch.float32 else lib.gemv_bf16
-        fn(xf.data_ptr(), xf.numel(), w.data_ptr(), n, b_ptr, y.data_ptr(), threads)
+        s_ptr = scale.data_ptr()
+    fn = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16,
+          torch.int8: lib.gemv_int8}[w.dtype]
+    fn(xf.data_ptr(), xf.numel(), w.data_ptr(), s_ptr, n, b_ptr, y.data_ptr(),
+       torch.get_num_threads())
     return y
 
 
