@@ -24,6 +24,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return name, flags
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (from /proc/cpuinfo; empty elsewhere)."""
+    return _cpuinfo()[1]
+
+
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo; the platform's processor name elsewhere)."""
     return _cpuinfo()[0]

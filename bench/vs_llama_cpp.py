@@ -70,8 +70,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import convert  # noqa: E402
+from bench import record  # noqa: E402
 from bench.bandwidth import GGUF, our_token_bytes, read_bandwidth, token_bytes  # noqa: E402
-from bench.record import cpu_name  # noqa: E402
 from model.checkpoint import load_model  # noqa: E402
 from model.lm import LanguageModel, Linear, LMConfig  # noqa: E402
 
@@ -91,12 +91,7 @@ SAMPLINGS = {
 
 def cpu_flags() -> str:
     """The vector extensions that decide which kernels are fast (AVX-512, AMX, VNNI...)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
+    flags = record.cpu_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "f16c")
     return " ".join(f for f in wanted if f in flags)
 
@@ -400,7 +395,7 @@ def main() -> None:
     ap.add_argument("--agree_tokens", type=int, default=50)
     ap.add_argument("--agree_types", default="f32,f16")
     args = ap.parse_args()
-    print(f"cpu: {cpu_name()} ({cpu_flags()}); torch {torch.__version__}, "
+    print(f"cpu: {record.cpu_name()} ({cpu_flags()}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_speed:

@@ -35,7 +35,8 @@ SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Set to False (or SMALL_LM_NATIVE=0 in the environment) to use PyTorch's kernels only.
 ENABLED = os.environ.get("SMALL_LM_NATIVE", "1") != "0"
-_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+# The kernel of each weight dtype (int8: with a float32 scale per row).
+_KERNELS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.int8: "gemv_int8"}
 _why_not = ""
 
 
@@ -84,7 +85,8 @@ def _build(compiler: str) -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for fn in (lib.gemv_f32, lib.gemv_bf16, lib.gemv_int8):
+    for name in _KERNELS.values():
+        fn = getattr(lib, name)
         fn.argtypes = [p, i64, p, p, i64, p, p, i32]  # x, k, w, scale, n, bias, y, threads
         fn.restype = None
     lib.native_lanes.argtypes, lib.native_lanes.restype = [], i32
@@ -141,7 +143,7 @@ def status() -> str:
 def usable(w: torch.Tensor) -> bool:
     """Whether `linear_row` takes this weight: a contiguous (out, in) float32, bf16 or int8
     matrix on the CPU, with the library available."""
-    return (w.device.type == "cpu" and w.dtype in _DTYPES and w.dim() == 2
+    return (w.device.type == "cpu" and w.dtype in _KERNELS and w.dim() == 2
             and w.is_contiguous() and library() is not None)
 
 
@@ -160,10 +162,8 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
         if scale is None or scale.dtype != torch.float32 or scale.numel() != n:
             raise ValueError("linear_row: int8 weights need their float32 scale per row")
         s_ptr = scale.data_ptr()
-    fn = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16,
-          torch.int8: lib.gemv_int8}[w.dtype]
-    fn(xf.data_ptr(), xf.numel(), w.data_ptr(), s_ptr, n, b_ptr, y.data_ptr(),
-       torch.get_num_threads())
+    getattr(lib, _KERNELS[w.dtype])(xf.data_ptr(), xf.numel(), w.data_ptr(), s_ptr, n, b_ptr,
+                                    y.data_ptr(), torch.get_num_threads())
     return y
 
 
