@@ -1,11 +1,12 @@
 """Our own batch-1 decode products in C (`model/native.c`), built for this CPU on first use.
 
 Decoding one token at a time multiplies one input row by every weight, so it runs at the
-speed the weights stream from memory. PyTorch's CPU kernels for that shape (oneDNN's packed
-product, MKL's) reach about 60% of this machine's read bandwidth; a plain dot product per
-output row, vectorized by the compiler for the CPU at hand and split over PyTorch's OpenMP
-threads, reaches about all of it (`bench/decode_matmuls.py`). `model.quant`'s float32 and bf16
-weight copies use it for one row on CPU; larger batches keep oneDNN's kernels.
+speed the weights stream from memory. PyTorch's CPU kernels for that shape stream them well
+below this machine's read bandwidth (Hugging Face's float32 GPT-2 124M at 14.3 GB/s of 30.4 on
+a 2-core Zen 5 EPYC); a plain dot product per output row, vectorized by the compiler for the CPU
+at hand and split over PyTorch's OpenMP threads, reaches about all of it (26-34 GB/s there:
+`bench/results/decode_matmuls_zen5_cpu_2core.txt`). `model.quant`'s float32, bf16 and int8
+weight copies use it for one row on CPU; larger batches keep oneDNN's and fbgemm's kernels.
 
 The library is compiled once per CPU kind with the system's C compiler (`$CC`, else `cc`,
 `-O3 -march=native -fopenmp`: well under a second) into a cache folder

@@ -22,8 +22,8 @@ reference product (checked once per process), in an order measured on the CPUs w
 
 - one row (decoding at batch 1), float32 and bf16: our own product (`model/native.py`, built
   for this CPU on first use), where it builds: it streams the weights at about the machine's
-  read bandwidth, 1.3-2x oneDNN's rate for one row (a 2-core Zen 5 EPYC). It takes the
-  float32 weight itself (no copy) and keeps bf16's inputs float32.
+  read bandwidth (`bench/results/decode_matmuls_zen5_cpu_2core.txt`). It takes the float32
+  weight itself (no copy) and keeps bf16's inputs float32.
 - float32: oneDNN's packed layout with more than one thread (27 GB/s on a 2-core AMD EPYC with
   AVX2; 3x faster than the others at 8 rows), else a plain (in, out) copy.
 - bf16: oneDNN's packed bf16 layout where oneDNN has bf16 kernels (AVX-512-BF16, AMX: fastest
@@ -33,7 +33,7 @@ reference product (checked once per process), in an order measured on the CPUs w
   round the inputs to bf16 too; fbgemm's keeps them float32 (its weights hold the bf16 values
   exactly, up to 3e-8 below 2**-17).
 - int8: one row (decoding at batch 1) through our own weight-only product (`model/native.py`:
-  float32 inputs, 1.2-1.4x fbgemm's rate on GPT-2 124M's shapes, Zen 5 EPYC); more rows through
+  float32 inputs, GPT-2 124M's weights at 26 GB/s on a Zen 5 EPYC, same file); more rows through
   fbgemm's dynamic int8 linear (W8A8: the inputs are quantized too, per row, to 7 bits
   as x86's fbgemm needs without VNNI; as llama.cpp's q8_0 does, which uses 8 bits per block of
   32): 1.5 ms at one row and 2.4 ms at eight on that EPYC, where `torch._weight_int8pack_mm`
