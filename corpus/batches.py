@@ -12,6 +12,10 @@ A step consumes `global_batch = batch_size * grad_accum * world_size` windows. M
 rank `r` takes windows `[(m * world_size + r) * batch_size, ... + batch_size)` of the step's
 share, so ranks see disjoint data and the global batch is the same set of windows whatever the
 split into ranks and micro-batches.
+
+With a `TokenSplitter` (`--split_tokens`), each window's tokens are re-segmented
+(`corpus.token_splitting`) from a generator seeded with (seed, epoch, step, micro-batch, rank):
+a resumed run still sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from corpus.datasets import DataError
 from corpus.shards import TokenShards
+from corpus.token_splitting import TokenSplitter
 
 
 class EpochBatches:
@@ -34,14 +39,17 @@ class EpochBatches:
         world_size: data-parallel ranks.
         rank: this process's rank.
         seed: the run's seed.
+        splitter: re-segments every window (`--split_tokens`); None: the tokens as prepared.
 
     Raises:
         DataError: when the data cannot fill one window or one global batch.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, grad_accum: int = 1,
-                 world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+                 world_size: int = 1, rank: int = 0, seed: int = 0,
+                 splitter: TokenSplitter | None = None) -> None:
         self.tokens = tokens
+        self.splitter = splitter
         self.seq_len, self.batch_size = seq_len, batch_size
         self.grad_accum, self.world_size, self.rank, self.seed = grad_accum, world_size, rank, seed
         n = len(tokens)
@@ -94,5 +102,8 @@ class EpochBatches:
             rows = self.tokens.windows(starts, len(self._arange)).astype(np.int64)
         else:
             rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
+        if self.splitter is not None:
+            rng = np.random.default_rng([self.seed, epoch, step_in_epoch, micro, self.rank, 1])
+            rows = self.splitter.split_rows(rows, rng)
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -70,15 +70,19 @@ class ModelArgs:
 @dataclass(frozen=True)
 class BatchArgs:
     """What one optimizer step trains on: `batch_size` sequences of `seq_len` tokens per
-    micro-batch, `grad_accum` micro-batches per step and process."""
+    micro-batch, `grad_accum` micro-batches per step and process, re-segmented with probability
+    `split_tokens` (`corpus.token_splitting`)."""
 
     seq_len: int
     batch_size: int
     grad_accum: int
+    split_tokens: float = field(default=0.0, metadata=_SAVED_IF_SET)  # corpus.token_splitting
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise UsageError("--seq_len must be at least 2")
+        if not 0.0 <= self.split_tokens < 1.0:
+            raise UsageError(f"--split_tokens must be in [0, 1), got {self.split_tokens}")
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="sequences per micro-batch per process")
     t.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum",
                    type=_positive_int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--split_tokens", type=_nonneg_float, default=0.0, metavar="P",
+                   help="re-segment the training text: split each token into the two tokens of "
+                        "the BPE merge that made it with probability P, and each part again "
+                        "with P (a new segmentation of the same text every time; validation "
+                        "stays canonical). 0: off")
     t.add_argument("--max_steps", type=_positive_int, default=None,
                    help="optimizer steps in the whole run (default: --epochs worth)")
     t.add_argument("--time_budget", type=_minutes, default=None, metavar="MINUTES",

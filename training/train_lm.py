@@ -45,6 +45,7 @@ from corpus.datasets import (  # noqa: E402
     load_split,
     no_bytes_note,
 )
+from corpus.token_splitting import TokenSplitter  # noqa: E402
 from model.checkpoint import CheckpointError, DeviceError, pick_device  # noqa: E402
 from model.lm import LMConfig  # noqa: E402
 from model.tokenizer import TokenizerLoadError, load_tokenizer  # noqa: E402
@@ -76,7 +77,7 @@ from training.start import (  # noqa: E402
     model_architecture,
     source_weights,
 )
-from training.unseen_tokens import UnseenTokens  # noqa: E402
+from training.unseen_tokens import UnseenTokens, seen_token_mask  # noqa: E402
 
 
 def _say(info: D.DistInfo, *lines: str) -> None:
@@ -112,8 +113,10 @@ def _load_data(data: DataArgs, info: D.DistInfo):
 
 
 def _unseen_tokens(mode: str, start: RunStart, train_tokens, vocab_size: int,
-                   device: torch.device) -> UnseenTokens | None:
-    """`--unseen_tokens shared`: the training split's seen ids (None: off, or all ids occur)."""
+                   device: torch.device, splitter: TokenSplitter | None = None
+                   ) -> UnseenTokens | None:
+    """`--unseen_tokens shared`: the training split's seen ids, with those `splitter` can make
+    from them (None: off, or all ids occur)."""
     if mode != "shared":
         return None
     if start.kind == "init":
@@ -121,7 +124,9 @@ def _unseen_tokens(mode: str, start: RunStart, train_tokens, vocab_size: int,
                          f"{start.source} have their own rows for every token; give "
                          "--unseen_tokens full")
     try:
-        return UnseenTokens.from_tokens(train_tokens, vocab_size, device)
+        seen = seen_token_mask(train_tokens, vocab_size)
+        seen = seen if splitter is None else splitter.reachable(seen)
+        return None if seen.all() else UnseenTokens(seen, device)
     except ValueError as exc:  # a damaged split, or one encoded with a larger vocabulary
         raise DataError(f"the training split: {exc}; prepare the data again with this "
                         "run's tokenizer") from None
@@ -261,15 +266,17 @@ def _train(config: RunConfig, start: RunStart, plan: TimePlan | None, argv: list
     run_lock = None if explain or not info.is_main else lock_run_dir(config.log.out_dir)  # noqa: F841
 
     train_tokens, val_tokens, val_bytes = _load_data(config.data, info)
+    splitter = (TokenSplitter.for_tokenizer(config.data.tokenizer, batch.split_tokens)
+                if batch.split_tokens > 0 else None)
     batches = EpochBatches(train_tokens, batch.seq_len, batch.batch_size, batch.grad_accum,
-                           info.world_size, info.rank, config.seed)
+                           info.world_size, info.rank, config.seed, splitter)
     spe = batches.steps_per_epoch
     length = config.budget
     max_steps = plan.steps if plan else length.max_steps or max(1, round(length.epochs * spe))
     stop_at = min(max_steps, cap) if cap else max_steps
 
     unseen = _unseen_tokens(config.speed.unseen_tokens, start, train_tokens, cfg.vocab_size,
-                            device)
+                            device, splitter)
     runtime = Runtime(info, device, amp)
     parts = build_parts(cfg, tok, config.optim, config.speed, config.seed, runtime, unseen)
     state = _restore_or_init(config, start, parts, batches, unseen, info)
