@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,7 +41,9 @@ from training.optim import wsd_decay_start
 
 RESERVE = 0.05  # of the budget: left unplanned, for a slower stretch than the measured steps
 REPLAN_EVERY = 10  # steps: how often a WSD run plans again in its constant phase (`replan`)
-REPLAN_RECENT = 50  # steps: a re-plan takes the slower of the mean of all steps and of these
+REPLAN_RECENT = 100  # steps: a re-plan takes the slower of the mean of all steps and the median
+# of these (a median, so that a slow patch shorter than half of them, or a few long steps, does
+# not cut the run: such a patch once left 53 s of a 600-s budget unused)
 TIMED_STEPS = 5  # steps timed for a plan (after one warm-up step); the median is used
 
 
@@ -217,8 +220,8 @@ def describe_replan(plan: TimePlan) -> str:
     change = ("keeping" if plan.steps == plan.first_steps
               else f"{plan.first_steps:,} planned at the start ->")
     return (f"time budget: re-planned after step {plan.replanned_at:,}: the run's steps take "
-            f"{plan.run_step_s:.3g} s (the slower of the mean of all and of the last "
-            f"{REPLAN_RECENT}; measured {plan.step_s:.3g} s before the first): {change} "
+            f"{plan.run_step_s:.3g} s (the slower of the mean of all and the median of the "
+            f"last {REPLAN_RECENT}; measured {plan.step_s:.3g} s before the first): {change} "
             f"{plan.steps:,} steps (the whole run an estimated {plan.estimate_s:.1f} s of "
             f"{plan.budget_s:g} s)")
 
@@ -226,10 +229,11 @@ def describe_replan(plan: TimePlan) -> str:
 class Replanner:
     """Plans a budgeted WSD run again every `REPLAN_EVERY` steps of its constant phase, from its
     own steps, until its cool-down is about to start (`replan`); then the count is final. The
-    step time it plans with is the slower of the mean of all the run's steps and the mean of the
-    last `REPLAN_RECENT` (a machine that slowed down lately is taken at its word; one that sped
-    up is not trusted further than its average). Every process decides `due` alike; the plan
-    itself is made on rank 0, from the steps it `record`ed.
+    step time it plans with is the slower of the mean of all the run's steps and the median of
+    the last `REPLAN_RECENT` (a machine that slowed down lately is taken at its word; one that
+    sped up is not trusted further than its average; a short slow patch is not the machine).
+    Every process decides `due` alike; the plan itself is made on rank 0, from the steps it
+    `record`ed.
 
     Args:
         plan: the run's plan before its first step.
@@ -266,7 +270,7 @@ class Replanner:
         """The step time a re-plan uses (see the class)."""
         if not self._count:
             return self.plan.step_s
-        return max(self._total_s / self._count, sum(self._recent) / len(self._recent))
+        return max(self._total_s / self._count, statistics.median(self._recent))
 
     def replan(self, step: int, *, elapsed_s: float | None = None) -> TimePlan:
         """The plan after `step` steps (rank 0): `replan` with `step_s`, `elapsed_s` seconds

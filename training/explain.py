@@ -148,7 +148,10 @@ def print_explanation(config: RunConfig, facts: RunFacts,
     size = human_bytes(len(batches.tokens) * batches.tokens.dtype.itemsize)
     in_shards = f" in {shards} shard(s) ({size}, memory-mapped)" if shards else ""
     p(f"  Data: training on {f.train_desc}: {len(batches.tokens):,} tokens{in_shards}, "
-      f"{batches.num_windows:,} windows of {batches.seq_len} tokens. Validation on "
+      f"{batches.num_windows:,} windows of {batches.seq_len} tokens" + (
+          f", re-segmented (each token split into its BPE merge's two with probability "
+          f"{config.batch.split_tokens}, then each part again: --split_tokens)"
+          if batches.splitter is not None else "") + ". Validation on "
       f"{f.val_desc}: {f.val_tokens:,} tokens" + (f", {eval_windows} windows per evaluation."
                                   if eval_windows else ", all of it each time."))
     p(f"  Each step: {config.batch.batch_size} sequences x {batches.seq_len} tokens x "

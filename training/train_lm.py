@@ -320,6 +320,10 @@ def _train(config: RunConfig, start: RunStart, plan: TimePlan | None, argv: list
          f"{batches.tokens_per_step:,} tokens/step | {max_steps:,} steps "
          f"({max_steps / spe:.2f} epochs) | {DTYPE_NAMES[amp]} on {device}"
          f"{' x' + str(info.world_size) if info.enabled else ''} | snapshots in {snap_dir}")
+    if splitter is not None:
+        _say(info, f"training windows re-segmented: each token split into the two tokens of its "
+                   f"BPE merge with probability {batch.split_tokens}, each part again "
+                   "(--split_tokens)")
     if unseen is not None:
         _say(info, unseen.describe())
     if plan is not None:

@@ -95,16 +95,21 @@ def test_replanner_plans_only_while_the_rate_is_constant():
     rp = budget.Replanner(plan, eval_interval=50, save_interval=50, warmup_steps=10, started=0.0,
                           cooldown=0.4)
     assert [s for s in range(1, 101) if rp.due(s)] == [20, 30, 40, 50, 60]
-    # The slower of the mean of all steps and of the last REPLAN_RECENT.
-    for _ in range(budget.REPLAN_RECENT):
+    # The slower of the mean of all steps and the median of the last REPLAN_RECENT.
+    n = budget.REPLAN_RECENT
+    for _ in range(n):
         rp.record(0.05)
     assert rp.step_s == pytest.approx(0.05)
-    for _ in range(budget.REPLAN_RECENT):
+    for _ in range(n):
         rp.record(0.15)
-    assert rp.step_s == pytest.approx(0.15)  # lately slower: the recent mean
-    for _ in range(budget.REPLAN_RECENT):
+    assert rp.step_s == pytest.approx(0.15)  # lately slower: the recent median
+    for _ in range(n):
         rp.record(0.05)
     assert rp.step_s == pytest.approx((0.05 * 2 + 0.15) / 3)  # lately faster: the mean of all
+    for _ in range(n // 2 - 1):  # a slow patch shorter than half the window: the mean of all
+        rp.record(0.6)
+    assert rp.step_s == pytest.approx((0.05 * 2 * n + 0.15 * n + 0.6 * (n // 2 - 1))
+                                      / (3 * n + n // 2 - 1))
     # Much faster than planned: the count grows, and so does the constant phase.
     new = rp.replan(60, elapsed_s=2.0 + 60 * 0.1)
     assert new.steps > 100 and not rp.adopt(new, 60) and rp.due(70)

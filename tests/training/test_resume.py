@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from train_helpers import tiny_flags
 
@@ -13,11 +14,11 @@ from training import train_lm
 from training.metrics import read_metrics
 
 
-def _flags(tmp, out):
+def _flags(tmp, out, *extra):
     # ~950 tokens -> 29 windows of 32 -> 3 steps per epoch with a global batch of 8 windows.
     return tiny_flags(tmp, "--out_dir", str(out), "--max_steps", "7", "--grad_accum", "2",
                       "--dropout", "0.1", "--dtype", "float32", "--log_interval", "1",
-                      "--eval_interval", "3", "--save_interval", "100", words=700)
+                      "--eval_interval", "3", "--save_interval", "100", *extra, words=700)
 
 
 def _train_rows(run):
@@ -25,13 +26,16 @@ def _train_rows(run):
             if r["kind"] == "train"]
 
 
-def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("extra", [(), ("--split_tokens", "0.3")], ids=["plain", "split_tokens"])
+def test_resume_is_bit_exact(tmp_path, monkeypatch, capsys, extra):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert train_lm.main(_flags(tmp_path, a)) == 0
+    assert train_lm.main(_flags(tmp_path, a, *extra)) == 0
 
     monkeypatch.setenv("LM_MAX_STEPS", "4")  # stop mid-epoch (epoch 1, batch 1) after step 4
-    assert train_lm.main(_flags(tmp_path, b)) == 0
+    assert train_lm.main(_flags(tmp_path, b, *extra)) == 0
     half = torch.load(b / "snapshots" / "latest.pt", weights_only=True)
+    assert half["args"].get("split_tokens", 0.0) == (float(extra[1]) if extra else 0.0)
+    assert ("re-segmented" in capsys.readouterr().out) == bool(extra)
     assert half["step"] == 4 and half["data_position"] == {
         **half["data_position"], "epoch": 1, "batch": 1}
     monkeypatch.delenv("LM_MAX_STEPS")
