@@ -5,16 +5,18 @@ The quality twin of `bench/training.py`. Each recipe is `training/train_lm.py --
 its flags (`RECIPES`), run one after the other on Tiny Shakespeare, each as the whole command a
 user would type, timed from outside, with the same `--time_budget` (the preset's, or
 `--minutes`; `--preset demo` runs a fixed number of steps instead):
-- ours: the preset exactly as it is (for cpu-10min: the modern blocks, a 2,048-token BPE
-  trained on the training split, dropout 0.2, Muon + AdamW, warmup-stable-decay, an average of
-  the weights; the run plans its steps from a step it measures, and again from its own steps
-  before the cool-down, so that the whole command ends within ten minutes);
+- ours: the preset exactly as it is (for cpu-10min: the modern blocks, 128 wide, a 2,048-token
+  BPE trained on the training split, its windows re-segmented (`--split_tokens`), dropout 0.05,
+  Muon + AdamW, warmup-stable-decay, an average of the weights; the run plans its steps from a
+  step it measures, and again from its own steps before the cool-down, so that the whole command
+  ends within ten minutes);
 - reference: nanoGPT's Shakespeare recipe on the same model shape, with GPT-2's blocks and
   tokens as nanoGPT trains: AdamW + cosine decay (peak 1e-3 down to 1e-4, 100 warm-up steps,
   betas 0.9/0.99, weight decay 0.1, dropout 0.2, clipping at 1.0), every column of the LM head
   computed (`--unseen_tokens full`), planning its own steps for the same budget;
 - the ingredients (gpt2, modern, tok2k, tok4k, tok8k, modern-2k): GPT-2's or the modern blocks,
-  GPT-2's tokens or a BPE trained on the training split, set explicitly (see `RECIPES`).
+  GPT-2's tokens or a BPE trained on the training split, set explicitly (see `RECIPES`);
+  unsplit: the preset without `--split_tokens`.
 The score is the validation loss over the whole validation split of each run's `best.pt`, from
 `evaluate_lm.py --json` run on it, in nats per token and in bits per byte (the same loss over the
 UTF-8 bytes of the text: the figure that compares runs with different tokenizers, and the one
@@ -27,6 +29,9 @@ tokenizer is trained and its data tokenized once first, outside the budgets.
     python bench/quality.py --recipes gpt2,modern,tok2k,tok4k,tok8k,modern-2k \
         --out bench/results/quality_ingredients_cpu_2core.txt \
         --png bench/results/quality_ingredients_cpu_2core.png  # each ingredient, about an hour
+    python bench/quality.py --recipes ours,unsplit \
+        --out bench/results/quality_split_cpu_2core.txt \
+        --png bench/results/quality_split_cpu_2core.png  # what --split_tokens buys: ~21 minutes
     python bench/quality.py --preset demo --recipes demo-gpt2,ours \
         --out bench/results/quality_demo_cpu_2core.txt \
         --png bench/results/quality_demo_cpu_2core.png   # the demo preset, before and now
@@ -72,6 +77,8 @@ RECIPES = {  # what each recipe adds to `--preset cpu-10min`; ours adds nothing
     "tok8k": dict(arch="gpt2", train_tokenizer=8192, dropout=0.2),
     "modern-2k": dict(arch="modern", train_tokenizer=2048, dropout=0.2),
     "modern-4k": dict(arch="modern", train_tokenizer=4096, dropout=0.2),
+    # the preset without re-segmenting its training windows
+    "unsplit": dict(split_tokens=0.0),
     # `--preset demo` as it was before the modern blocks and the trained tokenizer
     "demo-gpt2": dict(arch="gpt2", train_tokenizer=0, dropout=0.0, max_steps=300,
                       eval_interval=100),

@@ -52,17 +52,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # soft-capped head) and a 2,048-token BPE trained on the training split (--train_tokenizer;
     # its small head makes a step cheaper than GPT-2's 50,257 columns), on a model small enough
     # to make about 3,500 steps, some 20 passes (128 wide: 256 or 192 wide, or deeper, scored
-    # worse in the same time), dropout 0.05; Muon 0.03 with weight decay 0.1 and AdamW 6e-3,
-    # a 10-step warm-up and a 60% cool-down, and an average of the weights (EMA 0.99) as what
-    # is evaluated and saved. What each ingredient bought:
-    # bench/results/quality_ingredients_cpu_2core.txt (docs/benchmarks.md); the runs behind the
-    # optimizer settings: docs/training.md ("Training recipe"), bench/results/quality_history.md.
+    # worse in the same time), dropout 0.05; its training windows re-segmented (--split_tokens
+    # 0.05: a token split into its BPE merge's two tokens one time in twenty, so twenty passes
+    # do not memorise one segmentation; 0.03, 0.1 and 0.2 scored worse); Muon 0.03 with weight
+    # decay 0.1 and AdamW 6e-3, a 10-step warm-up and a 60% cool-down, and an average of the
+    # weights (EMA 0.99) as what is evaluated and saved. What each ingredient bought:
+    # bench/results/quality_ingredients_cpu_2core.txt and quality_split_cpu_2core.txt
+    # (docs/benchmarks.md); the runs behind the other settings: docs/training.md ("Training
+    # recipe"), bench/results/quality_history.md.
     "cpu-10min": dict(d_model=128, num_heads=2, num_layers=4, d_ff=512, max_seq_len=128,
                       dropout=0.05, batch_size=16, optimizer="muon", muon_lr=0.03, lr=6e-3,
                       min_lr=0.0, schedule="wsd", cooldown=0.6, warmup_steps=10,
                       muon_weight_decay=0.1, ema=0.99, time_budget=10.0, eval_interval=150,
                       eval_windows=0, unseen_tokens="shared", arch="modern",
-                      train_tokenizer=2048),
+                      train_tokenizer=2048, split_tokens=0.05),
     # GPT-2 small (124M) on GPUs: 64 sequences of 1,024 tokens per step per process.
     "gpt2-124m": dict(d_model=768, num_heads=12, num_layers=12, d_ff=3072, max_seq_len=1024,
                       dropout=0.0, batch_size=16, grad_accum=4, lr=6e-4, min_lr=6e-5,
