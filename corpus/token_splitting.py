@@ -23,7 +23,7 @@ import numpy as np
 from corpus.encoders import BUNDLED_GPT2_DIR, EncoderError, load_encoder
 from corpus.shards import DataError
 
-__all__ = ["TokenSplitter", "merge_parents"]
+__all__ = ["TokenSplitter", "has_merges", "merge_parents"]
 
 MAX_DEPTH = 16  # split levels per batch (a level only splits the tokens the one before made)
 
@@ -69,6 +69,15 @@ def merge_parents(tokenizer: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"--split_tokens needs a BPE tokenizer with merges; {tokenizer!r} is "
                         f"{model.get('type') or 'not one'} (use --split_tokens 0)")
     return _parents_from(model["vocab"], model["merges"], str(Path(tokenizer)))
+
+
+def has_merges(tokenizer: str) -> bool:
+    """Whether `merge_parents` can split this tokenizer's tokens (a BPE with merges)."""
+    try:
+        merge_parents(tokenizer)
+    except DataError:
+        return False
+    return True
 
 
 class TokenSplitter:

@@ -26,6 +26,7 @@ from typing import Any
 
 from corpus.datasets import DataArgs, adopt_data_tokenizer, dataset_label
 from corpus.split_tokenizer import with_split_tokenizer
+from corpus.token_splitting import has_merges
 from training.budget import TimePlan, resolve_plan
 from training.errors import UsageError
 from training.optim import OptimArgs, ScheduleArgs
@@ -308,7 +309,12 @@ def resolve_config(args: argparse.Namespace, explicit: set[str], *, world_size: 
     grad_accum = keep_global_batch(config.batch.batch_size, config.batch.grad_accum, explicit,
                                    start, world_size, say)
     windows = windows_per_eval(config.eval.eval_windows)  # after a resume set the flag
+    split = config.batch.split_tokens
+    if split > 0 and "split_tokens" not in explicit and not has_merges(data.tokenizer):
+        say(f"--split_tokens off: re-segmenting the training windows needs a BPE tokenizer "
+            f"with merges, and {data.tokenizer} has none")
+        split = 0.0
     config = dataclasses.replace(
-        config, data=data, batch=dataclasses.replace(config.batch, grad_accum=grad_accum),
-        eval=dataclasses.replace(config.eval, windows=windows))
+        config, data=data, eval=dataclasses.replace(config.eval, windows=windows),
+        batch=dataclasses.replace(config.batch, grad_accum=grad_accum, split_tokens=split))
     return Resolved(config, start, plan)

@@ -16,8 +16,10 @@ from corpus.batches import EpochBatches
 from corpus.encoders import load_encoder
 from corpus.shards import DataError
 from corpus.sources import resolve_local
-from corpus.token_splitting import TokenSplitter, merge_parents
+from corpus.token_splitting import TokenSplitter, has_merges, merge_parents
 from corpus.tokenizer_training import TokenizerTrainConfig, train_tokenizer
+from training.config import resolve_config
+from training.options import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "data" / "tinyshakespeare.txt"
@@ -109,7 +111,7 @@ def test_reachable_is_closed_under_splitting(own):
     assert not closed[np.setdiff1d(np.arange(256, 400), np.flatnonzero(closed))].any()
 
 
-def test_a_tokenizer_without_merges_is_one_line(tmp_path):
+def test_a_tokenizer_without_merges_is_one_line_or_off_for_a_preset(tmp_path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -118,11 +120,21 @@ def test_a_tokenizer_without_merges_is_one_line(tmp_path):
     words = Tokenizer(WordLevel({"<eos>": 0, "[UNK]": 1, "the": 2, "king": 3},
                                 unk_token="[UNK]"))
     words.pre_tokenizer = Whitespace()
+    folder = str(tmp_path / "words")
     PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>",
-                            unk_token="[UNK]").save_pretrained(tmp_path / "words")
+                            unk_token="[UNK]").save_pretrained(folder)
     with pytest.raises(DataError, match="needs a BPE tokenizer with merges") as info:
-        merge_parents(str(tmp_path / "words"))
-    assert "\n" not in str(info.value)
+        merge_parents(folder)
+    assert "\n" not in str(info.value) and not has_merges(folder) and has_merges("gpt2")
+    # the preset's --split_tokens is turned off, with a note; one given stays (and then fails
+    # in one line when the run builds its batches, as above)
+    for argv, expect in ((["--preset", "cpu-10min"], 0.0),
+                         (["--preset", "cpu-10min", "--split_tokens", "0.05"], 0.05)):
+        notes: list[str] = []
+        args, explicit = parse_args([*argv, "--tokenizer", folder, *tiny_flags(tmp_path)])
+        config = resolve_config(args, explicit, world_size=1, say=notes.append).config
+        assert config.batch.split_tokens == expect
+        assert any("--split_tokens off" in n for n in notes) == (expect == 0.0)
 
 
 def test_bad_split_tokens_flags_are_one_line_exit_2(tmp_path, own):

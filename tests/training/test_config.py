@@ -25,13 +25,14 @@ def test_config_is_frozen_and_round_trips_through_its_dict(tmp_path):
     dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
     # every flag, as the snapshot's "args" always held them; flags added since (--eval_tasks')
     # only when set, so a run without them saves what the old format saved
-    later = {"eval_tasks", "eval_tasks_limit", "eval_tasks_path", "train_tokenizer"}
+    later = {"eval_tasks", "eval_tasks_limit", "eval_tasks_path", "train_tokenizer",
+             "split_tokens"}
     assert set(flags) == dests - later
     assert all(v is None or isinstance(v, (bool, int, float, str)) for v in flags.values())
     assert RunConfig.from_dict(flags).to_dict() == flags
     with_tasks = _resolve(tmp_path, "--max_steps", "5", "--eval_tasks", "hellaswag",
                           "--eval_tasks_limit", "50").to_dict()
-    assert set(with_tasks) == dests - {"eval_tasks_path", "train_tokenizer"}
+    assert set(with_tasks) == dests - {"eval_tasks_path", "train_tokenizer", "split_tokens"}
     assert RunConfig.from_dict(with_tasks).eval.eval_tasks_limit == 50
     assert config.batch.seq_len == 32 and config.optim.schedule.min_lr == 0.0  # demo's
     assert config.log.save_interval == config.eval.eval_interval == 300  # demo's
