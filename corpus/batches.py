@@ -103,6 +103,7 @@ class EpochBatches:
         else:
             rows = np.asarray(self.tokens[starts[:, None] + self._arange], dtype=np.int64)
         if self.splitter is not None:
+            # its own stream: the epoch's order is drawn from [seed, epoch]
             rng = np.random.default_rng([self.seed, epoch, step_in_epoch, micro, self.rank, 1])
             rows = self.splitter.split_rows(rows, rng)
         rows = torch.from_numpy(rows)

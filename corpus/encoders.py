@@ -137,19 +137,26 @@ def tokenizer_fingerprint(name: str) -> str:
     return gpt2_fingerprint() if name == "gpt2" else load_encoder(name).fingerprint
 
 
+def gpt2_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The bundled GPT-2 files: vocab.json's token -> id, and merges.txt's "a b" lines in order
+    (its header and empty lines left out)."""
+    vocab = json.loads((BUNDLED_GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
+    lines = (BUNDLED_GPT2_DIR / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    return vocab, [m for m in lines if m]
+
+
 def _gpt2() -> Encoder:
     try:
         import tiktoken
     except ImportError:
         raise EncoderError("preparing data needs tiktoken: pip install tiktoken") from None
     vocab_path, merges_path = BUNDLED_GPT2_DIR / "vocab.json", BUNDLED_GPT2_DIR / "merges.txt"
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    vocab, merges = gpt2_vocab_and_merges()
     to_byte = _byte_decoder()
     ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items() if token != GPT2_EOT}
     # tiktoken merges by rank, GPT-2 by the order of merges.txt: they agree when each merged
     # token's id is 256 + its line in merges.txt. Check it, so that a changed file fails here.
-    merges = merges_path.read_text(encoding="utf-8").split("\n")[1:]
-    for i, line in enumerate(m for m in merges if m):
+    for i, line in enumerate(merges):
         a, b = line.split(" ")
         if vocab.get(a + b) != 256 + i:
             raise EncoderError(f"{merges_path}: merge {i} ({line!r}) is not token {256 + i} of "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.encoders import BUNDLED_GPT2_DIR, EncoderError, load_encoder
+from corpus.encoders import EncoderError, gpt2_vocab_and_merges, load_encoder
 from corpus.shards import DataError
 
 __all__ = ["TokenSplitter", "has_merges", "merge_parents"]
@@ -57,9 +57,7 @@ def merge_parents(tokenizer: str) -> tuple[np.ndarray, np.ndarray]:
         DataError: the tokenizer is not a BPE with merges (one line, saying so).
     """
     if tokenizer == "gpt2":
-        vocab = json.loads((BUNDLED_GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
-        lines = (BUNDLED_GPT2_DIR / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
-        return _parents_from(vocab, [m for m in lines if m], "gpt2")
+        return _parents_from(*gpt2_vocab_and_merges(), "gpt2")
     try:
         enc = load_encoder(tokenizer)
     except EncoderError as exc:
@@ -102,16 +100,18 @@ class TokenSplitter:
         """`seen` (a (V,) bool mask of token ids) with every id a split can make from them."""
         out = np.array(seen, dtype=bool)
         n = min(len(out), len(self.left))
-        frontier = out[:n] & (self.left[:n] >= 0)
-        while frontier.any():
-            ids = np.flatnonzero(frontier)
+        while True:
+            ids = np.flatnonzero(out[:n] & (self.left[:n] >= 0))
             parts = np.concatenate([self.left[ids], self.right[ids]])
-            parts = parts[(parts < len(out)) & ~out[np.clip(parts, 0, len(out) - 1)]]
+            parts = parts[parts < len(out)]
+            if out[parts].all():
+                return out
             out[parts] = True
-            frontier = np.zeros(n, dtype=bool)
-            frontier[parts[parts < n]] = True
-            frontier &= self.left[:n] >= 0
-        return out
+
+    def describe(self) -> str:
+        """What the splitter does, in words (the run's opening lines and `--explain`)."""
+        return (f"each token split into the two tokens of its BPE merge with probability "
+                f"{self.prob}, each part again (--split_tokens)")
 
     def split_row(self, row: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`row` (1-D token ids) with tokens split, cut back to its length: the same text from

@@ -149,8 +149,7 @@ def print_explanation(config: RunConfig, facts: RunFacts,
     in_shards = f" in {shards} shard(s) ({size}, memory-mapped)" if shards else ""
     p(f"  Data: training on {f.train_desc}: {len(batches.tokens):,} tokens{in_shards}, "
       f"{batches.num_windows:,} windows of {batches.seq_len} tokens" + (
-          f", re-segmented (each token split into its BPE merge's two with probability "
-          f"{config.batch.split_tokens}, then each part again: --split_tokens)"
+          f", re-segmented: {batches.splitter.describe()}"
           if batches.splitter is not None else "") + ". Validation on "
       f"{f.val_desc}: {f.val_tokens:,} tokens" + (f", {eval_windows} windows per evaluation."
                                   if eval_windows else ", all of it each time."))

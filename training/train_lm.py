@@ -125,8 +125,8 @@ def _unseen_tokens(mode: str, start: RunStart, train_tokens, vocab_size: int,
                          "--unseen_tokens full")
     try:
         seen = seen_token_mask(train_tokens, vocab_size)
-        seen = seen if splitter is None else splitter.reachable(seen)
-        return None if seen.all() else UnseenTokens(seen, device)
+        return UnseenTokens.from_seen(seen if splitter is None else splitter.reachable(seen),
+                                      device)
     except ValueError as exc:  # a damaged split, or one encoded with a larger vocabulary
         raise DataError(f"the training split: {exc}; prepare the data again with this "
                         "run's tokenizer") from None
@@ -321,9 +321,7 @@ def _train(config: RunConfig, start: RunStart, plan: TimePlan | None, argv: list
          f"({max_steps / spe:.2f} epochs) | {DTYPE_NAMES[amp]} on {device}"
          f"{' x' + str(info.world_size) if info.enabled else ''} | snapshots in {snap_dir}")
     if splitter is not None:
-        _say(info, f"training windows re-segmented: each token split into the two tokens of its "
-                   f"BPE merge with probability {batch.split_tokens}, each part again "
-                   "(--split_tokens)")
+        _say(info, f"training windows re-segmented: {splitter.describe()}")
     if unseen is not None:
         _say(info, unseen.describe())
     if plan is not None:

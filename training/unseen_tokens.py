@@ -99,7 +99,12 @@ class UnseenTokens:
     def from_tokens(cls, tokens, vocab_size: int, device: torch.device | str = "cpu"
                     ) -> UnseenTokens | None:
         """The sharing for a training split; None when every id of the vocabulary occurs."""
-        seen = seen_token_mask(tokens, vocab_size)
+        return cls.from_seen(seen_token_mask(tokens, vocab_size), device)
+
+    @classmethod
+    def from_seen(cls, seen: np.ndarray, device: torch.device | str = "cpu"
+                  ) -> UnseenTokens | None:
+        """The sharing for a (V,) mask of the ids training meets; None when it holds them all."""
         return None if seen.all() else cls(seen, device)
 
     @property
